@@ -1,0 +1,127 @@
+"""The `gptoss-tune` command.
+
+Argument parsers live here (cheap to build); each subcommand's work is imported only when it runs, so
+`gptoss-tune --help` stays fast. A `UserError` anywhere becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+
+def _add_init_tiny(sub) -> None:
+    p = sub.add_parser(
+        "init-tiny",
+        help="write a tiny gpt-oss checkpoint in the published layout (MXFP4 experts)",
+        description="Write a tiny gpt-oss checkpoint in exactly the layout of openai/gpt-oss-20b: config.json with "
+        "the mxfp4 quantization_config, generation_config.json, safetensors with *_blocks/*_scales experts.",
+    )
+    p.add_argument("dir", help="output directory (created)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64, help="hidden size (multiple of 32)")
+    p.add_argument("--intermediate", type=int, default=None, help="expert intermediate size (default: hidden)")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=201088, help="vocabulary size (default: the real 201088)")
+    p.add_argument("--sliding-window", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-shard-size", type=str, default="2GB", help="shard when larger, e.g. 500MB (writes an index)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty directory")
+    p.set_defaults(handler="gptoss_tune.cli:run_init_tiny")
+
+
+def parse_size(text: str) -> int:
+    from .errors import UserError
+
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num) :]
+    try:
+        return int(float(num) * units[unit])
+    except (ValueError, KeyError):
+        raise UserError(f"size '{text}' is not understood; write e.g. 500MB or 2GB") from None
+
+
+def run_init_tiny(args) -> int:
+    from .tiny import write_tiny_checkpoint
+
+    out = write_tiny_checkpoint(
+        args.dir,
+        seed=args.seed,
+        max_shard_bytes=parse_size(args.max_shard_size),
+        force=args.force,
+        layers=args.layers,
+        experts=args.experts,
+        top_k=args.top_k,
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        vocab=args.vocab,
+        sliding_window=args.sliding_window,
+    )
+    files = sorted(p.name for p in out.iterdir())
+    print(f"wrote a tiny gpt-oss checkpoint to {out}: {', '.join(files)}")
+    return 0
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="load a gpt-oss checkpoint (checking every tensor) and report what was loaded",
+        description="Load a checkpoint exactly as training does (every tensor's name, dtype and shape checked, "
+        "experts kept in MXFP4) and print a summary.",
+    )
+    p.add_argument("model", help="checkpoint directory or a hub id in the local Hugging Face cache")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--lora-rank", type=int, default=0, help="also attach LoRA of this rank and count its parameters")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler="gptoss_tune.model_summary:run_cli")
+
+
+PARSERS = [_add_init_tiny, _add_inspect]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptoss-tune",
+        description="Fine-tune gpt-oss-20b/120b with LoRA on MXFP4 experts, export and serve the result.",
+    )
+    parser.add_argument("--version", action="version", version=f"gptoss-tune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import UserError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    module_name, func_name = args.handler.split(":")
+    try:
+        handler = getattr(importlib.import_module(module_name), func_name)
+        return int(handler(args) or 0)
+    except UserError as e:
+        print(f"gptoss-tune {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"gptoss-tune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
