@@ -26,14 +26,17 @@ WEIGHTS_FILE = "adapter.safetensors"
 _CHECKED_CONFIG_KEYS = ("num_hidden_layers", "num_local_experts", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
 
 
-def save_adapter(model, out_dir: str | Path, base_model: str | None = None, extra: dict | None = None) -> Path:
-    """Write adapter.json and adapter.safetensors into out_dir (the caller makes the directory write atomic)."""
+def save_adapter(model, out_dir: str | Path, base_model: str | None = None, extra: dict | None = None, state: dict | None = None) -> Path:
+    """Write adapter.json and adapter.safetensors into out_dir (the caller makes the directory write atomic).
+
+    state: the trainable tensors by model name, when the caller gathered them (sharded training);
+    default: trainable_state_dict(model)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings: LoraSettings | None = getattr(model, "gptoss_tune_lora", None)
     if settings is None:
         raise ValueError("the model has no LoRA attached (load it with load_model(..., lora=...))")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in trainable_state_dict(model).items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in (trainable_state_dict(model) if state is None else state).items()}
     meta = {
         "format": FORMAT,
         "version": 1,

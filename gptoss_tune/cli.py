@@ -88,7 +88,33 @@ def _add_inspect(sub) -> None:
     p.set_defaults(handler="gptoss_tune.model_summary:run_cli")
 
 
+def _add_validate(sub) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="check a training recipe without running it",
+        description="Read a recipe, apply key.sub=value overrides, fill in defaults and check every key, path and the "
+        "output directory; print what training would do. Exit status 2 with a one-line error otherwise.",
+    )
+    p.add_argument("recipe", help="recipe YAML (see docs/recipes.md)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe keys, e.g. train.lr=1e-4")
+    p.add_argument("--print", action="store_true", help="print the resolved recipe (every default filled in)")
+    p.set_defaults(handler="gptoss_tune.recipe:run_validate")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a LoRA adapter from a YAML recipe",
+        description="Train LoRA on attention and every expert of gpt-oss from a recipe (docs/recipes.md). One process; "
+        "for several GPUs run `accelerate launch [--config_file recipes/accelerate/...] -m gptoss_tune.train RECIPE`.",
+    )
+    p.add_argument("recipe", help="recipe YAML (see docs/recipes.md)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe keys, e.g. train.lr=1e-4")
+    p.set_defaults(handler="gptoss_tune.train:run_cli")
+
+
 PARSERS = [_add_init_tiny, _add_inspect]
+PARSERS += [_add_validate, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,126 @@
+"""What to do with the output directory: start fresh, resume, or refuse (and say why).
+
+    resume: auto   continue from the newest complete checkpoint of the SAME run in output_dir, if any
+    resume: never  start fresh; output_dir must be empty or new (or overwrite: true to replace a run)
+    resume: PATH   continue from that checkpoint (e.g. another run's checkpoints/step-N)
+
+"The same run" means the settings in Recipe.fingerprint() match those in output_dir/recipe.yaml:
+length, evaluation, checkpointing and logging may change on resume, the model, LoRA, data and optimiser
+may not (that would be a different run; pass overwrite=true or choose another output_dir).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+from .run_dir import CHECKPOINTS, METRICS, RECIPE, list_checkpoints
+
+
+@dataclass
+class ResumePlan:
+    mode: str  # "fresh" or "resume"
+    checkpoint: Path | None = None
+    wipe: bool = False  # delete output_dir's contents first (overwrite)
+
+    def __str__(self) -> str:
+        if self.mode == "resume":
+            return f"will resume from {self.checkpoint}"
+        return "will replace the run in the output directory and start fresh" if self.wipe else "will start a fresh run"
+
+
+def _flatten(d, prefix=""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), d
+
+
+def _first_difference(a: dict, b: dict) -> str | None:
+    fa, fb = dict(_flatten(a)), dict(_flatten(b))
+    for k in sorted(set(fa) | set(fb)):
+        if fa.get(k) != fb.get(k):
+            return f"{k} is {fa.get(k)!r} there, {fb.get(k)!r} here"
+    return None
+
+
+def stored_fingerprint(out: Path) -> dict | None:
+    from .recipe import Recipe
+
+    try:
+        raw = yaml.safe_load((out / RECIPE).read_text())
+        return Recipe.model_validate(raw).fingerprint()
+    except Exception:
+        return None
+
+
+def holds_run(out: Path) -> bool:
+    return any((out / n).exists() for n in (RECIPE, METRICS, CHECKPOINTS))
+
+
+def check_output_dir(recipe) -> ResumePlan:
+    """Decide fresh / resume / refuse; raises UserError naming output_dir and the way out."""
+    src = recipe._source
+    out = Path(recipe.output_dir)
+    exists = out.is_dir() and any(out.iterdir())
+    if recipe.resume not in ("auto", "never"):
+        if exists and holds_run(out) and not recipe.overwrite:
+            fp = stored_fingerprint(out)
+            if fp is not None and fp != recipe.fingerprint():
+                raise UserError(
+                    f"{src}: output_dir '{out}' holds a different run ({_first_difference(fp, recipe.fingerprint())}); "
+                    f"choose another output_dir or pass overwrite=true"
+                )
+        return ResumePlan("resume", Path(recipe.resume))
+    if not exists:
+        return ResumePlan("fresh")
+    if not holds_run(out):
+        raise UserError(f"{src}: output_dir '{out}' is not empty and holds no gptoss-tune run; choose a new or empty directory")
+    ckpts = list_checkpoints(out)
+    if recipe.resume == "never":
+        if recipe.overwrite:
+            return ResumePlan("fresh", wipe=True)
+        raise UserError(
+            f"{src}: output_dir '{out}' already holds a run ({len(ckpts)} checkpoint(s)); pass resume=auto to continue it, "
+            f"overwrite=true to replace it, or choose another output_dir"
+        )
+    fp = stored_fingerprint(out)
+    if fp is None or fp != recipe.fingerprint():
+        if recipe.overwrite:
+            return ResumePlan("fresh", wipe=True)
+        why = "its recipe.yaml is missing or unreadable" if fp is None else _first_difference(fp, recipe.fingerprint())
+        raise UserError(f"{src}: output_dir '{out}' holds a different run ({why}); choose another output_dir or pass overwrite=true to replace it")
+    if ckpts:
+        return ResumePlan("resume", ckpts[-1][1])
+    return ResumePlan("fresh", wipe=True)  # the same run, interrupted before its first checkpoint
+
+
+def wipe(out: Path) -> None:
+    for p in Path(out).iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl lines after `step` (a resumed run writes them again) and any torn last line."""
+    from .train_checkpoint import atomic_write_text
+
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
