@@ -144,11 +144,17 @@ def train(recipe: Recipe, data: TrainData | None = None) -> TrainResult:
     from .run_state import check_output_dir, truncate_metrics, wipe
     from .tracking import Tracker
 
+    import warnings
+
+    # torch >= 2.12 renames DDP's broadcast_buffers; the MXFP4 buffers are excluded from DDP below either way.
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers. is deprecated", category=FutureWarning)
     t_start = time.time()
     cfg_t = recipe.train
     cuda = torch.cuda.is_available()
     mixed = cfg_t.mixed_precision if cfg_t.mixed_precision != "auto" else ("bf16" if cuda else "no")
     accelerator = Accelerator(
+        # Without a GPU, processes started by torchrun (`accelerate launch --multi_gpu`) talk over gloo.
+        cpu=not cuda,
         mixed_precision=mixed,
         gradient_accumulation_steps=cfg_t.grad_accum,
         # MXFP4 experts are uint8 buffers (10 GB for 20b): never re-broadcast them every step.
@@ -215,7 +221,8 @@ def train(recipe: Recipe, data: TrainData | None = None) -> TrainResult:
     # -- model: identical LoRA initialisation on every process, then per-process RNG streams.
     set_seed(cfg_t.seed)
     dtype = None if recipe.model.dtype == "auto" else recipe.model.dtype
-    model = load_model(recipe.model.path, lora=recipe.lora.to_settings(), device=accelerator.device, dtype=dtype,
+    device = accelerator.device if accelerator.device.type != "cpu" else torch.device("cpu")  # multi-CPU says cpu:0
+    model = load_model(recipe.model.path, lora=recipe.lora.to_settings(), device=device, dtype=dtype,
                        attn_implementation=recipe.model.attn_implementation)
     for m in model.modules():
         if isinstance(m, MXFP4Experts):

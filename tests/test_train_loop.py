@@ -1,0 +1,236 @@
+"""The training loop on the tiny model (CPU): learning, best checkpoint, early stopping, exact resume
+after SIGKILL (also during a checkpoint write) and SIGTERM, NaN stop, loss normalisation, two processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptoss_tune.recipe import load_recipe
+from gptoss_tune.run_dir import resolve_checkpoint
+from gptoss_tune.train import TrainingDiverged, train
+from train_helpers import read_metrics, synthetic_data, wrapper_script, write_recipe
+
+pytestmark = pytest.mark.xdist_group("train")
+
+
+def _run(recipe_path, *overrides, data=None):
+    return train(load_recipe(recipe_path, list(overrides)), data=data or synthetic_data())
+
+
+def _eval_loss_of(adapter_dir, model_dir, rows) -> float:
+    """Validation loss of a saved adapter, computed independently of the training run."""
+    from gptoss_tune.adapter import load_with_adapter
+    from gptoss_tune.batching import collate
+    from gptoss_tune.losses import lm_eval_sums
+
+    model = load_with_adapter(adapter_dir, base_model=model_dir, device="cpu")
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), 2):
+            b = collate(rows[i : i + 2], packing=True)
+            h = model.model(input_ids=b["input_ids"], position_ids=b["position_ids"]).last_hidden_state
+            loss, cnt, _ = lm_eval_sums(h, model.lm_head.weight, b["labels"])
+            total, n = total + loss.item(), n + cnt.item()
+    return total / n
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt, tmp_path_factory):
+    """One uninterrupted run that the resume and multi-process tests compare against."""
+    d = tmp_path_factory.mktemp("reference")
+    recipe = write_recipe(d, tiny_ckpt)
+    result = _run(recipe)
+    return d, recipe, result
+
+
+def test_training_lowers_validation_loss_and_keeps_best(reference, tiny_ckpt):
+    d, _, result = reference
+    run = d / "run"
+    train_lines, eval_lines = read_metrics(run)
+    assert [l["step"] for l in train_lines] == list(range(1, 13))
+    assert all(math.isfinite(l["loss"]) and "aux_loss" in l and len(l["router_entropy"]) == 2 for l in train_lines)
+    assert [l["step"] for l in eval_lines] == [4, 8, 12]
+    losses = [l["eval_loss"] for l in eval_lines]
+    assert losses[-1] < losses[0] - 0.5, losses  # clearly learning
+    assert result.stop_reason == "completed" and result.step == 12
+    best = json.loads((run / "best.json").read_text())
+    i = min(range(len(losses)), key=losses.__getitem__)
+    assert best["step"] == eval_lines[i]["step"] and best["value"] == pytest.approx(losses[i])
+    ckpt = resolve_checkpoint(run, "best")
+    assert ckpt == run / best["checkpoint"]
+    # The best checkpoint really holds the weights that scored best.
+    assert _eval_loss_of(ckpt, tiny_ckpt, synthetic_data().validation) == pytest.approx(best["value"], rel=1e-5)
+    assert (run / "final" / "adapter.json").is_file() and (run / "recipe.yaml").is_file()
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["step-00000009", "step-00000012"]  # keep=2 newest; the best is among them
+    share = [l for l in train_lines if "router_share" in l]
+    assert share and abs(sum(share[0]["router_share"][0]) - 1) < 1e-3
+
+
+def test_early_stopping_on_plateau(tiny_ckpt, tmp_path):
+    recipe = write_recipe(
+        tmp_path, tiny_ckpt,
+        train={"max_steps": 40, "lr": 1e-7, "scheduler": "constant"},
+        eval={"every_steps": 2}, early_stopping={"patience": 2, "min_delta": 0.01},
+        checkpoint={"every_steps": 0, "keep": 1},
+    )
+    result = _run(recipe)
+    assert result.stop_reason == "early_stopping"
+    assert result.step == 6 and result.best_step == 2  # evals at 2 (best), 4 and 6 (no real improvement)
+    _, eval_lines = read_metrics(tmp_path / "run")
+    assert [l["step"] for l in eval_lines] == [2, 4, 6]
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["step"] == 2
+    # The best checkpoint survives pruning (keep=1 keeps step 6 too).
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000002", "step-00000006"]
+    again = _run(recipe)  # resume: auto on a finished run does nothing
+    assert again.stop_reason == "already_finished"
+
+
+def test_loss_is_normalised_over_accumulation(tmp_path, tiny_ckpt):
+    """grad_accum=2 x 2 rows and grad_accum=1 x 4 rows see the same rows per step: same trajectory.
+
+    (The load-balancing loss is a per-forward statistic, so it is switched off here: split differently it
+    is a different number, in transformers too.)"""
+    no_aux = {"aux_loss_coef": 0.0}
+    recipe = write_recipe(tmp_path, tiny_ckpt, router=no_aux, train={"micro_batch_size": 4, "grad_accum": 1, "max_steps": 4})
+    _run(recipe)
+    ref = write_recipe(tmp_path, tiny_ckpt, name="ref.yaml", router=no_aux, train={"max_steps": 4}, output_dir="ref")
+    _run(ref)
+    a, _ = read_metrics(tmp_path / "run")
+    b, _ = read_metrics(tmp_path / "ref")
+    assert [x["loss"] for x in a] == pytest.approx([x["loss"] for x in b], rel=1e-5)
+    assert [x["grad_norm"] for x in a] == pytest.approx([x["grad_norm"] for x in b], rel=1e-4)
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the training process exited early: {proc.returncode}\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _steps_written(run: Path) -> int:
+    f = run / "metrics.jsonl"
+    if not f.is_file():
+        return 0
+    steps = [json.loads(l)["step"] for l in f.read_text().splitlines() if l.endswith("}")]
+    return max(steps, default=0)
+
+
+def test_sigkill_mid_training_and_mid_checkpoint_then_resume_gives_same_losses(reference, tmp_path):
+    d, _, _ = reference
+    recipe = write_recipe(tmp_path, Path(load_recipe(d / "recipe.yaml").model.path))
+    script = wrapper_script(tmp_path)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(script), str(recipe)]
+
+    # 1) SIGKILL in the middle of training (after step 5; checkpoints at 3, 4 (best at the eval), 6, 8, 9, 12).
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: _steps_written(run) >= 5, p)
+    p.kill()
+    p.wait()
+    assert resolve_checkpoint(run, "last").name in ("step-00000004", "step-00000006")
+
+    # 2) Resume, and SIGKILL it while it writes the step-9 checkpoint (files written, not yet renamed).
+    marker = tmp_path / "in-checkpoint"
+    p = subprocess.Popen(cmd, env={**env, "GPTOSS_TEST_HANG_AT_CHECKPOINT": "9", "GPTOSS_TEST_MARKER": str(marker)},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(marker.exists, p)
+    p.kill()
+    p.wait()
+    assert (run / "checkpoints" / ".tmp-step-00000009").is_dir()
+    assert not (run / "checkpoints" / "step-00000009").exists()
+    assert resolve_checkpoint(run, "last").name == "step-00000008"  # the best checkpoint at the step-8 eval
+
+    # 3) Resume to the end.
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "resumed from" in out.stdout and not (run / "checkpoints" / ".tmp-step-00000009").exists()
+
+    got_train, got_eval = read_metrics(run)
+    ref_train, ref_eval = read_metrics(d / "run")
+    assert [l["step"] for l in got_train] == list(range(1, 13))
+    assert [l["loss"] for l in got_train] == [l["loss"] for l in ref_train]  # bit-identical on the CPU
+    assert [l["aux_loss"] for l in got_train] == [l["aux_loss"] for l in ref_train]
+    assert [l["eval_loss"] for l in got_eval] == [l["eval_loss"] for l in ref_eval]
+
+
+def test_sigterm_saves_and_exits_then_resumes_exactly(reference, tmp_path, monkeypatch, tiny_ckpt):
+    d, _, _ = reference
+    recipe = write_recipe(tmp_path, tiny_ckpt, checkpoint={"every_steps": 0, "keep": 2})
+    from gptoss_tune import tracking
+
+    real = tracking.Tracker.train_step
+
+    def signal_after_5(self, record, extra=None):  # arrives during step 5's bookkeeping: step 6 is the last
+        real(self, record, extra)
+        if record["step"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tracking.Tracker, "train_step", signal_after_5)
+    result = _run(recipe)
+    assert result.stop_reason == "interrupted" and result.step == 6 and result.exit_code == 128 + signal.SIGTERM
+    assert resolve_checkpoint(tmp_path / "run", "last").name == "step-00000006"
+    monkeypatch.setattr(tracking.Tracker, "train_step", real)
+    result = _run(recipe)
+    assert result.stop_reason == "completed"
+    got, got_eval = read_metrics(tmp_path / "run")
+    ref, ref_eval = read_metrics(d / "run")
+    assert [l["loss"] for l in got] == [l["loss"] for l in ref]
+    assert [l["eval_loss"] for l in got_eval] == [l["eval_loss"] for l in ref_eval]
+
+
+def test_nan_loss_stops_naming_step_and_checkpoint(tiny_ckpt, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, tiny_ckpt, train={"lr": 1e30, "scheduler": "constant", "warmup_ratio": 0.0,
+                                                        "max_grad_norm": 0.0}, checkpoint={"every_steps": 1, "keep": 1})
+    with pytest.raises(TrainingDiverged) as e:
+        _run(recipe)
+    msg = str(e.value)
+    assert "step 2:" in msg and "not finite" in msg and "step-00000001" in msg, msg
+
+    from gptoss_tune import train as train_mod
+
+    orig = train_mod.load_train_data
+    train_mod.load_train_data = lambda r: synthetic_data()
+    try:
+        assert train_mod.main([str(recipe), "resume=never", "overwrite=true"]) == 3
+    finally:
+        train_mod.load_train_data = orig
+    err = capsys.readouterr().err
+    assert "step 2:" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_two_process_cpu_launch(reference, tmp_path):
+    """accelerate launch with 2 processes (gloo): 2 x grad_accum 1 matches 1 x grad_accum 2 step for step."""
+    d, _, _ = reference
+    recipe = write_recipe(tmp_path, Path(load_recipe(d / "recipe.yaml").model.path), train={"grad_accum": 1},
+                          checkpoint={"every_steps": 0, "keep": 1})
+    script = wrapper_script(tmp_path)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(script), str(recipe)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "2 process(es)" in out.stdout
+    got, got_eval = read_metrics(tmp_path / "run")
+    ref, ref_eval = read_metrics(d / "run")
+    assert [l["step"] for l in got] == list(range(1, 13))  # one line per step: only the main process writes
+    assert [l["loss"] for l in got] == pytest.approx([l["loss"] for l in ref], rel=1e-5)
+    assert [l["eval_loss"] for l in got_eval] == pytest.approx([l["eval_loss"] for l in ref_eval], rel=1e-5)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000012"
+    assert (ckpt / "rng-rank0.pt").is_file() and (ckpt / "rng-rank1.pt").is_file() and (ckpt / "optimizer.pt").is_file()
