@@ -1,7 +1,11 @@
 """`make demo`: the main job of the toolkit on the embedded default (a tiny gpt-oss in the real layout).
 
-At this stage: write the tiny checkpoint, load it with LoRA on attention and every expert, and run one
-forward and backward pass, printing what happened at each step.
+1. write the tiny checkpoint (published layout: MXFP4 experts, the real 201,088-token vocabulary),
+2. load it with LoRA on attention and every expert and run one forward + backward pass (a quick check),
+3. train recipes/tiny-demo.yaml on data/sample: evaluation, early stopping, best checkpoint,
+4. (export, serve and ask one question: added with the export/serve stage, see STEPS below)
+
+Each step prints what it did and where its output went.
 """
 
 from __future__ import annotations
@@ -13,29 +17,34 @@ from pathlib import Path
 import torch
 
 DEMO_DIR = Path("runs/demo")
+RECIPE = Path("recipes/tiny-demo.yaml")
 
 
-def main() -> int:
+def _repo_file(rel: Path) -> Path:
+    """A file of the repository: from the current directory (make demo), else next to the package."""
+    if rel.exists():
+        return rel
+    return Path(__file__).resolve().parents[1] / rel
+
+
+def write_model(ctx: dict) -> str:
+    from gptoss_tune.tiny import write_tiny_checkpoint
+
+    ckpt = DEMO_DIR / "tiny-gpt-oss"
+    write_tiny_checkpoint(ckpt, force=True, seed=0)
+    ctx["model"] = ckpt.resolve()
+    return f"wrote a tiny gpt-oss checkpoint in the published MXFP4 layout to {ckpt}/"
+
+
+def check_model(ctx: dict) -> str:
     from gptoss_tune import load_model
     from gptoss_tune.experts import MXFP4Experts
     from gptoss_tune.lora import lora_parameter_count
-    from gptoss_tune.tiny import write_tiny_checkpoint
 
-    t0 = time.time()
-    ckpt = DEMO_DIR / "tiny-gpt-oss"
-    write_tiny_checkpoint(ckpt, force=True, seed=0)
-    print(f"[1/3] wrote a tiny gpt-oss checkpoint in the published MXFP4 layout to {ckpt}/")
-
-    model = load_model(ckpt, lora={"rank": 8, "alpha": 16}, device="cpu")
+    model = load_model(ctx["model"], lora={"rank": 8, "alpha": 16}, device="cpu")
     experts = [m for m in model.modules() if isinstance(m, MXFP4Experts)]
     resident = sum(m.resident_bytes() for m in experts)
     dense = sum(m.num_experts * 3 * m.hidden_size * m.intermediate_size * 2 for m in experts)
-    print(
-        f"[2/3] loaded it with load_model: {len(experts)} MXFP4 expert layers, {resident:,} resident expert bytes "
-        f"({dense / resident:.2f}x smaller than bf16), {lora_parameter_count(model):,} LoRA parameters "
-        f"on attention and every expert"
-    )
-
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 32))
     model.train()
@@ -43,12 +52,52 @@ def main() -> int:
     out.loss.backward()
     with_grad = [n for n, p in model.named_parameters() if p.grad is not None]
     frozen_with_grad = [n for n in with_grad if "lora_" not in n]
-    print(
-        f"[3/3] forward + backward on 2x32 tokens: loss {out.loss.item():.4f} (aux {out.aux_loss.item():.4f}); "
-        f"{len(with_grad)} LoRA tensors got gradients, {len(frozen_with_grad)} frozen ones did"
+    if frozen_with_grad:
+        raise RuntimeError(f"frozen weights got gradients: {frozen_with_grad[:3]}")
+    return (
+        f"loaded it with load_model: {len(experts)} MXFP4 expert layers, {resident:,} resident expert bytes "
+        f"({dense / resident:.2f}x smaller than bf16), {lora_parameter_count(model):,} LoRA parameters on attention "
+        f"and every expert; forward + backward: loss {out.loss.item():.3f}, gradients on {len(with_grad)} LoRA tensors only"
     )
-    print(f"demo finished in {time.time() - t0:.1f}s")
-    return 0 if not frozen_with_grad else 1
+
+
+def train_model(ctx: dict) -> str:
+    from gptoss_tune.recipe import load_recipe
+    from gptoss_tune.train import train
+
+    recipe_path = _repo_file(RECIPE)
+    print(f"      training {recipe_path} (LoRA on the sample support conversations; evaluation and early stopping)", flush=True)
+    run = (DEMO_DIR / "train").resolve()
+    recipe = load_recipe(recipe_path, [f"model.path={ctx['model']}", f"output_dir={run}", "resume=never", "overwrite=true"])
+    result = train(recipe)
+    ctx["run"], ctx["result"] = run, result
+    evals = result.evals
+    first, best = evals[0]["eval_loss"], result.best_eval_loss
+    how = "stopped early" if result.stop_reason == "early_stopping" else "finished"
+    return (
+        f"trained: validation loss {first:.3f} at step {evals[0]['step']} -> best {best:.3f} at step {result.best_step}; "
+        f"{how} at step {result.step}. Run directory {run}/ (metrics.jsonl, best.json -> checkpoints/, final/, "
+        f"recipe.yaml, wandb/)"
+    )
+
+
+# The demo's steps, in order. Export and serving append theirs here (export the best adapter from
+# ctx["run"], serve it, ask one question with the openai client, shut down).
+STEPS = [write_model, check_model, train_model]
+
+
+def main() -> int:
+    t0 = time.time()
+    ctx: dict = {}
+    for i, step in enumerate(STEPS, 1):
+        line = step(ctx)
+        print(f"[{i}/{len(STEPS)}] {line}", flush=True)
+    result = ctx.get("result")
+    if result is not None and result.evals and not result.best_eval_loss < result.evals[0]["eval_loss"]:
+        print("the validation loss did not fall: something is wrong", file=sys.stderr)
+        return 1
+    print(f"demo finished in {time.time() - t0:.0f}s")
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .losses import expert_counts, lm_eval_sums, lm_loss_sum, load_balancing_loss
+from .losses import DEFAULT_CHUNK_TOKENS, expert_counts, lm_eval_sums, lm_loss_sum, load_balancing_loss
 
 MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
 
@@ -29,9 +29,10 @@ class StepOutput:
 
 
 class Objective(nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
         super().__init__()
         self.model = model  # GptOssForCausalLM
+        self.chunk_tokens = chunk_tokens
         cfg = model.config
         self.num_experts = cfg.num_local_experts
         self.top_k = cfg.num_experts_per_tok
@@ -48,7 +49,7 @@ class Objective(nn.Module):
         counts = expert_counts(router_logits, self.top_k, token_mask)
         real = token_mask.sum()
         if evaluate:
-            loss, n, correct = lm_eval_sums(hidden, weight, labels)
+            loss, n, correct = lm_eval_sums(hidden, weight, labels, self.chunk_tokens)
             return StepOutput(loss, n, aux.detach(), counts, real, correct)
-        loss, n = lm_loss_sum(hidden, weight, labels)
+        loss, n = lm_loss_sum(hidden, weight, labels, chunk_tokens=self.chunk_tokens)
         return StepOutput(loss, n, aux, counts, real)

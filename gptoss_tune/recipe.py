@@ -78,6 +78,7 @@ class TrainSection(_Section):
     seed: int = Field(42, description="seed for LoRA initialisation, data order, dropout")
     gradient_checkpointing: bool = Field(True, description="recompute each decoder layer in the backward pass instead of storing its activations")
     mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto = bf16 autocast on GPU, none on CPU")
+    loss_chunk_tokens: int = Field(1024, ge=16, description="trained tokens projected onto the 201,088-token vocabulary at once (fp32 logits: 0.8 GB per 1024)")
 
     @model_validator(mode="after")
     def _some_length(self):
@@ -88,6 +89,7 @@ class TrainSection(_Section):
 
 class EvalSection(_Section):
     every_steps: int = Field(100, ge=0, description="evaluate every N optimizer steps (0 = only at the end); always also at the end")
+    at_start: bool = Field(False, description="also evaluate before the first step (the base model's validation loss, a baseline)")
     micro_batch_size: int | None = Field(None, ge=1, description="rows per evaluation forward pass; null = train.micro_batch_size")
     max_batches: int | None = Field(None, ge=1, description="evaluate on at most this many micro-batches (null = the whole validation set)")
 

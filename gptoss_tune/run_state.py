@@ -101,6 +101,26 @@ def check_output_dir(recipe) -> ResumePlan:
     return ResumePlan("fresh", wipe=True)  # the same run, interrupted before its first checkpoint
 
 
+def lock_run_dir(out: Path, source: str) -> int | None:
+    """Main process: create output_dir and hold an exclusive lock on it for the whole run, so a second
+    training in the same directory is refused instead of interleaving checkpoints. Returns the fd (the
+    lock lasts until it is closed or the process ends); None where the filesystem has no flock."""
+    import errno
+    import fcntl
+    import os
+
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(out), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            raise UserError(f"{source}: output_dir '{out}' is in use by another training process; wait for it to finish or choose another output_dir") from None
+        return None
+    return fd
+
+
 def wipe(out: Path) -> None:
     for p in Path(out).iterdir():
         if p.is_dir() and not p.is_symlink():

@@ -14,6 +14,7 @@ Same as `gptoss-tune train RECIPE.yaml [key=value ...]` (one process). One optim
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import signal
@@ -132,23 +133,17 @@ def _gather_trainable(accelerator, module) -> dict | None:
 
 
 def train(recipe: Recipe, data: TrainData | None = None) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
-
-    from . import train_checkpoint as ck
-    from .adapter import load_adapter_weights, read_adapter_config, save_adapter
-    from .experts import MXFP4Experts
-    from .loader import load_model
-    from .losses import expert_load_stats
-    from .objective import Objective
-    from .run_state import check_output_dir, truncate_metrics, wipe
-    from .tracking import Tracker
-
+    """Run a recipe (in every process of a launch). Returns what happened; raises UserError on bad input
+    and TrainingDiverged on a NaN/inf loss."""
     import warnings
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from .run_state import lock_run_dir
 
     # torch >= 2.12 renames DDP's broadcast_buffers; the MXFP4 buffers are excluded from DDP below either way.
     warnings.filterwarnings("ignore", message=".*broadcast_buffers. is deprecated", category=FutureWarning)
-    t_start = time.time()
     cfg_t = recipe.train
     cuda = torch.cuda.is_available()
     mixed = cfg_t.mixed_precision if cfg_t.mixed_precision != "auto" else ("bf16" if cuda else "no")
@@ -160,6 +155,28 @@ def train(recipe: Recipe, data: TrainData | None = None) -> TrainResult:
         # MXFP4 experts are uint8 buffers (10 GB for 20b): never re-broadcast them every step.
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
+    lock = lock_run_dir(Path(recipe.output_dir), recipe._source) if accelerator.is_main_process else None
+    try:
+        return _train(recipe, data, accelerator, mixed)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> TrainResult:
+    from accelerate.utils import DistributedType, set_seed
+
+    from . import train_checkpoint as ck
+    from .adapter import load_adapter_weights, read_adapter_config, save_adapter
+    from .experts import MXFP4Experts
+    from .loader import load_model
+    from .losses import expert_load_stats
+    from .objective import Objective
+    from .run_state import check_output_dir, truncate_metrics, wipe
+    from .tracking import Tracker
+
+    t_start = time.time()
+    cfg_t = recipe.train
     P, G, rank, main = accelerator.num_processes, cfg_t.grad_accum, accelerator.process_index, accelerator.is_main_process
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     run_dir = Path(recipe.output_dir)
@@ -190,8 +207,6 @@ def train(recipe: Recipe, data: TrainData | None = None) -> TrainResult:
     if not data.train:
         raise UserError(f"{recipe._source}: data.train: no training examples after rendering and filtering")
     if main:
-        import json
-
         ck.atomic_write_text(run_dir / DATA_REPORT, json.dumps(data.report, indent=2, default=str) + "\n")
     evaluating = bool(data.validation)
     if recipe.early_stopping.enabled and not evaluating:
@@ -243,7 +258,7 @@ def train(recipe: Recipe, data: TrainData | None = None) -> TrainResult:
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
-    objective = Objective(model)
+    objective = Objective(model, chunk_tokens=cfg_t.loss_chunk_tokens)
     trainable = [p for p in objective.parameters() if p.requires_grad]
     if accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -299,7 +314,11 @@ def train(recipe: Recipe, data: TrainData | None = None) -> TrainResult:
     def save_checkpoint(step: int, **flags) -> Path:
         nonlocal last_ckpt
         path = run_dir / CHECKPOINTS / step_dir_name(step)
-        if step in saved_steps and not flags:
+        if step in saved_steps:
+            # Same weights, optimizer and RNG: only the bookkeeping may change (finished at this step).
+            if flags and main:
+                ck.atomic_write_text(path / ck.TRAINER_STATE, json.dumps(trainer_state(step, **flags), indent=2) + "\n")
+            accelerator.wait_for_everyone()
             return path
         if main:
             ck.prepare_tmp(run_dir, step)
@@ -370,6 +389,9 @@ def train(recipe: Recipe, data: TrainData | None = None) -> TrainResult:
     coef = recipe.router.aux_loss_coef
     n_layers = model.config.num_hidden_layers
     try:
+        if evaluating and recipe.eval.at_start and state is None:
+            evaluate(0)  # the untrained adapter (B = 0): the base model's loss
+            last_eval_step = 0
         while step < total_steps:
             t0 = time.time()
             batches = [stream.batch(i) for i in stream.step_indices(mb_consumed, P, G, rank)]
@@ -451,7 +473,7 @@ def train(recipe: Recipe, data: TrainData | None = None) -> TrainResult:
                 last_eval_step = step
             save_checkpoint(step, finished=True, stop_reason=stop_reason)
         else:
-            save_checkpoint(step, stop_reason="interrupted")
+            save_checkpoint(step)
     finally:
         stop.restore()
         if main and tracker is not None:
