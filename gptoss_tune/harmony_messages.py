@@ -65,6 +65,9 @@ class HarmonyMessage:
 
     message: Message
     source: int
+    # True when harmony's rule dropped the analysis message that came right before this one: its header
+    # (`<|channel|>final...`) then no longer shows what the model wrote at that point.
+    after_dropped_analysis: bool = False
 
     @property
     def is_assistant(self) -> bool:
@@ -101,6 +104,8 @@ def to_harmony_conversation(
 def last_turn_start(messages: list[dict]) -> int:
     """Index of the first message of the trailing assistant turn (assistant and tool messages after the
     last system/developer/user message); len(messages) when the conversation does not end with one."""
+    if not isinstance(messages, list):
+        return 0
     i = len(messages)
     while i > 0 and isinstance(messages[i - 1], dict) and messages[i - 1].get("role") in ("assistant", "tool"):
         i -= 1
@@ -119,16 +124,20 @@ def convert_messages(
     reasoning_effort: str | None = None,
     where: str = "",
     keep_analysis_from: int | None = None,
+    field: str = "messages",
+    names: list[str] | None = None,
 ) -> list[HarmonyMessage]:
     """The harmony messages for `messages`, each with the index of its input message.
 
     Analysis messages from input messages before `keep_analysis_from` (default: all) are dropped when a
-    final message from before `keep_analysis_from` follows them.
+    final message from before `keep_analysis_from` follows them. Errors name `field` (the list) and
+    `names[i]` (message i; default `messages[i]`).
     """
     if not isinstance(messages, list):
-        raise UserError(f"{where}messages: expected a list of messages, got {_kind(messages)}")
+        raise UserError(f"{where}{field}: expected a list of messages, got {_kind(messages)}")
     if not messages:
-        raise UserError(f"{where}messages: the list is empty")
+        raise UserError(f"{where}{field}: the list is empty")
+    names = names or [f"{field}[{i}]" for i in range(len(messages))]
     keep_from = len(messages) if keep_analysis_from is None else keep_analysis_from
 
     system = SystemContent.new()
@@ -142,7 +151,7 @@ def convert_messages(
     n_head = 0
     instructions = []
     while n_head < len(messages) and isinstance(messages[n_head], dict) and messages[n_head].get("role") in ("system", "developer"):
-        instructions.append(_text(messages[n_head], f"{where}messages[{n_head}].content", required=True))
+        instructions.append(_text(messages[n_head], f"{where}{names[n_head]}.content", required=True))
         n_head += 1
     if instructions or functions:
         dev = DeveloperContent.new()
@@ -156,7 +165,7 @@ def convert_messages(
     called: list[str] = []  # function names in call order, for tool results that give only a name
     for i in range(n_head, len(messages)):
         m = messages[i]
-        at = f"{where}messages[{i}]"
+        at = f"{where}{names[i]}"
         if not isinstance(m, dict):
             raise UserError(f"{at}: expected a message object, got {_kind(m)}")
         role = m.get("role")
@@ -347,16 +356,21 @@ def _parts_text(content: Any, field: str, *, allow_json: bool) -> str:
 
 def _drop_history_analysis(hms: list[HarmonyMessage], keep_from: int) -> list[HarmonyMessage]:
     """Drop analysis that a later final message (from before keep_from) closed: harmony's rule for history."""
-    out = []
+    drop = set()
     final_follows = False
-    for h in reversed(hms):
+    for k in range(len(hms) - 1, -1, -1):
+        h = hms[k]
         in_history = h.source < keep_from
         if in_history and h.is_assistant and h.channel == "final":
             final_follows = True
         if in_history and final_follows and h.is_assistant and h.channel == "analysis":
+            drop.add(k)
+    out = []
+    for k, h in enumerate(hms):
+        if k in drop:
             continue
+        h.after_dropped_analysis = (k - 1) in drop
         out.append(h)
-    out.reverse()
     return out
 
 
