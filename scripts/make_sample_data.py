@@ -261,6 +261,19 @@ KINDS = [  # (weight, maker)
 ]
 
 
+def render_key(ex: dict) -> str:
+    """What the example renders to, as far as identity goes: "reasoning" and "thinking" render the same."""
+
+    def norm(x):
+        if isinstance(x, dict):
+            return {("thinking" if k == "reasoning" else k): norm(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [norm(v) for v in x]
+        return x
+
+    return json.dumps(norm(ex), sort_keys=True)
+
+
 def generate() -> tuple[list[dict], list[dict]]:
     rng = random.Random(SEED)
     makers = [m for w, m in KINDS for _ in range(w)]
@@ -268,8 +281,8 @@ def generate() -> tuple[list[dict], list[dict]]:
     out: list[dict] = []
     while len(out) < N_TRAIN + N_VALIDATION:
         ex = rng.choice(makers)(rng)
-        key = json.dumps(ex, sort_keys=True)
-        if key not in seen:  # no example twice, so validation never repeats a training example verbatim
+        key = render_key(ex)
+        if key not in seen:  # no example twice, so validation never repeats a training example
             seen.add(key)
             out.append(ex)
     return out[:N_TRAIN], out[N_TRAIN:]
