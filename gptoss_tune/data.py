@@ -22,6 +22,7 @@ from .data_settings import DataSettings
 from .data_sources import Example, SourceExamples, read_examples
 from .errors import UserError
 from .packing import FitStats, fit, pack
+from .rendering import RenderedExample, render_example  # noqa: F401  (one example, unpacked: `render --json`)
 
 MAX_LISTED = 20  # reasons listed per split in the report; the counts are always complete
 
