@@ -88,7 +88,27 @@ def _add_inspect(sub) -> None:
     p.set_defaults(handler="gptoss_tune.model_summary:run_cli")
 
 
-PARSERS = [_add_init_tiny, _add_inspect]
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a training checkpoint as a PEFT adapter, a merged bf16 model or a merged MXFP4 model",
+        description="Export a checkpoint of a training run. adapter: PEFT adapter_config.json + "
+        "adapter_model.safetensors (stock PEFT, vLLM --lora-modules). merged-bf16: full checkpoint with dense bf16 "
+        "experts. merged-mxfp4: LoRA merged and experts re-quantised to MXFP4 in the openai/gpt-oss layout "
+        "(transformers, vLLM). Merging streams one layer at a time.",
+    )
+    p.add_argument("run_dir", help="training run directory (or a checkpoint / adapter directory)")
+    p.add_argument("--checkpoint", default="best", help="best (default), last, or a checkpoint directory")
+    p.add_argument("--format", required=True, choices=["adapter", "merged-bf16", "merged-mxfp4"])
+    p.add_argument("--out", required=True, help="output directory (created; refused if not empty unless --force)")
+    p.add_argument("--base", default=None, help="base model directory or hub id (default: the one the adapter names)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-drift", action="store_true", help="merged-mxfp4: skip the logit drift measurement")
+    p.add_argument("--device", default=None, help="device for the drift measurement (default cuda if available)")
+    p.set_defaults(handler="gptoss_tune.export:run_cli")
+
+
+PARSERS = [_add_init_tiny, _add_inspect, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:
