@@ -10,7 +10,11 @@ openai-harmony (vLLM and `gptoss-tune serve` do), and the template says so inste
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 from .model_config import BOS_ID, EOS_ID, PAD_ID
@@ -63,7 +67,12 @@ Reasoning: {{ effort }}
 
 
 def build_tokenizer_json(path: Path) -> None:
-    """Write tokenizer.json for o200k_harmony (about 28 MB, 2 s)."""
+    """Write tokenizer.json for o200k_harmony (about 28 MB; converted once per process, about 2 s)."""
+    shutil.copyfile(_converted_tokenizer_json(), path)
+
+
+@functools.lru_cache(maxsize=1)
+def _converted_tokenizer_json() -> Path:
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     from .tokenizer import ensure_vocab, tiktoken_encoding
@@ -78,7 +87,11 @@ def build_tokenizer_json(path: Path) -> None:
     for i in (ids[0], ids[-1]):
         if tok.token_to_id(names[i]) != i:
             raise RuntimeError(f"converted tokenizer put {names[i]} at {tok.token_to_id(names[i])}, not {i}")
+    tmp = tempfile.mkdtemp(prefix="gptoss_tune-tokenizer-")
+    atexit.register(shutil.rmtree, tmp, True)
+    path = Path(tmp) / "tokenizer.json"
     tok.save(str(path))
+    return path
 
 
 def special_token_names() -> dict[int, str]:
