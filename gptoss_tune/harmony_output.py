@@ -130,6 +130,8 @@ class HarmonyOutputParser:
             p.process(tok)
         except HarmonyError:
             self._raw = True
+            if not self.parsed_any:  # nothing was harmony: the whole completion so far is the text
+                return self._content("".join(self._raw_text(t) for t in self.tokens))
             return self._content(self._raw_text(tok))
         events: list[Event] = []
         recipient = p.current_recipient
@@ -156,18 +158,12 @@ class HarmonyOutputParser:
 
     def finish(self) -> list[Event]:
         """Call once generation ended: releases held-back text, or the raw text if nothing parsed."""
-        if not self.parsed_any and not self.content and self.tokens:
-            self._stop = StopMatcher(self.stop)
-            text = "".join(self._raw_text_all())
-            return self._content(text) + self._content_flush()
-        return self._content_flush()
-
-    def _raw_text_all(self):
-        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for t in self.tokens:
-            if not self._is_special(t):
-                yield dec.decode(self._tk.decode_single_token_bytes(t))
-        yield dec.decode(b"", final=True)
+        events: list[Event] = []
+        if not self._raw and not self.parsed_any and self.tokens:
+            events += self._content("".join(self._raw_text(t) for t in self.tokens))
+        if self._raw:
+            events += self._content(self._utf8.decode(b"", final=True))
+        return events + self._content_flush()
 
     def _content_flush(self) -> list[Event]:
         if self._stop.stopped:

@@ -21,8 +21,10 @@ from .model_config import BOS_ID, EOS_ID, PAD_ID
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
-# Harmony's system message as openai-harmony's SystemContent.new() renders it (model identity, knowledge
-# cutoff, reasoning effort, channels), then the user's system/developer text as the developer message.
+# What gptoss_tune.harmony_messages + openai-harmony render for plain chat (the server's and training's
+# prompts): harmony's default system message with the reasoning effort, the leading system/developer
+# messages as one developer message, earlier turns' final answers (their chain of thought dropped, as
+# harmony does), and `<|start|>assistant` as the generation prompt.
 CHAT_TEMPLATE = """\
 {#- gpt-oss harmony format for plain chat (system, developer, user, assistant text), written by gptoss_tune.
     Conversations with tools or tool calls must be rendered with openai-harmony. -#}
@@ -39,24 +41,33 @@ Knowledge cutoff: 2024-06
 Reasoning: {{ effort }}
 
 # Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>
-{%- set ns = namespace(instructions=[]) -%}
-{%- for m in messages if m.role in ["system", "developer"] -%}
-{%- set ns.instructions = ns.instructions + [m.content] -%}
+{#- Leading system/developer messages become one developer message; later ones stay in place. -#}
+{%- set ns = namespace(head=[], in_head=true) -%}
+{%- for m in messages -%}
+{%- if ns.in_head and m.role in ["system", "developer"] -%}
+{%- set ns.head = ns.head + [m.content] -%}
+{%- else -%}
+{%- set ns.in_head = false -%}
+{%- endif -%}
 {%- endfor -%}
-{%- if ns.instructions -%}
+{%- if ns.head -%}
 <|start|>developer<|message|># Instructions
 
-{{ ns.instructions | join("\\n\\n") }}<|end|>
+{{ ns.head | join("\n\n") }}<|end|>
 {%- endif -%}
-{%- for m in messages -%}
+{%- for m in messages[ns.head | length:] -%}
 {%- if m.role == "user" -%}
 <|start|>user<|message|>{{ m.content }}<|end|>
+{%- elif m.role in ["system", "developer"] -%}
+<|start|>developer<|message|># Instructions
+
+{{ m.content }}<|end|>
 {%- elif m.role == "assistant" -%}
 {%- if m.tool_calls is defined and m.tool_calls -%}
 {{- raise_exception("this chat template renders plain chat only; render tool calls with openai-harmony") -}}
 {%- endif -%}
 <|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>
-{%- elif m.role not in ["system", "developer"] -%}
+{%- else -%}
 {{- raise_exception("role " + m.role + " is not plain chat; render it with openai-harmony") -}}
 {%- endif -%}
 {%- endfor -%}

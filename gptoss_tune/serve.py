@@ -43,28 +43,35 @@ from .openai_schema import ApiError, ChatCompletionRequest, parse_request
 log = logging.getLogger(__name__)
 
 
-def to_harmony_conversation(messages, **kwargs):
-    try:
-        from .harmony_messages import to_harmony_conversation as convert
-    except ImportError:  # until the data branch lands on main
-        from ._harmony_messages_interim import to_harmony_conversation as convert
-    return convert(messages, **kwargs)
+def _echoed(messages: list) -> list:
+    """Accept our own response messages sent back as history: they carry the chain of thought twice
+    (`reasoning` and `reasoning_content`, as clients of vLLM expect); keep one when both agree."""
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and m.get("role") == "assistant" and m.get("reasoning") is not None and m.get("reasoning") == m.get("reasoning_content"):
+            m = {k: v for k, v in m.items() if k != "reasoning_content"}
+        out.append(m)
+    return out
 
 
 def render_prompt(req: ChatCompletionRequest) -> list[int]:
-    """The request's messages as harmony prompt tokens, ending with `<|start|>assistant`."""
-    from openai_harmony import Role
+    """The request's messages as harmony prompt tokens (gptoss_tune.harmony_messages, the renderer training
+    uses), ending with `<|start|>assistant`."""
+    from openai_harmony import RenderConversationConfig, Role
 
+    from .harmony_messages import to_harmony_conversation
     from .tokenizer import harmony_encoding
 
     tools = None
     if req.tools and req.tool_choice != "none":  # 'none': the model is not shown the tools, so it cannot call them
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
     try:
-        conv = to_harmony_conversation(req.messages, tools=tools, reasoning_effort=req.reasoning_effort)
+        conv = to_harmony_conversation(_echoed(req.messages), tools=tools, reasoning_effort=req.reasoning_effort)
     except UserError as e:
         raise ApiError(400, str(e), param="messages") from None
-    return list(harmony_encoding().render_conversation_for_completion(conv, Role.ASSISTANT))
+    # The converter already applied harmony's analysis-dropping rule; keep the renderer from redoing it.
+    config = RenderConversationConfig(auto_drop_analysis=False)
+    return list(harmony_encoding().render_conversation_for_completion(conv, Role.ASSISTANT, config))
 
 
 class _Slots:

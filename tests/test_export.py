@@ -258,22 +258,43 @@ def test_exported_tokenizer_matches_tiktoken_and_harmony(exports):
             assert tok.decode(enc.encode(text, allowed_special="all")) == text
         assert (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) == (200002, 199999, 199998)
 
-    h = harmony_encoding()
-    for effort in ("low", "high"):
-        msgs = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Salut !"}, {"role": "user", "content": "How are you?"}]  # fmt: skip
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, reasoning_effort=effort, tokenize=True)
+    # The chat template against the server's prompts (harmony_messages rendered by openai-harmony).
+    from gptoss_tune.openai_schema import parse_request
+    from gptoss_tune.serve import render_prompt
+
+    convs = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Answer in French."}, {"role": "developer", "content": "Be brief."},
+         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Salut !", "thinking": "greet back"},
+         {"role": "user", "content": "How are you?"}],
+        [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}, {"role": "system", "content": "Now be terse."},
+         {"role": "user", "content": "C"}],
+    ]  # fmt: skip
+    for msgs, effort in zip(convs, ("low", "high", None)):
+        kw = {"reasoning_effort": effort} if effort else {}
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, **kw)
         ids = ids["input_ids"] if not isinstance(ids, list) else ids
-        conv = Conversation.from_messages([
-            Message.from_role_and_content(Role.SYSTEM, SystemContent.new().with_reasoning_effort(ReasoningEffort(effort.capitalize()))),
-            Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions("Answer in French.")),
-            Message.from_role_and_content(Role.USER, "Hi"),
-            Message.from_role_and_content(Role.ASSISTANT, "Salut !").with_channel("final"),
-            Message.from_role_and_content(Role.USER, "How are you?"),
-        ])  # fmt: skip
-        assert list(ids) == list(h.render_conversation_for_completion(conv, Role.ASSISTANT))
+        want = render_prompt(parse_request({"model": "m", "messages": msgs, **kw}))
+        assert list(ids) == want, h_decode(want)
+    # and against a conversation built by hand with openai-harmony
+    h = harmony_encoding()
+    conv = Conversation.from_messages([
+        Message.from_role_and_content(Role.SYSTEM, SystemContent.new().with_reasoning_effort(ReasoningEffort.LOW)),
+        Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions("Answer in French.")),
+        Message.from_role_and_content(Role.USER, "Hi"),
+    ])  # fmt: skip
+    ids = tok.apply_chat_template([{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"}],
+                                  add_generation_prompt=True, tokenize=True, reasoning_effort="low")  # fmt: skip
+    ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    assert list(ids) == list(h.render_conversation_for_completion(conv, Role.ASSISTANT))
     with pytest.raises(Exception, match="openai-harmony"):
         tok.apply_chat_template(msgs, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}], tokenize=False)
+
+
+def h_decode(ids):
+    from gptoss_tune.tokenizer import harmony_encoding
+
+    return harmony_encoding().decode_utf8(ids)
 
 
 def test_model_card_and_self_contained_dirs(exports, full_run):

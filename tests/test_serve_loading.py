@@ -1,0 +1,116 @@
+"""What `serve` loads (run dirs, our adapters, PEFT exports), the vLLM command, the output parser's edge
+cases, and the demo helper."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import torch
+from run_dir_helpers import make_run_dir
+
+from gptoss_tune.adapter import load_with_adapter
+from gptoss_tune.errors import UserError
+from gptoss_tune.export import export_run
+from gptoss_tune.harmony_output import HarmonyOutputParser, StopMatcher
+from gptoss_tune.serve import load_for_serving, vllm_command
+from gptoss_tune.tokenizer import tiktoken_encoding
+
+
+def _quiet(*_a, **_k):
+    pass
+
+
+@pytest.fixture(scope="module")
+def run(tiny_ckpt, tmp_path_factory):
+    return make_run_dir(tmp_path_factory.mktemp("serve_run"), tiny_ckpt, lora={"rank": 4, "alpha": 8})
+
+
+@pytest.fixture(scope="module")
+def peft_export(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("peft") / "adapter"
+    export_run(run, "adapter", out, progress=_quiet)
+    return out
+
+
+@torch.no_grad()
+def _logits(model):
+    ids = torch.randint(0, 200000, (1, 10), generator=torch.Generator().manual_seed(0))
+    return model(input_ids=ids).logits
+
+
+def test_serve_loads_run_dirs_our_adapters_and_peft_exports(run, peft_export, tiny_ckpt):
+    ref = _logits(load_with_adapter(run / "checkpoints/step-00000010", device="cpu"))
+    m, name = load_for_serving(run, device="cpu")  # a run directory: its best checkpoint
+    assert name == run.name
+    torch.testing.assert_close(_logits(m), ref, atol=0, rtol=0)
+    m, name = load_for_serving(tiny_ckpt, adapter=run / "checkpoints/step-00000010", device="cpu")
+    torch.testing.assert_close(_logits(m), ref, atol=0, rtol=0)
+    # the PEFT export, converted back to our layout on the MXFP4 base (alone, and as --adapter)
+    m, _ = load_for_serving(peft_export, device="cpu")
+    torch.testing.assert_close(_logits(m), ref, atol=1e-5, rtol=0)
+    m, name = load_for_serving(tiny_ckpt, adapter=peft_export, device="cpu")
+    torch.testing.assert_close(_logits(m), ref, atol=1e-5, rtol=0)
+    assert name.endswith("+adapter")
+    with pytest.raises(UserError, match="neither a gptoss_tune adapter"):
+        load_for_serving(tiny_ckpt, adapter=tiny_ckpt, device="cpu")
+
+
+def test_print_vllm_command(run, peft_export, tiny_ckpt, tmp_path, capsys):
+    from gptoss_tune.cli import main
+
+    mx = tmp_path / "mx"
+    export_run(run, "merged-mxfp4", mx, drift=False, progress=_quiet)
+    cmd, notes = vllm_command(str(mx), port=9000, api_key="k")
+    assert cmd[:3] == ["vllm", "serve", str(mx)]
+    s = shlex.join(cmd)
+    for opt in ("--tool-call-parser openai", "--enable-auto-tool-choice", "--reasoning-parser openai_gptoss",
+                "--port 9000", "--api-key k", f"--served-model-name {mx.name}"):  # fmt: skip
+        assert opt in s
+    assert notes == []
+    cmd, notes = vllm_command(str(tiny_ckpt), adapter=str(peft_export))
+    s = shlex.join(cmd)
+    assert f"--enable-lora --lora-modules adapter={peft_export} --max-lora-rank 8" in s  # rank 4 -> vLLM's 8
+    assert any("expert LoRA" in n for n in notes)
+    cmd2, _ = vllm_command(str(peft_export))  # the PEFT export alone: its base is the model
+    assert cmd2[2] == str(tiny_ckpt) and "--enable-lora" in cmd2
+    with pytest.raises(UserError, match="export first"):
+        vllm_command(str(run))
+    assert main(["serve", "--print-vllm-command", str(mx)]) == 0
+    assert capsys.readouterr().out.startswith(f"vllm serve {mx}")
+
+
+def test_stop_matcher():
+    m = StopMatcher(["END", "xyz"])
+    assert m.feed("abc E") == "abc "  # 'E' could start END: held back
+    assert m.feed("N") == ""
+    assert m.feed("D tail") == "" and m.stopped
+    m = StopMatcher(["END"])
+    assert m.feed("abc E") == "abc " and m.feed("x") == "Ex" and m.flush() == ""
+    assert StopMatcher([]).feed("E") == "E"
+
+
+def test_parser_falls_back_to_raw_text_for_an_untrained_model():
+    enc = tiktoken_encoding()
+    # not harmony at all: everything becomes content, special tokens dropped
+    p = HarmonyOutputParser()
+    for t in enc.encode("plain words<|end|> more", allowed_special="all"):
+        p.feed(t)
+    p.finish()
+    assert "".join(p.content) == "plain words more"
+    # harmony first, then garbage after a message: the parsed part stays, the rest passes through
+    p = HarmonyOutputParser()
+    for t in enc.encode("<|channel|>final<|message|>ok<|end|>junk", allowed_special="all"):
+        p.feed(t)
+    p.finish()
+    assert "".join(p.content) == "okjunk"
+
+
+def test_demo_helper(run, tmp_path):
+    from gptoss_tune.serve_demo import export_serve_and_ask
+
+    lines = []
+    reply = export_serve_and_ask(run, tmp_path / "export", max_tokens=4, progress=lines.append)
+    assert reply.usage.completion_tokens <= 4 and reply.choices[0].finish_reason in ("length", "stop")
+    assert any("asked 'What is the capital of France?' through the openai client" in line for line in lines)
+    assert (tmp_path / "export/config.json").is_file()
