@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import run_dir as rd
 from .adapter import CONFIG_FILE as OUR_CONFIG, WEIGHTS_FILE as OUR_WEIGHTS, read_adapter_config
@@ -90,12 +90,15 @@ class AdapterSource:
                     f"{ckpt / OUR_CONFIG}: adapter was trained on {k}={want}, but the base model {self.base_dir} has "
                     f"{self.config[k]}; pass the right --base"
                 )
+        f = ckpt / OUR_WEIGHTS
+        if not f.is_file():
+            raise UserError(f"{ckpt}: {OUR_WEIGHTS} is missing")
         try:
-            self.state = load_file(ckpt / OUR_WEIGHTS)
-        except FileNotFoundError:
-            raise UserError(f"{ckpt}: {OUR_WEIGHTS} is missing") from None
+            # Read lazily, one tensor at a time: a 120b expert LoRA is gigabytes, and merging needs one layer's.
+            self._file = safe_open(str(f), framework="pt", device="cpu")
+            self.names = set(self._file.keys())
         except Exception as e:
-            raise UserError(f"{ckpt / OUR_WEIGHTS}: unreadable ({str(e).strip() or type(e).__name__})") from None
+            raise UserError(f"{f}: unreadable ({str(e).strip() or type(e).__name__})") from None
         self.router_trained = bool(self.meta.get("router_trained"))
         self.scale = self.settings.alpha / self.settings.rank
         self._check_shapes()
@@ -121,25 +124,34 @@ class AdapterSource:
                 expected[f"model.layers.{i}.mlp.router.weight"] = (E, H)
                 expected[f"model.layers.{i}.mlp.router.bias"] = (E,)
         f = self.ckpt / OUR_WEIGHTS
-        missing = sorted(set(expected) - set(self.state))
-        unexpected = sorted(set(self.state) - set(expected))
+        missing = sorted(set(expected) - self.names)
+        unexpected = sorted(self.names - set(expected))
         if missing or unexpected:
             raise UserError(
                 f"{f}: does not match its adapter.json and the base model (missing {missing[:2]}, unexpected {unexpected[:2]})"
             )
         for k, shape in expected.items():
-            if tuple(self.state[k].shape) != shape:
-                raise UserError(f"{f}: '{k}' has shape {list(self.state[k].shape)}, expected {list(shape)}")
-            if not torch.isfinite(self.state[k]).all():
+            got = tuple(self._file.get_slice(k).get_shape())
+            if got != shape:
+                raise UserError(f"{f}: '{k}' has shape {list(got)}, expected {list(shape)}")
+            if not torch.isfinite(self.tensor(k)).all():  # one tensor at a time
                 raise UserError(f"{f}: '{k}' holds NaN or Inf; this checkpoint is broken, export another one")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._file.get_tensor(name)
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor (the adapter format needs them all; merging reads them layer by layer)."""
+        return {k: self.tensor(k) for k in sorted(self.names)}
 
     def lora(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A, B) for a module ('model.layers.0.self_attn.q_proj' or 'model.layers.0.mlp.experts.down_proj')."""
         if ".mlp.experts." in name:
-            a, b = self.state.get(f"{name}_lora_A"), self.state.get(f"{name}_lora_B")
+            a, b = f"{name}_lora_A", f"{name}_lora_B"
         else:
-            a, b = self.state.get(f"{name}.lora_A.default.weight"), self.state.get(f"{name}.lora_B.default.weight")
-        return None if a is None else (a.float(), b.float())
+            a, b = f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight"
+        return (self.tensor(a).float(), self.tensor(b).float()) if a in self.names else None
 
 
 # ---- shards ---------------------------------------------------------------------------------------
@@ -230,7 +242,7 @@ def merge_layer(
         if name.startswith(experts) and not name.endswith("_bias"):
             continue  # expert matrices below
         if src.router_trained and name.startswith(f"{prefix}mlp.router."):
-            out[name] = src.state[name].to(torch.bfloat16)
+            out[name] = src.tensor(name).to(torch.bfloat16)
             continue
         t = get(name)[:]
         if name.endswith(".weight") and ".self_attn." in name:
@@ -494,6 +506,7 @@ def export_run(
         raise UserError(f"{out}: exists and is not empty; choose another --out or pass --force to replace it")
     ckpt = resolve_export_checkpoint(run_dir, checkpoint)
     src = AdapterSource(ckpt, base)
+    _check_out_dir(out, [Path(run_dir), ckpt, src.base_dir])
     progress(f"exporting {ckpt} (base {src.base_dir}) as {fmt} to {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -524,6 +537,15 @@ def export_run(
         raise
     progress(summary_lines(report, out))
     return report
+
+
+def _check_out_dir(out: Path, inputs: list[Path]) -> None:
+    """--out must not be an input or hold one (with --force it would be replaced); inside is fine."""
+    o = out.resolve()
+    for p in inputs:
+        r = p.resolve()
+        if o == r or o in r.parents:
+            raise UserError(f"--out {out} overlaps the input {p}; export to a directory of its own")
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

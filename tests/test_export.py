@@ -211,6 +211,21 @@ def test_mxfp4_requantisation_is_lossless_without_expert_lora(tiny_ckpt, tmp_pat
             assert torch.equal(dequantize(a[k], a[s], torch.float32), dequantize(b[k], b[s], torch.float32)), k
 
 
+def test_merge_from_a_bf16_base(tiny_ckpt, exports, tmp_path):
+    """A dense bf16 base (experts `gate_up_proj`/`down_proj`): merged-bf16 equals stock PEFT on that base."""
+    from peft import PeftModel
+
+    bf16_base = exports["merged-bf16"]  # any dense bf16 gpt-oss checkpoint will do as a base
+    run = make_run_dir(tmp_path / "run", bf16_base, lora=LORAS["full"], seed=5)
+    export_run(run, "adapter", tmp_path / "adapter", progress=_quiet)
+    export_run(run, "merged-bf16", tmp_path / "merged", progress=_quiet)
+    ids = _ids(seed=6)
+    ref = _logits(PeftModel.from_pretrained(stock_model(bf16_base), str(tmp_path / "adapter")).eval(), ids)
+    base = _logits(stock_model(bf16_base), ids)
+    got = _logits(stock_model(tmp_path / "merged"), ids)
+    assert (got - ref).abs().max() < 0.1 < (base - ref).abs().max()
+
+
 # ---- streaming ------------------------------------------------------------------------------------
 
 
@@ -327,6 +342,10 @@ def test_export_errors(tiny_ckpt, full_run, tmp_path):
     other = write_tiny_checkpoint(tmp_path / "other", layers=3)
     with pytest.raises(UserError, match="trained on num_hidden_layers=2.*--base"):
         export_run(full_run, "adapter", tmp_path / "o", base=other, progress=_quiet)
+    for target in (full_run, full_run / "checkpoints", tiny_ckpt, tiny_ckpt.parent):
+        with pytest.raises(UserError, match="overlaps the input"):
+            export_run(full_run, "merged-bf16", target, force=True, progress=_quiet)
+    assert (tiny_ckpt / "config.json").is_file() and (full_run / "best.json").is_file()
     bad = make_run_dir(tmp_path / "badrun", tiny_ckpt)
     f = bad / "checkpoints/step-00000010/adapter.safetensors"
     st = load_file(f)

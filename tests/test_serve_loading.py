@@ -114,3 +114,46 @@ def test_demo_helper(run, tmp_path):
     assert reply.usage.completion_tokens <= 4 and reply.choices[0].finish_reason in ("length", "stop")
     assert any("asked 'What is the capital of France?' through the openai client" in line for line in lines)
     assert (tmp_path / "export/config.json").is_file()
+
+
+def test_serve_command_in_a_subprocess(run):
+    """`gptoss-tune serve RUN_DIR` as a user runs it: loads the best checkpoint, answers, stops on SIGTERM."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GPTOSS_TUNE_API_KEY="sk-sub")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptoss_tune", "serve", str(run), "--port", str(port), "--device", "cpu",
+         "--served-model-name", "mine", "--log-level", "warning"],  # fmt: skip
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        for _ in range(240):  # bounded: up to 60 s for the model to load
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.25)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-sub", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="mine", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+        assert r.usage.completion_tokens <= 3 and r.model == "mine"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert "serving 'mine' on http://127.0.0.1:" in out and "Traceback" not in out
