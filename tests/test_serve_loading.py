@@ -157,3 +157,18 @@ def test_serve_command_in_a_subprocess(run):
             proc.kill()
             out, _ = proc.communicate()
     assert "serving 'mine' on http://127.0.0.1:" in out and "Traceback" not in out
+
+
+def test_sampling_follows_the_distribution_and_top_p():
+    from gptoss_tune.generate import sample_token
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([sample_token(logits, 1.0, 1.0, g) for _ in range(4000)]), minlength=4)
+    assert torch.allclose(counts / 4000, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    # top_p 0.7 keeps {0.5, 0.3} (the smallest prefix reaching 0.7), renormalised to 5/8, 3/8
+    counts = torch.bincount(torch.tensor([sample_token(logits, 1.0, 0.7, g) for _ in range(4000)]), minlength=4)
+    assert counts[2:].sum() == 0 and abs(counts[0] / 4000 - 0.625) < 0.03
+    assert sample_token(logits, 0.0, 1.0, g) == 0
+    a = [sample_token(logits, 1.0, 1.0, torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert len(set(a)) == 1  # the same seed, the same draw
