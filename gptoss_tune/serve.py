@@ -156,7 +156,7 @@ class ChatServer:
 
         @app.get("/health")
         async def health():
-            return {"status": "ok", "model": self.model_name, "active_requests": self.slots.active}
+            return {"status": "ok", "active_requests": self.slots.active}
 
         @app.get("/v1/models")
         async def models(request: Request):
@@ -564,5 +564,6 @@ def run_cli(args) -> int:
         f"up to {args.max_concurrency} concurrent requests" + (", API key required" if args.api_key else "") + ")",
         file=sys.stderr,
     )
-    uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
+    # On Ctrl-C / SIGTERM, in-flight requests get 10 s to finish, then their streams are cancelled.
+    uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
     return 0

@@ -239,12 +239,14 @@ def test_internal_errors_never_leak_a_traceback():
 
 
 def test_concurrency_limit_gives_429_and_frees_slots():
-    src = ScriptedTokenSource(ANSWER, delay=0.03)  # ~0.5 s per request
+    src = ScriptedTokenSource(ANSWER, delay=0.05)  # ~0.85 s per request
     with serving(src, max_concurrency=2) as (srv, client):
         results: list[str] = []
         lock = threading.Lock()
+        start = threading.Barrier(6)
 
         def one():
+            start.wait(10)
             try:
                 client.chat.completions.create(model=MODEL, messages=user())
                 out = "ok"
