@@ -152,26 +152,28 @@ def apply_sinks(out_without_sink: torch.Tensor, lse: torch.Tensor, sinks: torch.
 
     A query that sees no key (lse = -inf) gets 0, as softmax over [nothing, sink] would give.
     """
-    factor = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))
+    acc = torch.float64 if lse.dtype == torch.float64 else torch.float32
+    factor = torch.sigmoid(lse.to(acc) - sinks.to(acc).view(1, -1, 1))
     return out_without_sink * factor.unsqueeze(-1).to(out_without_sink.dtype)
 
 
 def dense_attention_lse(query, key, value, mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, training: bool = False):
     """(out_without_sink [B, H, Q, D], lse [B, H, Q] fp32) by dense math; mask: bool (True = visible) or additive float.
 
-    Masked scores get the most negative fp32 rather than -inf, so a fully masked row stays finite
+    Scores, softmax and lse in fp32 (fp64 for fp64 inputs). Masked scores get the most negative value rather than -inf, so a fully masked row stays finite
     (uniform weights, lse ~ -3.4e38, hence a zero sink factor) and its gradient is zero, not NaN.
     """
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32  # fp64 only for tests
+    scores = torch.matmul(query, key.transpose(-1, -2)).to(acc) * scaling
     if mask is not None:
         if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+            scores = scores.masked_fill(~mask, torch.finfo(acc).min)
         else:
-            scores = (scores + mask.float()).clamp(min=torch.finfo(torch.float32).min)
+            scores = (scores + mask.to(acc)).clamp(min=torch.finfo(acc).min)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1))
     if dropout > 0.0 and training:
@@ -199,11 +201,14 @@ def flex_attention_lse(query, key, value, block_mask, scaling: float):
     """(out_without_sink [B, H, Q, D], lse [B, H, Q] fp32) through flex_attention; the lse is differentiable."""
     from torch.nn.attention.flex_attention import AuxRequest
 
-    if query.device.type != "cuda" and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        raise NotImplementedError(
-            "the flex attention route has no backward on the CPU in torch; use attn_implementation "
-            f"'{ATTN_IMPLEMENTATION}' or '{ATTN_EAGER}' to train on the CPU"
-        )
+    if query.device.type != "cuda":
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            raise NotImplementedError(
+                "the flex attention route has no backward on the CPU in torch; use attn_implementation "
+                f"'{ATTN_IMPLEMENTATION}' or '{ATTN_EAGER}' to train on the CPU"
+            )
+        # torch refuses CPU inputs that require grad even under no_grad
+        query, key, value = query.detach(), key.detach(), value.detach()
     out, aux = _flex_fn(query.device)(
         query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
         return_aux=AuxRequest(lse=True),
