@@ -52,6 +52,16 @@ def _shifted_trained(hidden_states: torch.Tensor, labels: torch.Tensor):
     return h[keep], t[keep]
 
 
+def _lse_softmax_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp per row, softmax) computed IN PLACE in `logits` (torch.logsumexp would allocate a
+    second buffer of the chunk's size)."""
+    m = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(m).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    lse = (m + total.log()).squeeze(-1)
+    return lse, probs.div_(total)
+
+
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     """fp32 for bf16/fp16/fp32 inputs (as transformers' loss), fp64 kept for fp64 (tests)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -70,14 +80,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[s : s + chunk]
             t = targets[s : s + chunk]
             logits = (h @ weight.t()).to(acc)  # bf16 matmul output upcast, exactly as transformers' loss sees it
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+            target_logit = logits.gather(1, t.unsqueeze(1)).squeeze(1)
+            lse, probs = _lse_softmax_(logits)  # in place: no second [chunk, V] fp32 buffer
+            loss += (lse - target_logit).sum()
             if not (need_h or need_w):
                 continue
-            g = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place in the fp32 logits
-            g[torch.arange(g.shape[0], device=g.device), t] -= 1.0
-            g = g.to(h.dtype)  # frees the fp32 buffer once `logits` goes out of scope below
-            del logits
+            probs[torch.arange(probs.shape[0], device=probs.device), t] -= 1.0  # softmax - onehot
+            g = probs.to(h.dtype)
+            del logits, probs
             if need_h:
                 grad_h[s : s + chunk] = g @ weight
             if need_w:
@@ -86,10 +96,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.grad_h = grad_h
         ctx.grad_w = grad_w
         ctx.weight_dtype = weight.dtype
+        ctx.used = False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
+        if ctx.used:
+            raise RuntimeError("lm_loss_sum computes its gradients in the forward: backward through it only once")
+        ctx.used = True
         grad_h = grad_w = None
         if ctx.grad_h is not None:
             grad_h = ctx.grad_h * grad_loss.to(ctx.grad_h.dtype)
@@ -119,7 +133,24 @@ def lm_loss_sum(
     n_tokens = torch.tensor(t.numel(), dtype=torch.long, device=hidden_states.device)
     if t.numel() == 0:
         return hidden_states.sum().float() * 0.0, n_tokens  # still part of the graph: backward works
+    if not (torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad)):
+        return _loss_sums(h, lm_head_weight, t, chunk_tokens)[0], n_tokens  # no gradient work under no_grad
     return _ChunkedLinearCrossEntropy.apply(h, lm_head_weight, t, chunk_tokens), n_tokens
+
+
+@torch.no_grad()
+def _loss_sums(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, chunk_tokens: int):
+    """(loss_sum, n_correct) over already shifted and selected tokens, without gradients."""
+    loss = torch.zeros((), dtype=_acc_dtype(h), device=h.device)
+    correct = torch.zeros((), dtype=torch.long, device=h.device)
+    for s in range(0, t.numel(), chunk_tokens):
+        logits = (h[s : s + chunk_tokens] @ weight.t()).to(loss.dtype)
+        tc = t[s : s + chunk_tokens]
+        correct += (logits.argmax(-1) == tc).sum()
+        target_logit = logits.gather(1, tc.unsqueeze(1)).squeeze(1)
+        lse, _ = _lse_softmax_(logits)
+        loss += (lse - target_logit).sum()
+    return loss, correct
 
 
 @torch.no_grad()
@@ -132,11 +163,5 @@ def lm_eval_sums(
     """(loss_sum, n_tokens, n_correct) over trained tokens, for evaluation; n_correct counts argmax hits."""
     _check(hidden_states, lm_head_weight, labels, chunk_tokens)
     h, t = _shifted_trained(hidden_states, labels)
-    loss = torch.zeros((), dtype=_acc_dtype(hidden_states), device=hidden_states.device)
-    correct = torch.zeros((), dtype=torch.long, device=hidden_states.device)
-    for s in range(0, t.numel(), chunk_tokens):
-        logits = (h[s : s + chunk_tokens] @ lm_head_weight.t()).to(loss.dtype)
-        tc = t[s : s + chunk_tokens]
-        loss += (torch.logsumexp(logits, -1) - logits.gather(1, tc.unsqueeze(1)).squeeze(1)).sum()
-        correct += (logits.argmax(-1) == tc).sum()
+    loss, correct = _loss_sums(h, lm_head_weight, t, chunk_tokens)
     return loss, torch.tensor(t.numel(), dtype=torch.long, device=hidden_states.device), correct

@@ -302,10 +302,13 @@ def test_generation_with_kv_cache_equals_eager(tiny_ckpt):
 @pytest.mark.parametrize("window", [None, 128])
 def test_flex_route_on_cuda_matches_fp32_reference(layout, window):
     """Real head shapes (64 query heads, 8 KV heads, head_dim 64), bf16 through compiled flex vs fp32 dense."""
+    import copy
+
     B, L = 2, 1024
     cfg = _config(window=window or 128, heads=64, kv_heads=8, head_dim=64)
-    module = _module(cfg, 1, seed=0).cuda()
-    module.sliding_window = window
+    ref_module = _module(cfg, 1, seed=0).cuda()
+    ref_module.sliding_window = window
+    module = copy.deepcopy(ref_module).bfloat16()
     if layout == "packed":
         pos = torch.stack([torch.cat([torch.arange(300), torch.arange(724)]), torch.cat([torch.arange(1000), torch.arange(24)])])
         mask2d = None
@@ -315,17 +318,45 @@ def test_flex_route_on_cuda_matches_fp32_reference(layout, window):
     spec = A.sink_mask_interface(B, L, L, attention_mask=None if mask2d is None else mask2d.bool().cuda())
     q, k, v = (t.detach().cuda().requires_grad_() for t in _qkv(B, cfg, L, seed=1))
     qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
-    ref = _run(A.sink_attention_forward, module, q, k, v, spec, position_ids=pos, route="eager")
-    out = _run(A.sink_attention_forward, module.bfloat16(), qb, kb, vb, spec, position_ids=pos, route="flex")
+    ref = _run(A.sink_attention_forward, ref_module, q, k, v, spec, position_ids=pos, route="eager")
+    out = _run(A.sink_attention_forward, module, qb, kb, vb, spec, position_ids=pos, route="flex")
     valid = torch.ones(B, L, dtype=torch.bool, device="cuda") if mask2d is None else mask2d.bool().cuda()
     rel = ((out.float() - ref)[valid].norm() / ref[valid].norm()).item()
     assert rel < 1e-2, rel
     g = torch.randn_like(ref) * valid[:, :, None, None]
-    module.float()
-    ref_grads = torch.autograd.grad(ref, [q, k, v, module.sinks], g)
-    module.bfloat16()
-    out = _run(A.sink_attention_forward, module, qb, kb, vb, spec, position_ids=pos, route="flex")
+    ref_grads = torch.autograd.grad(ref, [q, k, v, ref_module.sinks], g)
     our_grads = torch.autograd.grad(out, [qb, kb, vb, module.sinks], g.bfloat16())
     for name, a, b in zip("q k v sinks".split(), our_grads, ref_grads):
         rel = ((a.float() - b).norm() / b.norm()).item()
         assert rel < 2e-2, (name, rel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tiny_model_on_cuda_flex_route_equals_dense_route(tiny_ckpt):
+    """The whole model on CUDA in bf16: the default (flex) route against the dense route, packed rows,
+    logits and LoRA gradients, with per-layer checkpointing on as in training."""
+    from gptoss_tune.chunked_ce import lm_loss_sum
+    from gptoss_tune.memory import enable_checkpointing
+
+    results = {}
+    for impl in (A.ATTN_IMPLEMENTATION, A.ATTN_EAGER):
+        torch.manual_seed(0)
+        m = load_model(tiny_ckpt, device="cuda", attn_implementation=impl, lora={"rank": 4, "alpha": 8})
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                with torch.no_grad():
+                    p.normal_(0, 0.05, generator=torch.Generator(device="cuda").manual_seed(len(n)))
+        enable_checkpointing(m)
+        m.train()
+        ids = _ids(9, (2, 96)).cuda()
+        pos = torch.cat([torch.arange(40), torch.arange(56)]).expand(2, 96).cuda()
+        out = m.model(input_ids=ids, position_ids=pos, use_cache=False)
+        loss_sum, n_tok = lm_loss_sum(out.last_hidden_state, m.lm_head.weight, ids)
+        (loss_sum / n_tok).backward()
+        results[impl] = (out.last_hidden_state.detach().float(), {k: p.grad.float() for k, p in m.named_parameters() if p.requires_grad})
+    (h_flex, g_flex), (h_dense, g_dense) = results[A.ATTN_IMPLEMENTATION], results[A.ATTN_EAGER]
+    assert ((h_flex - h_dense).norm() / h_dense.norm()).item() < 1e-2
+    for k in g_dense:
+        rel = ((g_flex[k] - g_dense[k]).norm() / g_dense[k].norm().clamp_min(1e-12)).item()
+        assert rel < 5e-2, (k, rel)

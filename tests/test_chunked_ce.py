@@ -86,6 +86,18 @@ def test_frozen_lm_head_gets_no_gradient_and_hidden_still_does():
     torch.testing.assert_close(gh, h.grad, rtol=1e-10, atol=1e-12)
 
 
+def test_no_grad_computes_the_loss_only_and_double_backward_is_refused():
+    h, w, labels = _data(seed=8)
+    with torch.no_grad():
+        loss, _ = lm_loss_sum(h, w, labels, chunk_tokens=5)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, _plain(h.detach(), w.detach(), labels))
+    loss, _ = lm_loss_sum(h, w, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through it only once"):
+        loss.backward()
+
+
 def test_micro_batches_sum_to_the_whole():
     h, w, labels = _data(seed=4)
     whole, n = lm_loss_sum(h, w, labels)
@@ -177,3 +189,33 @@ def test_tiny_model_loss_and_lora_grads_equal_transformers_loss(tiny_ckpt):
     for k, p in m.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(ours[k], p.grad, rtol=1e-5, atol=1e-7, msg=lambda s: f"{k}: {s}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_real_vocab_bf16_memory_and_values():
+    """gpt-oss sizes on CUDA: 2,048 tokens, H 2,880, V 201,088, bf16. The chunked loss matches the plain one
+    and its extra memory stays near chunk x V x 6 bytes while the plain loss needs tokens x V x 6+."""
+    torch.manual_seed(0)
+    N, H, V, chunk = 2048, 2880, 201088, 512
+    h = (torch.randn(1, N, H, device="cuda") ).bfloat16().requires_grad_()
+    w = (torch.randn(V, H, device="cuda") * 0.02).bfloat16()
+    labels = torch.randint(0, V, (1, N), device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss, n = lm_loss_sum(h, w, labels, chunk_tokens=chunk)
+    loss.backward()
+    torch.cuda.synchronize()
+    ours_extra = torch.cuda.max_memory_allocated() - base
+    gh = h.grad.float()
+    h.grad = None
+    torch.cuda.reset_peak_memory_stats()
+    ref = _plain(h, w, labels)
+    ref.backward()
+    torch.cuda.synchronize()
+    plain_extra = torch.cuda.max_memory_allocated() - base
+    assert abs(loss.item() - ref.item()) / ref.item() < 1e-4
+    assert ((gh - h.grad.float()).norm() / h.grad.float().norm()).item() < 1e-2
+    assert ours_extra < chunk * V * 8 + 4 * N * H * 2, ours_extra
+    assert plain_extra > N * V * 6, plain_extra
