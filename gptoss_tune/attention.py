@@ -15,7 +15,8 @@ Two routes compute the same function:
          only (torch 2.13 refuses the backward there), which the tests use to check the block masks.
   eager  plain dense math (scores [B, H, Q, K] in fp32): the CPU path, the decode path (q_len 1 against
          a KV cache) and the reference. Quadratic memory.
-"gptoss_sink" picks flex on CUDA when the query has more than `FLEX_MIN_QUERY` rows, eager otherwise;
+"gptoss_sink" picks flex on CUDA for training (>= FLEX_MIN_QUERY query rows) and long prefills
+(>= FLEX_MIN_PREFILL rows), eager otherwise (decode, short prompts, the CPU);
 "gptoss_sink_flex" / "gptoss_sink_eager" force one route.
 
 Packed rows. The training batches carry no attention_mask and position ids that restart at 0 at every
@@ -46,9 +47,12 @@ ATTN_FLEX = "gptoss_sink_flex"
 ATTN_EAGER = "gptoss_sink_eager"
 ROUTES = {ATTN_IMPLEMENTATION: "auto", ATTN_FLEX: "flex", ATTN_EAGER: "eager"}
 
-# Below this many query rows the dense route is cheaper than building a block mask (decode, short
-# prefills). 16 rows against a 131k cache is 16 x 131k fp32 scores per head: 8 MB per head.
+# "gptoss_sink" on CUDA takes the flex route for training (gradients needed) from this many query rows,
+# and for inference only from FLEX_MIN_PREFILL rows: a decode step (1 row) or a short prefill is cheaper
+# densely than building a block mask, and serving then never waits for flex to compile for each new
+# prompt length. 1,024 rows x 1,024 keys x 64 heads of fp32 scores is 268 MB per sequence.
 FLEX_MIN_QUERY = int(os.environ.get("GPTOSS_TUNE_FLEX_MIN_QUERY", "16"))
+FLEX_MIN_PREFILL = int(os.environ.get("GPTOSS_TUNE_FLEX_MIN_PREFILL", "1024"))
 BLOCK_MASK_CACHE_SIZE = 8
 
 
@@ -237,6 +241,8 @@ def build_block_mask(mask_mod, batch_size: int, q_len: int, kv_len: int, device,
 
 def _block_mask_for(spec: SinkMask, window, documents, q_len, kv_len, device):
     """The BlockMask for one (sizes, offsets, window, documents, padding); LRU-cached by content."""
+    if documents is not None and not bool(documents[:, -1].any()):
+        documents = None  # one example per row: plain causal blocks, shared with unpacked batches
     if not isinstance(spec.q_offset, int) or not isinstance(spec.kv_offset, int):
         key = None  # tensor offsets (static caches): no content key, build every time
     else:
@@ -312,7 +318,8 @@ def sink_attention_forward(
     training = module.training
 
     if route == "auto":
-        route = "flex" if query.device.type == "cuda" and q_len >= FLEX_MIN_QUERY else "eager"
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        route = "flex" if query.device.type == "cuda" and q_len >= (FLEX_MIN_QUERY if grad else FLEX_MIN_PREFILL) else "eager"
     if route == "flex" and dropout > 0.0 and training:
         raise ValueError("the flex attention route has no attention dropout; set attention_dropout to 0")
 

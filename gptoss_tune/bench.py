@@ -381,7 +381,7 @@ def _profile(step, device, n: int) -> str:
         for _ in range(n):
             step()
         _sync(device)
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"  # valid in torch 2.11-2.13
     return prof.key_averages().table(sort_by=key, row_limit=25)
 
 
@@ -402,8 +402,9 @@ def check_goals(result: dict) -> list[dict]:
         checks = []
         if min_tps is not None:
             checks.append(("tokens/s", ours["tokens_per_s"], ">=", min_tps))
-        if max_peak is not None and ours.get("peak_gib") is not None:
-            checks.append(("peak GiB", ours["peak_gib"], "<=", max_peak))
+        if max_peak is not None and ours.get("peak_gib_with_warmup") is not None:
+            # the warm-up (compilation, autotuning) counts: a run that exceeds the budget there never starts
+            checks.append(("peak GiB", ours["peak_gib_with_warmup"], "<=", max_peak))
         if min_speedup is not None and result.get("speedup"):
             checks.append(("speedup", result["speedup"], ">=", min_speedup))
         for what, value, op, target in checks:

@@ -70,7 +70,7 @@ def test_attention_flops_count_visible_keys():
 
 def test_goals_report_misses_with_the_gap():
     r = {"model": "20b", "seq": 2048, "lora_on": "all", "speedup": 6.0,
-         "ours": {"tokens_per_s": 8000.0, "peak_gib": 15.0}}  # fmt: skip
+         "ours": {"tokens_per_s": 8000.0, "peak_gib": 14.0, "peak_gib_with_warmup": 15.0}}  # fmt: skip
     goals = {g["goal"]: g for g in bench.check_goals(r)}
     assert goals["20b seq 2048: tokens/s >= 10000"]["met"] is False
     assert "missed by 2000" in goals["20b seq 2048: tokens/s >= 10000"]["detail"]
