@@ -2,9 +2,9 @@
 
 What dominates memory when training LoRA on gpt-oss (bf16 activations, H = 2,880):
   weights         12.82 GiB (20b) / 60.77 GiB (120b) as MXFP4 - fixed.
-  LoRA training   r=8 on attention + every expert: 92 M params (20b), 530 M (120b). fp32 weights +
-                  grads + AdamW's two moments = 16 bytes each: 1.5 GB (20b), 8.5 GB (120b). 8-bit
-                  AdamW (bitsandbytes) stores the moments in 2 bytes: 1.1 GB / 6.4 GB saved... of 8.5.
+  LoRA training   r=8 on attention + every expert: 92.5 M params (20b), 536.8 M (120b). fp32 weights
+                  + grads + AdamW's two moments = 16 bytes each: 1.4 GiB (20b), 8.0 GiB (120b). 8-bit
+                  AdamW (bitsandbytes) keeps the moments in 2 bytes: 0.9 GiB / 5.0 GiB.
   activations     without checkpointing, every op's saved inputs of every layer: tens of GB at 2k
                   tokens for the MoE layers; with per-layer checkpointing only each layer's input is
                   kept (L x H x 2 bytes: 11.8 MB per layer at 2,048 tokens, 755 MB at 131,072 - 18 GB

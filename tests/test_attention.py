@@ -1,7 +1,5 @@
 """gptoss_sink attention against transformers' own eager gpt-oss attention (sinks, windows, packing)."""
 
-import warnings
-
 import pytest
 import torch
 
@@ -9,7 +7,7 @@ from conftest import stock_model
 from gptoss_tune import attention as A
 from gptoss_tune import load_model
 
-warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
 def _config(window=4, heads=4, kv_heads=2, head_dim=8, impl="eager"):
