@@ -164,8 +164,9 @@ def apply_sinks(out_without_sink: torch.Tensor, lse: torch.Tensor, sinks: torch.
 def dense_attention_lse(query, key, value, mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, training: bool = False):
     """(out_without_sink [B, H, Q, D], lse [B, H, Q] fp32) by dense math; mask: bool (True = visible) or additive float.
 
-    Scores, softmax and lse in fp32 (fp64 for fp64 inputs). Masked scores get the most negative value rather than -inf, so a fully masked row stays finite
-    (uniform weights, lse ~ -3.4e38, hence a zero sink factor) and its gradient is zero, not NaN.
+    Scores, softmax and lse in fp32 (fp64 for fp64 inputs). Masked scores get the most negative value
+    rather than -inf, so a fully masked row stays finite (uniform weights, lse ~ -3.4e38, hence a zero
+    sink factor) and its gradient is zero, not NaN.
     """
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
@@ -194,8 +195,8 @@ def _flex_fn(device: torch.device):
     global _FLEX_COMPILED
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device.type != "cuda":
-        return flex_attention
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return flex_attention  # inside a compiled model, dynamo compiles it with the rest
     if _FLEX_COMPILED is None:
         _FLEX_COMPILED = torch.compile(flex_attention)
     return _FLEX_COMPILED
