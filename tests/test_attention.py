@@ -313,11 +313,19 @@ def test_generation_with_kv_cache_equals_eager(tiny_ckpt):
 # ---------------------------------------------------------------------------------------------------
 # GPU: the compiled flex route, forward and backward
 # ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def many_compiles(monkeypatch):
+    """Each (window, documents, padding) variant compiles flex once; this module has more than dynamo's 8."""
+    import torch._dynamo.config as dynamo_config
+
+    monkeypatch.setattr(dynamo_config, "cache_size_limit", 64)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("layout", ["plain", "packed", "padded"])
 @pytest.mark.parametrize("window", [None, 128])
-def test_flex_route_on_cuda_matches_fp32_reference(layout, window):
+def test_flex_route_on_cuda_matches_fp32_reference(layout, window, many_compiles):
     """Real head shapes (64 query heads, 8 KV heads, head_dim 64), bf16 through compiled flex vs fp32 dense."""
     import copy
 
@@ -333,7 +341,7 @@ def test_flex_route_on_cuda_matches_fp32_reference(layout, window):
         pos, mask2d = _layout(layout, B, L)
     pos = pos.cuda()
     spec = A.sink_mask_interface(B, L, L, attention_mask=None if mask2d is None else mask2d.bool().cuda())
-    q, k, v = (t.detach().cuda().requires_grad_() for t in _qkv(B, cfg, L, seed=1))
+    q, k, v = (t.detach().mul(0.5).cuda().requires_grad_() for t in _qkv(B, cfg, L, seed=1))  # unit-variance inputs
     qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
     ref = _run(A.sink_attention_forward, ref_module, q, k, v, spec, position_ids=pos, route="eager")
     out = _run(A.sink_attention_forward, module, qb, kb, vb, spec, position_ids=pos, route="flex")
@@ -350,7 +358,7 @@ def test_flex_route_on_cuda_matches_fp32_reference(layout, window):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_tiny_model_on_cuda_flex_route_equals_dense_route(tiny_ckpt):
+def test_tiny_model_on_cuda_flex_route_equals_dense_route(tiny_ckpt, many_compiles):
     """The whole model on CUDA in bf16: the default (flex) route against the dense route, packed rows,
     logits and LoRA gradients, with per-layer checkpointing on as in training."""
     from gptoss_tune.chunked_ce import lm_loss_sum
