@@ -8,7 +8,7 @@ which stays in place), so routing is exactly transformers'. Router logits are re
 itself (`output_router_logits=True`) for the load-balancing loss.
 
 LoRA on gate_up_proj and down_proj of every expert is stored per expert, A [E, r, in] and B [E, out, r],
-and applied to the activations (x·Aᵀ·Bᵀ·scale); no dense delta is formed. `gptoss_tune.adapter_format`
+and applied to the activations (x·Aᵀ·Bᵀ·scale); no dense delta is formed. `gptoss_tune.export_peft`
 converts to PEFT's `target_parameters` layout for export.
 
 Compute backends: "reference" (plain torch, one expert dequantised at a time; CPU and ground truth) and
