@@ -28,6 +28,11 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _moe_setup import setup_paths  # noqa: E402
+
+setup_paths()
+
 from gptoss_kernels import moe_kernels as K  # noqa: E402
 from gptoss_kernels import moe_triton as MT  # noqa: E402
 
