@@ -59,7 +59,7 @@ def _expert_tile(pid_m, OFFSETS, E, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _mxfp4_tile(wb_ptrs, ws_ptrs, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _mxfp4_tile(wb_ptrs, ws_ptrs, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """Load and dequantise W[n, k0:k0+BLOCK_K] for BLOCK_N rows n -> fp32 [BLOCK_N, BLOCK_K] * 2**-14.
 
     wb_ptrs: [BLOCK_N, BLOCK_K // 2] byte pointers, ws_ptrs: [BLOCK_N, BLOCK_K // 32] scale pointers,
@@ -71,14 +71,22 @@ def _mxfp4_tile(wb_ptrs, ws_ptrs, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K:
     of 2**-127, s = 255 inf instead of NaN; neither occurs in real checkpoints) and applied per 32
     values. Masked-out bytes and scales read as 0 and dequantise to 0.
     """
-    kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-    packed = tl.load(wb_ptrs, mask=n_mask[:, None] & (kb < K // 2)[None, :], other=0)
-    scale_bits = tl.load(ws_ptrs, mask=n_mask[:, None] & (ks < K // 32)[None, :], other=0)
-    # element 2j is the low nibble of byte j, element 2j + 1 the high nibble
-    codes = tl.reshape(tl.join(packed & 0x0F, packed >> 4), (BLOCK_N, BLOCK_K)).to(tl.uint16)
-    half_bits = ((codes & 0x7) << 9) | ((codes & 0x8) << 12)
-    values = half_bits.to(tl.float16, bitcast=True).to(tl.float32)
+    if EVEN_K:
+        packed = tl.load(wb_ptrs, mask=n_mask[:, None], other=0)
+        scale_bits = tl.load(ws_ptrs, mask=n_mask[:, None], other=0)
+    else:
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        packed = tl.load(wb_ptrs, mask=n_mask[:, None] & (kb < K // 2)[None, :], other=0)
+        scale_bits = tl.load(ws_ptrs, mask=n_mask[:, None] & (ks < K // 32)[None, :], other=0)
+    # One 32-bit word per byte holds both fp16 patterns: the low nibble (element 2j) in the low half,
+    # the high nibble (element 2j + 1) in the high half. Two multiplies place the magnitude bits
+    # (b<<9 | b<<21) and the sign bits (b<<12 | b<<24) without overlap, two masks keep them.
+    b = packed.to(tl.uint32)
+    word = ((b * 0x200200) & 0x0E000E00) | ((b * 0x1001000) & 0x80008000)
+    lo = (word & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (word >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    values = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
     scale = (scale_bits.to(tl.uint32) << 23).to(tl.float32, bitcast=True)
     values = tl.reshape(values, (BLOCK_N, BLOCK_K // 32, 32)) * scale[:, :, None]
     return tl.reshape(values, (BLOCK_N, BLOCK_K))
@@ -116,7 +124,7 @@ def mxfp4_grouped_matmul_kernel(
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     R_PAD: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_IN_ROWS: tl.constexpr, HAS_OUT_ROWS: tl.constexpr, HAS_LORA: tl.constexpr,
-    SWIGLU: tl.constexpr, STORE_PRE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    SWIGLU: tl.constexpr, STORE_PRE: tl.constexpr, DOT_DTYPE: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Y[p] = X[in_row(p)] @ W[e]ᵀ + bias[e] + lora_scale * XA[p] @ LB[e]ᵀ for the rows p of expert e.
 
@@ -151,8 +159,11 @@ def mxfp4_grouped_matmul_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=row_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
-        w = _mxfp4_tile(wb_ptrs, ws_ptrs, n_mask, k0, K, BLOCK_N, BLOCK_K)
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=row_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+        w = _mxfp4_tile(wb_ptrs, ws_ptrs, n_mask, k0, K, BLOCK_N, BLOCK_K, EVEN_K)
         acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc)
         x_ptrs += BLOCK_K
         wb_ptrs += BLOCK_K // 2
@@ -244,7 +255,7 @@ def mxfp4_grouped_matmul_t_kernel(
     for n0 in range(0, N, BLOCK_N):
         n_mask = (n0 + offs_n) < N
         dy = tl.load(dy_ptrs, mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-        w = _mxfp4_tile(wb_ptrs, ws_ptrs, n_mask, k0, K, BLOCK_N, BLOCK_K)
+        w = _mxfp4_tile(wb_ptrs, ws_ptrs, n_mask, k0, K, BLOCK_N, BLOCK_K, False)
         acc = tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
         dy_ptrs += BLOCK_N
         wb_ptrs += BLOCK_N * stride_wbn

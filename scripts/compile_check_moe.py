@@ -79,6 +79,20 @@ def signature(fn, constexprs):
     return sig, attrs
 
 
+def main_loop_instructions(sass: str) -> int | None:
+    """Instructions in the innermost loop that issues the warpgroup MMAs (a backward branch over HGMMA)."""
+    insts = [(int(m.group(1), 16), m.group(2)) for line in sass.splitlines()
+             for m in [re.match(r"\s+/\*([0-9a-f]{4,6})\*/\s+(.*?);", line)] if m]
+    best = None
+    for addr, text in insts:
+        target = re.search(r"BRA (0x[0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            body = [t for a, t in insts if int(target.group(1), 16) <= a <= addr]
+            if any("HGMMA" in t for t in body) and (best is None or len(body) < best):
+                best = len(body)
+    return best
+
+
 def compile_one(fn, constexprs, num_warps, num_stages):
     sig, attrs = signature(fn, constexprs)
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
@@ -92,7 +106,14 @@ def compile_one(fn, constexprs, num_warps, num_stages):
     stack = re.search(r"STACK:(\d+)", res)
     spill = sum(int(v) for v in re.findall(r"(?:spill stores|spill loads)\D*(\d+)", res))
     ttgir = out.asm["ttgir"]
-    return dict(
+    extra = {}
+    loop = main_loop_instructions(sass)
+    if loop and "BLOCK_N" in constexprs and "BLOCK_K" in constexprs:
+        # per-thread loop instructions over the weights each thread dequantises per iteration: the ALU cost
+        # of in-register dequantisation (the MMA's share is 2·BLOCK_M flops per weight element)
+        per_thread = constexprs["BLOCK_N"] * constexprs["BLOCK_K"] / (num_warps * 32)
+        extra = dict(loop_instructions=loop, instructions_per_weight=round(loop / per_thread, 2))
+    return dict(**extra,
         shared=out.metadata.shared,
         regs=int(regs.group(1)) if regs else None,
         stack=int(stack.group(1)) if stack else None,
@@ -109,7 +130,7 @@ def cases():
     for cfg in MT.MATMUL_CONFIGS:
         for name, extra in (("gate_up+swiglu", dict(HAS_IN_ROWS=True, HAS_OUT_ROWS=False, SWIGLU=True, STORE_PRE=True)),
                             ("down", dict(HAS_IN_ROWS=False, HAS_OUT_ROWS=True, SWIGLU=False, STORE_PRE=False))):
-            c = dict(common, HAS_LORA=True, **extra, **cfg.kwargs)
+            c = dict(common, HAS_LORA=True, EVEN_K=H % cfg.kwargs["BLOCK_K"] == 0, **extra, **cfg.kwargs)
             yield f"mxfp4_grouped_matmul[{name}]", K.mxfp4_grouped_matmul_kernel, c, cfg
     for configs, name, extra in (
         (MT.MATMUL_T_SWIGLU_CONFIGS, "down_bwd+swiglu_bwd", dict(HAS_IN_ROWS=True, HAS_ROW_SCALE=True, HAS_OUT_ROWS=False, SWIGLU_BWD=True)),
