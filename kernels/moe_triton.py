@@ -45,9 +45,9 @@ def _config(block_m, block_n, block_k, warps, stages, group_m=8):
 
 
 # Hopper (H100/H200) candidates. Each compiles for sm_90 within shared memory and WITHOUT register spills
-# at the gpt-oss shapes (scripts/compile_check_moe.py, Triton 3.9; tile shapes that spilled were
-# dropped, e.g. 128x256x64 in the forward and every BLOCK_M = 128 tile with the fused SwiGLU backward
-# except 128x128x32). Timings pick among them at run time; none is timed yet (no GPU in the session
+# at the gpt-oss shapes (scripts/compile_check_moe.py, Triton 3.9 and 3.6; tile shapes that spilled were
+# dropped, e.g. 128x256x64 and 256x128x64 in the forward and every BLOCK_M = 128 tile with the fused
+# SwiGLU backward except 128x128x32). Timings pick among them at run time; none is timed yet (no GPU in the session
 # that wrote them; docs/benchmarks.md). 4 warps = one warpgroup for wgmma's M = 64. BLOCK_K is a
 # multiple of 32 (whole scale blocks). Entries: BLOCK_M, BLOCK_N, BLOCK_K, warps, stages.
 MATMUL_CONFIGS = [
@@ -59,6 +59,9 @@ MATMUL_CONFIGS = [
     _config(128, 128, 64, 8, 4),
     _config(128, 128, 128, 8, 3),
     _config(128, 64, 64, 4, 4),
+    # 256 rows share each dequantised tile: the only candidate that is MMA-bound by the SASS count
+    # (about 440 issue cycles of dequantisation vs 512 of wgmma per K step); for >= 256 rows per expert.
+    _config(256, 64, 64, 8, 3),
 ]
 # Backward (transposed) kernel: BLOCK_K is the output column tile, BLOCK_N the contraction step.
 MATMUL_T_CONFIGS = [
