@@ -7,6 +7,11 @@ Shapes are tiny and the interpreter's tiles are 16 x 32 x 32, so several tiles, 
 without tokens and empty grid slots are all exercised. The interpreter computes tl.dot in fp32 (the
 launchers pass fp32 operands there), so the tolerances are fp32 ones; the GPU check with bf16 operands
 is scripts/check_moe_gpu.py (tests/test_moe_kernels_gpu.py runs it where CUDA exists).
+
+Run alone (or first in its process) the tests run here, with TRITON_INTERPRET=1 set only while this
+file imports the kernels and while its tests run. In a full run an earlier file has already imported
+triton uninterpreted (transformers imports it), so one test re-runs this file in a fresh process with
+TRITON_INTERPRET=1 and the others are skipped here, saying so.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import subprocess
 import sys
 
 import pytest
@@ -22,21 +28,23 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
+pytestmark = pytest.mark.xdist_group("moe_kernels")  # one worker runs this file (and its subprocess, if any)
+
+
+def _can_interpret_here() -> bool:
+    """Triton decides interpretation when it decorates a function, its own tl.* library included, so
+    kernels can be interpreted in this process only if triton is not imported yet or was imported with
+    TRITON_INTERPRET=1. (transformers imports triton, so in a full test run an earlier file has.)"""
+    if "triton" not in sys.modules:
+        return True
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(sys.modules["triton"].language.standard.cdiv, InterpretedFunction)
+
 
 def _interpreted_ops():
-    """Import the kernels with TRITON_INTERPRET=1, then restore the environment.
-
-    Triton decides interpretation when it decorates a function, its own tl.* library included, so the
-    variable must be set when triton is first imported in this process (no other test file imports
-    it) and while the kernel module is imported. Restoring it (and setting it again per test, below)
-    keeps other test files unaffected.
-    """
-    if "triton" in sys.modules and not os.environ.get("TRITON_INTERPRET"):
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(sys.modules["triton"].language.standard.cdiv, InterpretedFunction):
-            pytest.fail("triton was imported before this module without TRITON_INTERPRET=1; run "
-                        "tests/test_moe_kernels.py in its own process (or set TRITON_INTERPRET=1)")
+    """Import the kernels with TRITON_INTERPRET=1, then restore the environment (set again per test by
+    the fixture below), so other test files in this process are unaffected."""
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
@@ -55,14 +63,34 @@ def _interpreted_ops():
     return ops
 
 
-MT = _interpreted_ops()
+IN_PROCESS = _can_interpret_here()
+MT = _interpreted_ops() if IN_PROCESS else None
+SUBPROCESS_TEST = "test_kernel_tests_run_in_a_fresh_interpreted_process"
 
 
 @pytest.fixture(autouse=True)
-def _interpreter_env(monkeypatch):
+def _interpreter_env(request, monkeypatch):
     """Triton also reads TRITON_INTERPRET when it launches (it imports modules lazily then), so keep it
-    set while this file's tests run, and only then."""
+    set while this file's tests run, and only then. Where this process cannot interpret, the tests are
+    run by SUBPROCESS_TEST instead and skipped here."""
+    if request.node.name == SUBPROCESS_TEST:
+        return
+    if not IN_PROCESS:
+        pytest.skip(f"triton was imported without the interpreter by an earlier test file; {SUBPROCESS_TEST} runs this test")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def test_kernel_tests_run_in_a_fresh_interpreted_process():
+    if IN_PROCESS:
+        pytest.skip("this process interprets the kernels; the tests ran here")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", __file__],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
+
 
 from gptoss_kernels import moe_reference as REF  # noqa: E402
 from gptoss_kernels.moe_dispatch import build_dispatch, combine_pairs, expert_of_rows  # noqa: E402
