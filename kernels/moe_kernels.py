@@ -66,8 +66,8 @@ def _mxfp4_tile(wb_ptrs, ws_ptrs, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K:
     both already at column k0 (k0 only bounds the K tail).
     An E2M1 code s|e1 e0|m placed at bits 15|11 10|9 of an fp16 word is exactly its value times 2**-14
     (code 1, the E2M1 subnormal 0.5, lands on the fp16 subnormal 2**-15, which fp16 keeps: no flush to
-    zero as fp32 subnormals could suffer). So the decode is two shifts, two masks and an or, then one
-    exact fp16->fp32 conversion; the E8M0 scale 2**(s-127) is built from its bits (s = 0 gives 0 instead
+    zero as fp32 subnormals could suffer). So the decode is pure bit placement (no compare or select),
+    then one exact fp16->fp32 conversion; the E8M0 scale 2**(s-127) is built from its bits (s = 0 gives 0 instead
     of 2**-127, s = 255 inf instead of NaN; neither occurs in real checkpoints) and applied per 32
     values. Masked-out bytes and scales read as 0 and dequantise to 0.
     """
