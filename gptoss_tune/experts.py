@@ -12,7 +12,10 @@ and applied to the activations (x·Aᵀ·Bᵀ·scale); no dense delta is formed.
 converts to PEFT's `target_parameters` layout for export.
 
 Compute backends: "reference" (plain torch, one expert dequantised at a time; CPU and ground truth) and
-"triton" (fused kernels, CUDA). "auto" picks triton on CUDA when the kernels are importable.
+"triton" (`gptoss_kernels.moe_triton`: fused MXFP4 kernels on CUDA; on the CPU only under
+TRITON_INTERPRET=1, for tests). "auto" picks triton on CUDA when the kernels are importable, the
+reference elsewhere; `GPTOSS_TUNE_EXPERTS_BACKEND=reference|triton` or `module.backend` forces either.
+See docs/kernels.md.
 """
 
 from __future__ import annotations
