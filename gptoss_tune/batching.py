@@ -5,10 +5,11 @@ A row is a dict of equal-length int lists, at most max_seq_len long:
     labels        the token id where the loss falls, -100 elsewhere (unshifted: transformers shifts)
     position_ids  0, 1, 2, ... restarting at 0 at the start of every packed example
 
-`collate` pads a list of rows to one length. Packed batches carry NO attention_mask: transformers then
-reads example boundaries from the restarting position_ids and builds a block-diagonal causal mask, so
-attention never crosses examples; padding becomes one more pseudo-example (positions restart at 0)
-with labels -100. Padding-mode batches carry an attention_mask (1 real, 0 pad) and position_ids 0..n.
+`collate` pads a list of rows to one length. Packed batches carry NO attention_mask: the model's
+default attention (`gptoss_sink`, gptoss_tune/attention.py) reads example boundaries from the restarting
+position_ids, so attention never crosses examples (transformers' own "eager" gpt-oss attention does not:
+GptOssModel never hands position_ids to its mask builders); padding becomes one more pseudo-example
+(positions restart at 0) with labels -100. Padding-mode batches carry an attention_mask (1 real, 0 pad) and position_ids 0..n.
 `token_mask` (1 for real tokens) is not a model input: the training loop uses it for the
 load-balancing loss and token counts, and removes it before calling the model.
 """

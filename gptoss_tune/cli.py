@@ -113,7 +113,76 @@ def _add_train(sub) -> None:
     p.set_defaults(handler="gptoss_tune.train:run_cli")
 
 
-PARSERS = [_add_init_tiny, _add_inspect]
+
+def _add_render(sub) -> None:
+    p = sub.add_parser(
+        "render",
+        help="show how a data file is rendered in harmony and which tokens are trained",
+        description="Render a data file (.jsonl, .json, .parquet or a saved dataset directory) exactly as training "
+        "does: harmony text with the trained tokens marked, token counts and totals. With --json, one JSON object "
+        'per example: {"input_ids": [...], "loss_mask": [...]} (unpacked; loss_mask 1 where the loss falls).',
+    )
+    p.add_argument("data", help="data file or saved Hugging Face dataset directory")
+    p.add_argument("--n", type=int, default=None, help="examples to print (default: 3; with --json all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per example (input_ids, loss_mask)")
+    p.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default=None, help="for examples without their own")
+    p.add_argument("--train-on", choices=["last", "all"], default="last", help="train the last assistant turn or all (default: last)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="truncate or drop longer examples (default: 2048)")
+    p.add_argument("--overlong", choices=["truncate", "drop"], default="truncate", help="what to do with longer examples")
+    p.add_argument("--tools", default=None, metavar="FILE", help="JSON file with a list of OpenAI function schemas")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip bad records and list them (default: stop at the first)")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="mark trained tokens in color")
+    p.set_defaults(handler="gptoss_tune.render_cli:run")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a training checkpoint as a PEFT adapter, a merged bf16 model or a merged MXFP4 model",
+        description="Export a checkpoint of a training run. adapter: PEFT adapter_config.json + "
+        "adapter_model.safetensors (stock PEFT, vLLM --lora-modules). merged-bf16: full checkpoint with dense bf16 "
+        "experts. merged-mxfp4: LoRA merged and experts re-quantised to MXFP4 in the openai/gpt-oss layout "
+        "(transformers, vLLM). Merging streams one layer at a time.",
+    )
+    p.add_argument("run_dir", help="training run directory (or a checkpoint / adapter directory)")
+    p.add_argument("--checkpoint", default="best", help="best (default), last, or a checkpoint directory")
+    p.add_argument("--format", required=True, choices=["adapter", "merged-bf16", "merged-mxfp4"])
+    p.add_argument("--out", required=True, help="output directory (created; refused if not empty unless --force)")
+    p.add_argument("--base", default=None, help="base model directory or hub id (default: the one the adapter names)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-drift", action="store_true", help="merged-mxfp4: skip the logit drift measurement")
+    p.add_argument("--device", default=None, help="device for the drift measurement (default cuda if available)")
+    p.set_defaults(handler="gptoss_tune.export:run_cli")
+
+
+def _add_serve(sub) -> None:
+    import os
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a (tuned) model with an OpenAI-compatible chat-completions API",
+        description="Serve MODEL_DIR (a gpt-oss checkpoint or merged export, a training run directory, our adapter "
+        "directory or a PEFT adapter export) at /v1/chat/completions and /v1/models. Prompts are rendered with "
+        "openai-harmony, output is parsed by channel (content, reasoning, tool_calls). --print-vllm-command prints "
+        "the equivalent `vllm serve` command for production instead.",
+    )
+    p.add_argument("model_dir", help="model, run, adapter or export directory (or a hub id in the local cache)")
+    p.add_argument("--adapter", default=None, help="a gptoss_tune or PEFT adapter to apply on MODEL_DIR as base")
+    p.add_argument("--checkpoint", default="best", help="for a run directory: best (default), last, or a path")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; others need --api-key)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("GPTOSS_TUNE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $GPTOSS_TUNE_API_KEY)")  # fmt: skip
+    p.add_argument("--max-concurrency", type=int, default=4, help="requests generating at once; more get 429 (default 4)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory name)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default cuda if available)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--print-vllm-command", action="store_true", help="print the `vllm serve` command for MODEL_DIR and exit")
+    p.set_defaults(handler="gptoss_tune.serve:run_cli")
+
+
+PARSERS = [_add_init_tiny, _add_inspect, _add_render, _add_export, _add_serve]
 PARSERS += [_add_validate, _add_train]
 
 

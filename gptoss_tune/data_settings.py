@@ -21,3 +21,7 @@ class DataSettings(BaseModel):
     train_on: Literal["last", "all"] = Field("last", description="train the last assistant turn only, or every assistant turn")
     overlong: Literal["truncate", "drop"] = Field("truncate", description="what to do with examples longer than max_seq_len")
     on_bad_line: Literal["error", "skip"] = Field("error", description="stop at the first bad example, or skip and report")
+    tools: list[dict] | None = Field(
+        None,
+        description="OpenAI function schemas rendered in the developer message of examples that do not give their own `tools`",
+    )

@@ -8,11 +8,14 @@ which stays in place), so routing is exactly transformers'. Router logits are re
 itself (`output_router_logits=True`) for the load-balancing loss.
 
 LoRA on gate_up_proj and down_proj of every expert is stored per expert, A [E, r, in] and B [E, out, r],
-and applied to the activations (x·Aᵀ·Bᵀ·scale); no dense delta is formed. `gptoss_tune.adapter_format`
+and applied to the activations (x·Aᵀ·Bᵀ·scale); no dense delta is formed. `gptoss_tune.export_peft`
 converts to PEFT's `target_parameters` layout for export.
 
 Compute backends: "reference" (plain torch, one expert dequantised at a time; CPU and ground truth) and
-"triton" (fused kernels, CUDA). "auto" picks triton on CUDA when the kernels are importable.
+"triton" (`gptoss_kernels.moe_triton`: fused MXFP4 kernels on CUDA; on the CPU only under
+TRITON_INTERPRET=1, for tests). "auto" picks triton on CUDA when the kernels are importable, the
+reference elsewhere; `GPTOSS_TUNE_EXPERTS_BACKEND=reference|triton` or `module.backend` forces either.
+See docs/kernels.md.
 """
 
 from __future__ import annotations

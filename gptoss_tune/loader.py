@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .attention import default_attn_implementation, register_attention
 from .checkpoint import CheckpointIndex, index_checkpoint, read_config, resolve_model_dir
 from .errors import CheckpointError, UserError
 from .experts import MXFP4Experts
@@ -38,6 +39,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def build_config(cfg: dict, attn_implementation: str = "eager"):
     from transformers import GptOssConfig
 
+    register_attention()  # our "gptoss_sink*" names must be known before a model is built
     config = GptOssConfig.from_dict(dict(cfg))
     config._attn_implementation = attn_implementation
     return config
@@ -162,7 +164,10 @@ def load_model(
         experts. Only LoRA parameters are trainable; everything else is frozen.
     device: default cuda when available, else cpu. dtype: default bf16 on cuda, fp32 on cpu (the
         dtype of every non-expert weight and of the activations; experts stay MXFP4 regardless).
-    attn_implementation: transformers' attention implementation name; default "eager".
+    attn_implementation: transformers' attention implementation name. Default "gptoss_sink"
+        (gptoss_tune.attention): flex attention with sinks on CUDA, dense math on the CPU, packed rows
+        kept apart. "gptoss_sink_flex" / "gptoss_sink_eager" force a route; "eager" is transformers' own
+        (quadratic memory, and it attends across packed examples).
     Returns the model in eval mode.
     """
     device = torch.device(device) if device is not None else default_device()
@@ -176,7 +181,7 @@ def load_model(
     model_dir = resolve_model_dir(path)
     cfg = read_config(model_dir)
     idx = index_checkpoint(model_dir)
-    config = build_config(cfg, attn_implementation or "eager")
+    config = build_config(cfg, attn_implementation or default_attn_implementation(device))
     try:
         model = build_empty_model(config, dtype)
     except (ValueError, TypeError) as e:

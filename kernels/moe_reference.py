@@ -141,3 +141,124 @@ def moe_experts_reference(
         y = y * flat_w[pairs].unsqueeze(-1).to(y.dtype)
         out = out.index_add(0, tokens, y.to(out.dtype))
     return out
+
+
+# ---- per-op references of the Triton kernels (rows = (token, expert) pairs sorted by expert) ----------
+# Each mirrors one launcher in moe_triton.py and is what its test compares against. They loop over the
+# experts in Python, dequantise one expert at a time and compute in `dtype` (float64 by default, the
+# ground truth). See moe_dispatch for the row layout.
+
+
+def _expert_slices(offsets: torch.Tensor):
+    bounds = offsets.tolist()
+    for e in range(len(bounds) - 1):
+        if bounds[e + 1] > bounds[e]:
+            yield e, slice(bounds[e], bounds[e + 1])
+
+
+def _rows(x: torch.Tensor, rows: torch.Tensor | None, num: int, dtype: torch.dtype) -> torch.Tensor:
+    return (x[: num] if rows is None else x[rows.long()]).to(dtype)
+
+
+def grouped_mxfp4_matmul_reference(
+    x, offsets, blocks, scales, bias, *, rows=None, xa=None, lora_B=None, lora_scale=0.0,
+    swiglu: tuple[float, float] | None = None, out_rows=None, dtype=torch.float64,
+):
+    """Reference of `mxfp4_grouped_matmul`: y[p] = x[rows[p]] @ W[e]ᵀ + bias[e] + s·xa[p] @ B[e]ᵀ.
+
+    Returns y [P, N] (rows permuted by out_rows when given), or (h, act) with swiglu=(limit, alpha).
+    """
+    P = offsets[-1].item()
+    xs = _rows(x, rows, P, dtype)
+    h = torch.zeros(P, blocks.shape[1], dtype=dtype)
+    for e, sl in _expert_slices(offsets):
+        w = dequantize(blocks[e], scales[e], dtype)
+        h[sl] = xs[sl] @ w.t() + bias[e].to(dtype)
+        if xa is not None:
+            h[sl] += lora_scale * xa[sl].to(dtype) @ lora_B[e].to(dtype).t()
+    if swiglu is not None:
+        return h, swiglu_reference(h, *swiglu)
+    if out_rows is not None:
+        out = torch.empty_like(h)
+        out[out_rows.long()] = h
+        return out
+    return h
+
+
+def swiglu_backward_reference(h, dact, limit=7.0, alpha=1.702):
+    """d(pre-activation) of the clamped interleaved SwiGLU, by autograd through swiglu_reference."""
+    h = h.detach().clone().requires_grad_(True)
+    swiglu_reference(h, limit, alpha).backward(dact)
+    return h.grad
+
+
+def grouped_mxfp4_matmul_t_reference(
+    dy, offsets, blocks, scales, *, rows=None, row_scale=None, u=None, lora_A=None, lora_scale=0.0,
+    swiglu_h=None, limit=7.0, alpha=1.702, out_rows=None, dtype=torch.float64,
+):
+    """Reference of `mxfp4_grouped_matmul_t`: dx[p] = s_p·dy[rows[p]] @ W[e] + lora_scale·u[p] @ A[e].
+
+    With swiglu_h (the saved pre-activations [P, 2K]) returns d(pre-activation) [P, 2K] instead.
+    """
+    P = offsets[-1].item()
+    dys = _rows(dy, rows, P, dtype)
+    if row_scale is not None:
+        dys = dys * row_scale.to(dtype)[:, None]
+    dx = torch.zeros(P, blocks.shape[2] * blocks.shape[3] * 2, dtype=dtype)
+    for e, sl in _expert_slices(offsets):
+        dx[sl] = dys[sl] @ dequantize(blocks[e], scales[e], dtype)
+        if u is not None:
+            dx[sl] += lora_scale * u[sl].to(dtype) @ lora_A[e].to(dtype)
+    if swiglu_h is not None:
+        return swiglu_backward_reference(swiglu_h.to(dtype), dx, limit, alpha)
+    if out_rows is not None:
+        out = torch.empty_like(dx)
+        out[out_rows.long()] = dx
+        return out
+    return dx
+
+
+def grouped_lowrank_reference(x, offsets, a, *, rows=None, row_scale=None, dtype=torch.float64):
+    """Reference of `grouped_lowrank`: out[p] = s_p·x[rows[p]] @ a[e]ᵀ, a [E, R, K] -> [P, R]."""
+    P = offsets[-1].item()
+    xs = _rows(x, rows, P, dtype)
+    out = torch.zeros(P, a.shape[1], dtype=dtype)
+    for e, sl in _expert_slices(offsets):
+        out[sl] = xs[sl] @ a[e].to(dtype).t()
+    if row_scale is not None:
+        out = out * row_scale.to(dtype)[:, None]
+    return out
+
+
+def grouped_outer_reference(
+    left, right, offsets, *, left_rows=None, left_scale=None, left_swiglu=None, scale=1.0, transpose=False,
+    dtype=torch.float64,
+):
+    """Reference of `grouped_outer`: out[e] = scale·Σ_p (s_p·left[lrow])ᵀ right[p] -> [E, D1, D2]
+    ([E, D2, D1] with transpose). left_swiglu=(limit, alpha): `left` holds pre-activations [P, 2·D1] and
+    SwiGLU is applied first.
+    """
+    P = offsets[-1].item()
+    E = offsets.numel() - 1
+    ls = _rows(left, left_rows, P, dtype)
+    if left_swiglu is not None:
+        ls = swiglu_reference(ls, *left_swiglu)
+    if left_scale is not None:
+        ls = ls * left_scale.to(dtype)[:, None]
+    rs = right[:P].to(dtype)
+    out = torch.zeros(E, ls.shape[1], rs.shape[1], dtype=dtype)
+    for e, sl in _expert_slices(offsets):
+        out[e] = scale * ls[sl].t() @ rs[sl]
+    return out.transpose(1, 2) if transpose else out
+
+
+def combine_reference(y_pairs, routing_weights, dtype=torch.float64):
+    """out[t] = Σ_j w[t, j]·y[t·k + j] (y in pair order)."""
+    T, k = routing_weights.shape
+    return (y_pairs.to(dtype).view(T, k, -1) * routing_weights.to(dtype)[..., None]).sum(1)
+
+
+def routing_grad_reference(y_pairs, dout, top_k, dtype=torch.float64):
+    """dw[t, j] = <dout[t], y[t·k + j]>."""
+    T = dout.shape[0]
+    return (y_pairs.to(dtype).view(T, top_k, -1) * dout.to(dtype)[:, None, :]).sum(-1)

@@ -1,0 +1,58 @@
+"""The end of `make demo`: export the tuned run, serve the export, ask it one question with the openai client.
+
+    from gptoss_tune.serve_demo import export_serve_and_ask
+    reply = export_serve_and_ask("runs/demo/run", "runs/demo/export")
+
+Everything stays in this process: the server runs on a free loopback port in a background thread and is
+shut down before returning.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def export_serve_and_ask(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    question: str = "What is the capital of France?",
+    fmt: str = "merged-mxfp4",
+    checkpoint: str = "best",
+    max_tokens: int = 24,
+    seed: int = 0,
+    progress=print,
+):
+    """Returns the openai ChatCompletion. A tiny random model answers with random text: the point is the
+    path (export -> load -> harmony render -> generate -> parse -> OpenAI response), not the words."""
+    try:
+        import openai
+    except ImportError:
+        from .errors import UserError
+
+        raise UserError("the demo asks through the `openai` client: pip install openai (it is in the [dev] extra)") from None
+    from .export import export_run
+    from .generate import ModelTokenSource
+    from .serve import ChatServer, load_for_serving, start_in_thread
+
+    t0 = time.time()
+    export_run(run_dir, fmt, out_dir, checkpoint=checkpoint, force=True, progress=progress)
+    model, name = load_for_serving(out_dir, device="cpu")
+    server = ChatServer(ModelTokenSource(model), name, max_concurrency=1)
+    running = start_in_thread(server.app)
+    try:
+        progress(f"serving {name} at {running.base_url}")
+        client = openai.OpenAI(base_url=running.base_url, api_key="demo", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, seed=seed
+        )
+    finally:
+        running.stop()
+    choice = reply.choices[0]
+    progress(
+        f"asked {question!r} through the openai client: finish_reason={choice.finish_reason}, "
+        f"{reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens, "
+        f"content={choice.message.content!r}, reasoning={getattr(choice.message, 'reasoning', None)!r} "
+        f"({time.time() - t0:.1f}s with the export)"
+    )
+    return reply

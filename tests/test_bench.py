@@ -1,0 +1,78 @@
+"""bench_train.py: the CPU smoke run of its whole code path, and the pieces its numbers rest on."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptoss_tune import bench
+from gptoss_tune.experts import MXFP4Experts
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_script_prints_valid_json_and_a_table(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--model", "tiny", "--seq", "48", "--steps", "1",
+           "--warmup", "1", "--baseline", "--json-out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("{"))
+    r = json.loads(line)
+    assert r == json.loads(out.read_text())
+    assert r["model"] == "tiny" and r["seq"] == 48 and r["device"] == "cpu"
+    for key in ("ours", "baseline"):
+        assert r[key]["tokens_per_s"] > 0 and len(r[key]["step_s"]) == 1
+    # same weights, LoRA B = 0: both runs start from the same function (fp32 on the CPU)
+    assert r["first_loss_rel_diff"] < 1e-5
+    assert r["ours"]["trainable_params"] == r["baseline"]["trainable_params"]
+    assert r["ours"]["experts_backend"] == "reference"
+    assert "tokens/s" in proc.stdout and "speedup" in proc.stdout
+
+
+def test_ours_and_baseline_hold_the_same_weights():
+    cfg = bench.bench_config("tiny")
+    ours = bench.build_ours(cfg, torch.device("cpu"), torch.float32, seed=3)
+    base = bench.build_baseline(cfg, torch.device("cpu"), torch.float32, seed=3)
+    for layer_o, layer_b in zip(ours.model.layers, base.model.layers):
+        assert isinstance(layer_o.mlp.experts, MXFP4Experts)
+        for proj in ("gate_up_proj", "down_proj"):
+            w = getattr(layer_b.mlp.experts, proj)
+            assert torch.equal(layer_o.mlp.experts.dequantized(proj), w)
+            assert 0.01 < w.std().item() < 0.04  # about 1/sqrt(hidden) of the real model
+    so, sb = ours.state_dict(), base.state_dict()
+    shared = [k for k in sb if k in so]
+    assert len(shared) > 10
+    for k in shared:
+        assert torch.equal(so[k], sb[k]), k
+    other = bench.build_ours(cfg, torch.device("cpu"), torch.float32, seed=4)
+    assert not torch.equal(other.lm_head.weight, ours.lm_head.weight)
+
+
+def test_active_parameters_match_the_published_counts():
+    # GPT-OSS-FACTS: active per token 3.61 B (20b), 5.13 B (120b), lm_head included
+    assert round(bench.active_params(bench.bench_config("20b"), 8, "all")["matmul"] / 1e9, 2) == 3.61
+    assert round(bench.active_params(bench.bench_config("120b"), 8, "all")["matmul"] / 1e9, 2) == 5.13
+    # the issue: bf16 experts alone are 229 GB for 120b
+    assert 229e9 < bench.dense_bytes(bench.bench_config("120b")) < 240e9
+
+
+def test_attention_flops_count_visible_keys():
+    cfg = {"num_attention_heads": 1, "head_dim": 1, "sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"]}
+    L = 10
+    sliding = sum(min(p + 1, 3) for p in range(L)) / L
+    full = sum(p + 1 for p in range(L)) / L
+    assert bench.attention_forward_flops(cfg, L) == pytest.approx(4 * (sliding + full))
+
+
+def test_goals_report_misses_with_the_gap():
+    r = {"model": "20b", "seq": 2048, "lora_on": "all", "speedup": 6.0,
+         "ours": {"tokens_per_s": 8000.0, "peak_gib": 14.0, "peak_gib_with_warmup": 15.0}}  # fmt: skip
+    goals = {g["goal"]: g for g in bench.check_goals(r)}
+    assert goals["20b seq 2048: tokens/s >= 10000"]["met"] is False
+    assert "missed by 2000" in goals["20b seq 2048: tokens/s >= 10000"]["detail"]
+    assert goals["20b seq 2048: peak GiB <= 16.0"]["met"] and goals["20b seq 2048: speedup >= 5.0"]["met"]
+    assert bench.check_goals({**r, "model": "tiny"}) == []

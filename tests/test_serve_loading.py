@@ -1,0 +1,174 @@
+"""What `serve` loads (run dirs, our adapters, PEFT exports), the vLLM command, the output parser's edge
+cases, and the demo helper."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import torch
+from run_dir_helpers import make_run_dir
+
+from gptoss_tune.adapter import load_with_adapter
+from gptoss_tune.errors import UserError
+from gptoss_tune.export import export_run
+from gptoss_tune.harmony_output import HarmonyOutputParser, StopMatcher
+from gptoss_tune.serve import load_for_serving, vllm_command
+from gptoss_tune.tokenizer import tiktoken_encoding
+
+
+def _quiet(*_a, **_k):
+    pass
+
+
+@pytest.fixture(scope="module")
+def run(tiny_ckpt, tmp_path_factory):
+    return make_run_dir(tmp_path_factory.mktemp("serve_run"), tiny_ckpt, lora={"rank": 4, "alpha": 8})
+
+
+@pytest.fixture(scope="module")
+def peft_export(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("peft") / "adapter"
+    export_run(run, "adapter", out, progress=_quiet)
+    return out
+
+
+@torch.no_grad()
+def _logits(model):
+    ids = torch.randint(0, 200000, (1, 10), generator=torch.Generator().manual_seed(0))
+    return model(input_ids=ids).logits
+
+
+def test_serve_loads_run_dirs_our_adapters_and_peft_exports(run, peft_export, tiny_ckpt):
+    ref = _logits(load_with_adapter(run / "checkpoints/step-00000010", device="cpu"))
+    m, name = load_for_serving(run, device="cpu")  # a run directory: its best checkpoint
+    assert name == run.name
+    torch.testing.assert_close(_logits(m), ref, atol=0, rtol=0)
+    m, name = load_for_serving(tiny_ckpt, adapter=run / "checkpoints/step-00000010", device="cpu")
+    torch.testing.assert_close(_logits(m), ref, atol=0, rtol=0)
+    # the PEFT export, converted back to our layout on the MXFP4 base (alone, and as --adapter)
+    m, _ = load_for_serving(peft_export, device="cpu")
+    torch.testing.assert_close(_logits(m), ref, atol=1e-5, rtol=0)
+    m, name = load_for_serving(tiny_ckpt, adapter=peft_export, device="cpu")
+    torch.testing.assert_close(_logits(m), ref, atol=1e-5, rtol=0)
+    assert name.endswith("+adapter")
+    with pytest.raises(UserError, match="neither a gptoss_tune adapter"):
+        load_for_serving(tiny_ckpt, adapter=tiny_ckpt, device="cpu")
+
+
+def test_print_vllm_command(run, peft_export, tiny_ckpt, tmp_path, capsys):
+    from gptoss_tune.cli import main
+
+    mx = tmp_path / "mx"
+    export_run(run, "merged-mxfp4", mx, drift=False, progress=_quiet)
+    cmd, notes = vllm_command(str(mx), port=9000, api_key="k")
+    assert cmd[:3] == ["vllm", "serve", str(mx)]
+    s = shlex.join(cmd)
+    for opt in ("--tool-call-parser openai", "--enable-auto-tool-choice", "--reasoning-parser openai_gptoss",
+                "--port 9000", "--api-key k", f"--served-model-name {mx.name}"):  # fmt: skip
+        assert opt in s
+    assert notes == []
+    cmd, notes = vllm_command(str(tiny_ckpt), adapter=str(peft_export))
+    s = shlex.join(cmd)
+    assert f"--enable-lora --lora-modules adapter={peft_export} --max-lora-rank 8" in s  # rank 4 -> vLLM's 8
+    assert any("expert LoRA" in n for n in notes)
+    cmd2, _ = vllm_command(str(peft_export))  # the PEFT export alone: its base is the model
+    assert cmd2[2] == str(tiny_ckpt) and "--enable-lora" in cmd2
+    with pytest.raises(UserError, match="export first"):
+        vllm_command(str(run))
+    assert main(["serve", "--print-vllm-command", str(mx)]) == 0
+    assert capsys.readouterr().out.startswith(f"vllm serve {mx}")
+
+
+def test_stop_matcher():
+    m = StopMatcher(["END", "xyz"])
+    assert m.feed("abc E") == "abc "  # 'E' could start END: held back
+    assert m.feed("N") == ""
+    assert m.feed("D tail") == "" and m.stopped
+    m = StopMatcher(["END"])
+    assert m.feed("abc E") == "abc " and m.feed("x") == "Ex" and m.flush() == ""
+    assert StopMatcher([]).feed("E") == "E"
+
+
+def test_parser_falls_back_to_raw_text_for_an_untrained_model():
+    enc = tiktoken_encoding()
+    # not harmony at all: everything becomes content, special tokens dropped
+    p = HarmonyOutputParser()
+    for t in enc.encode("plain words<|end|> more", allowed_special="all"):
+        p.feed(t)
+    p.finish()
+    assert "".join(p.content) == "plain words more"
+    # harmony first, then garbage after a message: the parsed part stays, the rest passes through
+    p = HarmonyOutputParser()
+    for t in enc.encode("<|channel|>final<|message|>ok<|end|>junk", allowed_special="all"):
+        p.feed(t)
+    p.finish()
+    assert "".join(p.content) == "okjunk"
+
+
+def test_demo_helper(run, tmp_path):
+    from gptoss_tune.serve_demo import export_serve_and_ask
+
+    lines = []
+    reply = export_serve_and_ask(run, tmp_path / "export", max_tokens=4, progress=lines.append)
+    assert reply.usage.completion_tokens <= 4 and reply.choices[0].finish_reason in ("length", "stop")
+    assert any("asked 'What is the capital of France?' through the openai client" in line for line in lines)
+    assert (tmp_path / "export/config.json").is_file()
+
+
+def test_serve_command_in_a_subprocess(run):
+    """`gptoss-tune serve RUN_DIR` as a user runs it: loads the best checkpoint, answers, stops on SIGTERM."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GPTOSS_TUNE_API_KEY="sk-sub")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptoss_tune", "serve", str(run), "--port", str(port), "--device", "cpu",
+         "--served-model-name", "mine", "--log-level", "warning"],  # fmt: skip
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        for _ in range(240):  # bounded: up to 60 s for the model to load
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.25)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-sub", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="mine", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+        assert r.usage.completion_tokens <= 3 and r.model == "mine"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert "serving 'mine' on http://127.0.0.1:" in out and "Traceback" not in out
+
+
+def test_sampling_follows_the_distribution_and_top_p():
+    from gptoss_tune.generate import sample_token
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([sample_token(logits, 1.0, 1.0, g) for _ in range(4000)]), minlength=4)
+    assert torch.allclose(counts / 4000, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    # top_p 0.7 keeps {0.5, 0.3} (the smallest prefix reaching 0.7), renormalised to 5/8, 3/8
+    counts = torch.bincount(torch.tensor([sample_token(logits, 1.0, 0.7, g) for _ in range(4000)]), minlength=4)
+    assert counts[2:].sum() == 0 and abs(counts[0] / 4000 - 0.625) < 0.03
+    assert sample_token(logits, 0.0, 1.0, g) == 0
+    a = [sample_token(logits, 1.0, 1.0, torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert len(set(a)) == 1  # the same seed, the same draw
