@@ -3,7 +3,7 @@
 1. write the tiny checkpoint (published layout: MXFP4 experts, the real 201,088-token vocabulary),
 2. load it with LoRA on attention and every expert and run one forward + backward pass (a quick check),
 3. train recipes/tiny-demo.yaml on data/sample: evaluation, early stopping, best checkpoint,
-4. (export, serve and ask one question: added with the export/serve stage, see STEPS below)
+4. export the best checkpoint, serve it, ask one question through the official openai client.
 
 Each step prints what it did and where its output went.
 """
@@ -81,9 +81,19 @@ def train_model(ctx: dict) -> str:
     )
 
 
-# The demo's steps, in order. Export and serving append theirs here (export the best adapter from
-# ctx["run"], serve it, ask one question with the openai client, shut down).
-STEPS = [write_model, check_model, train_model]
+def export_and_serve(ctx: dict) -> str:
+    from gptoss_tune.serve_demo import export_serve_and_ask
+
+    out = (DEMO_DIR / "export").resolve()
+    reply = export_serve_and_ask(ctx["run"], out, progress=lambda line: print(f"      {line}", flush=True))
+    return (
+        f"exported the best checkpoint to {out}/ and served it; the openai client got finish_reason="
+        f"{reply.choices[0].finish_reason!r} (a random tiny model answers with random tokens: the path is the point)"
+    )
+
+
+# The demo's steps, in order; each takes and fills ctx and returns its summary line.
+STEPS = [write_model, check_model, train_model, export_and_serve]
 
 
 def main() -> int:

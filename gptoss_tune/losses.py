@@ -1,10 +1,4 @@
-"""Training losses and routing statistics.
-
-`lm_loss_sum` returns the SUM of the token cross-entropies and the number of trained tokens (not a mean),
-so the training loop can divide by the trained tokens of the whole optimizer step across micro-batches
-and processes: every trained token then weighs the same, however the tokens fall into micro-batches.
-Only positions that carry a label are projected onto the 201,088-token vocabulary (prompt tokens never
-get logits), in chunks, each recomputed in the backward pass, so at most one chunk of logits is alive.
+"""The expert load-balancing loss and routing statistics (the LM loss is gptoss_tune.chunked_ce).
 
 `load_balancing_loss` is the Switch-Transformer auxiliary loss as transformers computes it for gpt-oss
 (`load_balancing_loss_func`): softmax over all E router logits, top-k one-hot counts; for every layer
@@ -17,69 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
-IGNORE = -100
-DEFAULT_CHUNK_TOKENS = 1024  # 1024 x 201,088 fp32 logits = 0.82 GB alive at most
-
-
-def shift_for_next_token(hidden_states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden [n, H], targets [n]) of the positions whose NEXT token is trained (labels are unshifted)."""
-    h = hidden_states[:, :-1, :]
-    y = labels[:, 1:]
-    keep = y != IGNORE
-    return h[keep], y[keep]
-
-
-def _chunk_ce_sum(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = (h @ w.to(h.dtype).t()).float()
-    return F.cross_entropy(logits, y, reduction="sum")
-
-
-def lm_loss_sum(
-    hidden_states: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropy over trained tokens, number of trained tokens).
-
-    hidden_states [B, T, H] (final-norm output), lm_head_weight [V, H], labels [B, T] unshifted with -100
-    where no loss falls. Logits are computed in fp32 for the softmax.
-    """
-    h, y = shift_for_next_token(hidden_states, labels)
-    n = torch.tensor(y.numel(), device=labels.device)
-    if y.numel() == 0:
-        return hidden_states.sum() * 0.0, n
-    total = None
-    # One chunk: recomputing it in the backward would not lower the peak (it is the last op of the
-    # forward), only cost a second projection (25% of a tiny-model step on the CPU).
-    recompute = y.numel() > chunk_tokens
-    for s in range(0, y.numel(), chunk_tokens):
-        hc, yc = h[s : s + chunk_tokens], y[s : s + chunk_tokens]
-        if recompute and torch.is_grad_enabled() and hc.requires_grad:
-            part = checkpoint(_chunk_ce_sum, hc, lm_head_weight, yc, use_reentrant=False)
-        else:
-            part = _chunk_ce_sum(hc, lm_head_weight, yc)
-        total = part if total is None else total + part
-    return total, n
-
-
-@torch.no_grad()
-def lm_eval_sums(
-    hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(cross-entropy sum, trained tokens, tokens whose argmax prediction is right), for evaluation."""
-    h, y = shift_for_next_token(hidden_states, labels)
-    loss = torch.zeros((), device=labels.device, dtype=torch.float64)
-    correct = torch.zeros((), device=labels.device, dtype=torch.long)
-    for s in range(0, y.numel(), chunk_tokens):
-        logits = (h[s : s + chunk_tokens] @ lm_head_weight.to(h.dtype).t()).float()
-        yc = y[s : s + chunk_tokens]
-        loss += F.cross_entropy(logits, yc, reduction="sum").double()
-        correct += (logits.argmax(-1) == yc).sum()
-    return loss, torch.tensor(y.numel(), device=labels.device), correct
 
 
 def _flat_mask(token_mask: torch.Tensor | None, rows: int, device) -> torch.Tensor:

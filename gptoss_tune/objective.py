@@ -1,7 +1,7 @@
 """The training objective as one module, so accelerate (DDP/FSDP) wraps the whole forward pass.
 
 `Objective(model)(**batch)` runs the decoder with router logits recorded, and returns the LM loss sum
-and trained-token count (gptoss_tune.losses.lm_loss_sum), the load-balancing loss of every MoE layer
+and trained-token count (gptoss_tune.chunked_ce.lm_loss_sum), the load-balancing loss of every MoE layer
 (padding masked with the batch's token_mask) and the per-layer expert counts. Logits are never formed
 for the whole sequence: only trained positions are projected on the vocabulary.
 """
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .losses import DEFAULT_CHUNK_TOKENS, expert_counts, lm_eval_sums, lm_loss_sum, load_balancing_loss
+from .chunked_ce import DEFAULT_CHUNK_TOKENS, lm_eval_sums, lm_loss_sum
+from .losses import expert_counts, load_balancing_loss
 
 MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
 

@@ -78,7 +78,7 @@ class TrainSection(_Section):
     seed: int = Field(42, description="seed for LoRA initialisation, data order, dropout")
     gradient_checkpointing: bool = Field(True, description="recompute each decoder layer in the backward pass instead of storing its activations")
     mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto = bf16 autocast on GPU, none on CPU")
-    loss_chunk_tokens: int = Field(1024, ge=16, description="trained tokens projected onto the 201,088-token vocabulary at once (fp32 logits: 0.8 GB per 1024)")
+    loss_chunk_tokens: int = Field(512, ge=16, description="trained tokens projected onto the 201,088-token vocabulary at once (about 0.6 GB of logits and gradient at 512)")
 
     @model_validator(mode="after")
     def _some_length(self):

@@ -72,7 +72,9 @@ class Tracker:
         id_file = self.run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else None
         if run_id is None:
-            run_id = wandb.util.generate_id()
+            import secrets
+
+            run_id = secrets.token_hex(4)
             id_file.write_text(run_id + "\n")
         try:
             return wandb.init(

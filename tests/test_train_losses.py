@@ -7,7 +7,7 @@ import torch
 
 from gptoss_tune import load_model
 from gptoss_tune.batching import collate
-from gptoss_tune.losses import expert_counts, expert_load_stats, lm_loss_sum, load_balancing_loss
+from gptoss_tune.losses import expert_counts, expert_load_stats, load_balancing_loss
 from gptoss_tune.objective import Objective
 
 
@@ -43,30 +43,37 @@ def test_aux_loss_equals_transformers(tiny_ckpt_topk4, masked):
         assert not torch.allclose(ours, load_balancing_loss(logits, cfg.num_local_experts, cfg.num_experts_per_tok, None))
 
 
-def test_lm_loss_sum_equals_transformers_mean(tiny_ckpt):
+def test_objective_lm_loss_equals_transformers(tiny_ckpt):
+    """The LM sum / trained tokens of the objective (chunked_ce) is transformers' own loss, in training and eval."""
     model = load_model(tiny_ckpt, device="cpu")
     batch = _ragged_batch(model.config.vocab_size, seed=1)
-    labels = batch["labels"]
+    obj = Objective(model, chunk_tokens=5)
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
-        h = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        for chunk in (4096, 5):  # chunking changes nothing
-            s, n = lm_loss_sum(h, model.lm_head.weight, labels, chunk_tokens=chunk)
-            assert n.item() == int((labels[:, 1:] != -100).sum())
-            torch.testing.assert_close(s / n, out.loss, rtol=1e-5, atol=1e-5)
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        ev = obj(**batch, evaluate=True)
+    out = obj(**batch)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    assert out.trained_tokens.item() == ev.trained_tokens.item() == n
+    torch.testing.assert_close(out.lm_loss_sum.detach() / n, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ev.lm_loss_sum.float() / n, ref, rtol=1e-5, atol=1e-5)
+    assert 0 <= ev.correct.item() <= n
 
 
-def test_lm_loss_gradient_matches_unchunked(tiny_ckpt):
+def test_packed_row_loss_equals_separate_rows(tiny_ckpt):
+    """Packed rows (no attention_mask, restarting position_ids): attention never crosses examples."""
     model = load_model(tiny_ckpt, device="cpu")
-    batch = _ragged_batch(model.config.vocab_size, seed=2)
-    h = torch.randn(*batch["input_ids"].shape, model.config.hidden_size, requires_grad=True)
-    w = model.lm_head.weight
-    s, n = lm_loss_sum(h, w, batch["labels"], chunk_tokens=4)
-    (g1,) = torch.autograd.grad(s, h)
-    logits = (h[:, :-1] @ w.t()).float()
-    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="sum")
-    (g2,) = torch.autograd.grad(ref, h)
-    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for n in (9, 6, 7):
+        ids = torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:], "position_ids": list(range(n))})
+    packed = {k: sum((r[k] for r in rows), []) for k in ("input_ids", "labels", "position_ids")}
+    obj = Objective(model)
+    with torch.no_grad():
+        together = obj(**collate([packed], packing=True), evaluate=True)
+        apart = [obj(**collate([r], packing=True), evaluate=True) for r in rows]
+    assert together.trained_tokens.item() == sum(a.trained_tokens.item() for a in apart)
+    torch.testing.assert_close(together.lm_loss_sum, sum(a.lm_loss_sum for a in apart), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("train_router", [False, True])
