@@ -129,6 +129,15 @@ def _gather_trainable(accelerator, module) -> dict | None:
     return out
 
 
+def _enable_checkpointing(model) -> None:
+    """Recompute every decoder layer in the backward pass (non-reentrant: works with DDP and frozen inputs)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23; the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 # ---- the run ---------------------------------------------------------------------------------------
 
 
@@ -254,8 +263,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
             raise UserError(f"{plan.checkpoint}: trained with lora {meta.get('lora')}, the recipe says {recipe.lora.to_settings().to_dict()}")
         load_adapter_weights(model, plan.checkpoint)
     if cfg_t.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
     model.config.use_cache = False
     model.train()
     objective = Objective(model, chunk_tokens=cfg_t.loss_chunk_tokens)

@@ -215,9 +215,10 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tiny_ckpt, tmp_path, capsys):
 
 
 def test_two_process_cpu_launch(reference, tmp_path):
-    """accelerate launch with 2 processes (gloo): 2 x grad_accum 1 matches 1 x grad_accum 2 step for step."""
+    """accelerate launch with 2 processes (gloo): 2 x grad_accum 1 matches 1 x grad_accum 2 step for step
+    (and with gradient checkpointing on here, off in the reference: it changes nothing but memory)."""
     d, _, _ = reference
-    recipe = write_recipe(tmp_path, Path(load_recipe(d / "recipe.yaml").model.path), train={"grad_accum": 1},
+    recipe = write_recipe(tmp_path, Path(load_recipe(d / "recipe.yaml").model.path), train={"grad_accum": 1, "gradient_checkpointing": True},
                           checkpoint={"every_steps": 0, "keep": 1})
     script = wrapper_script(tmp_path)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -250,3 +251,24 @@ def test_demo_recipe_on_sample_data_lowers_validation_loss(tiny_ckpt, tmp_path):
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["train"]["examples"] == 240 and report["validation"]["examples"] == 60
     assert result.best_step == 24 and (tmp_path / "run" / "best.json").is_file()
+
+
+def test_router_training_saves_router_and_resumes(tiny_ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    from gptoss_tune.adapter import read_adapter_config
+
+    recipe = write_recipe(tmp_path, tiny_ckpt, router={"train": True, "aux_loss_coef": 0.1},
+                          train={"max_steps": 2}, eval={"every_steps": 0}, checkpoint={"every_steps": 1, "keep": 2})
+    _run(recipe)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    assert read_adapter_config(ckpt)["router_trained"] is True
+    saved = load_file(ckpt / "adapter.safetensors")
+    router = {k for k in saved if ".mlp.router." in k}
+    assert router == {f"model.layers.{i}.mlp.router.{w}" for i in range(2) for w in ("weight", "bias")}
+    from gptoss_tune import load_model
+
+    base = load_model(tiny_ckpt, device="cpu").model.layers[0].mlp.router.weight
+    assert not torch.equal(saved["model.layers.0.mlp.router.weight"], base)  # it moved
+    more = _run(recipe, "train.max_steps=3")  # resume with the router trainable again
+    assert more.step == 3 and more.stop_reason == "completed"
