@@ -129,6 +129,11 @@ def _gather_trainable(accelerator, module) -> dict | None:
     return out
 
 
+def _mode(accelerator) -> str:
+    t = str(accelerator.distributed_type).split(".")[-1]
+    return "" if t == "NO" else f" ({'DDP' if t.startswith('MULTI_') else t}{', ' + accelerator.mixed_precision if accelerator.mixed_precision != 'no' else ''})"
+
+
 def _enable_checkpointing(model) -> None:
     """Recompute every decoder layer in the backward pass (non-reentrant: works with DDP and frozen inputs)."""
     kwargs = {"use_reentrant": False}
@@ -386,7 +391,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     say(
         f"training {recipe.model.path} with LoRA r={recipe.lora.rank} on {', '.join(recipe.lora.attention + recipe.lora.experts) or 'nothing'}"
         f"{' + router' if recipe.router.train else ''}: {n_params:,} trainable parameters; {len(data.train)} train rows, "
-        f"{len(data.validation)} validation rows; {P} process(es) x {G} accumulation x {cfg_t.micro_batch_size} rows per step; "
+        f"{len(data.validation)} validation rows; {P} process(es){_mode(accelerator)} x {G} accumulation x {cfg_t.micro_batch_size} rows per step; "
         f"steps {start_step}->{total_steps}" + (f" (resumed from {plan.checkpoint})" if state else "") + f"; writing to {run_dir}"
     )
 
