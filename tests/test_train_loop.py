@@ -272,3 +272,27 @@ def test_router_training_saves_router_and_resumes(tiny_ckpt, tmp_path):
     assert not torch.equal(saved["model.layers.0.mlp.router.weight"], base)  # it moved
     more = _run(recipe, "train.max_steps=3")  # resume with the router trainable again
     assert more.step == 3 and more.stop_reason == "completed"
+
+
+def test_resume_from_a_checkpoint_path_into_a_new_run(reference, tmp_path):
+    """resume: PATH branches a run: from the reference's step-9 checkpoint, steps 10-12 are the reference's."""
+    d, recipe, _ = reference
+    ckpt = d / "run" / "checkpoints" / "step-00000009"
+    result = _run(recipe, f"resume={ckpt}", f"output_dir={tmp_path / 'branch'}")
+    assert result.step == 12 and result.stop_reason == "completed"
+    got, got_eval = read_metrics(tmp_path / "branch")
+    ref, ref_eval = read_metrics(d / "run")
+    assert [l["step"] for l in got] == [10, 11, 12]
+    assert [l["loss"] for l in got] == [l["loss"] for l in ref[9:]]
+    assert got_eval[-1]["eval_loss"] == ref_eval[-1]["eval_loss"]
+
+
+def test_learning_rate_schedules():
+    from gptoss_tune.train import lr_lambda
+
+    f = lr_lambda(total_steps=10, warmup_steps=2, kind="cosine", min_ratio=0.1)
+    assert [f(0), f(1)] == [0.5, 1.0]  # the first step already moves
+    assert f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.1) and f(6) == pytest.approx(0.55)
+    g = lr_lambda(10, 0, "linear", 0.0)
+    assert g(0) == 1.0 and g(5) == pytest.approx(0.5) and g(10) == 0.0
+    assert lr_lambda(10, 3, "constant", 0.0)(9) == 1.0
