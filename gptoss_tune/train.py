@@ -262,6 +262,9 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
                 if mixed == "bf16":
                     p.data = p.data.float()  # autocast runs the matmul in bf16; the update stays exact in fp32
                 p.requires_grad_(True)
+    if state is not None and sharded and state.get("num_processes") != P:
+        raise UserError(f"{plan.checkpoint}: written by {state.get('num_processes')} processes with sharded optimizer state; "
+                        f"resume it with --num_processes {state.get('num_processes')}")
     if state is not None:
         meta = read_adapter_config(plan.checkpoint)
         if meta.get("lora") != recipe.lora.to_settings().to_dict():
@@ -284,11 +287,19 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         trainable, lr=cfg_t.lr, betas=(cfg_t.adam_beta1, cfg_t.adam_beta2), eps=cfg_t.adam_eps,
         weight_decay=cfg_t.weight_decay, **({"fused": True} if accelerator.device.type == "cuda" else {}),
     )
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    trainable = [p for p in objective.parameters() if p.requires_grad]  # FSDP2 replaces them with DTensors
     warmup = math.ceil(cfg_t.warmup_ratio * total_steps) if state is None else state.get("warmup_steps", 0)
-    inner_opt = getattr(optimizer, "optimizer", optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(inner_opt, lr_lambda(total_steps, warmup, cfg_t.scheduler, cfg_t.min_lr_ratio))
+    schedule = lr_lambda(total_steps, warmup, cfg_t.scheduler, cfg_t.min_lr_ratio)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed owns the optimizer step and steps the schedule itself; it cannot infer the micro-batch
+        # size without a prepared DataLoader. (Not exercised in CI: no GPUs there.)
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg_t.micro_batch_size
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
+    else:
+        objective, optimizer = accelerator.prepare(objective, optimizer)
+        # Stepped here once per optimizer step (accelerate's wrapper would step it once per process).
+        scheduler = torch.optim.lr_scheduler.LambdaLR(getattr(optimizer, "optimizer", optimizer), schedule)
+    trainable = [p for p in objective.parameters() if p.requires_grad]  # FSDP2 replaces them with DTensors
     unwrapped = accelerator.unwrap_model(objective)
 
     # -- resume trainer state
