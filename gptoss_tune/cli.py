@@ -113,7 +113,6 @@ def _add_train(sub) -> None:
     p.set_defaults(handler="gptoss_tune.train:run_cli")
 
 
-
 def _add_render(sub) -> None:
     p = sub.add_parser(
         "render",
