@@ -97,7 +97,7 @@ class EvalSection(_Section):
 class EarlyStoppingSection(_Section):
     enabled: bool = Field(True, description="stop when the validation loss has not improved for `patience` evaluations")
     patience: int = Field(3, ge=0, description="evaluations without improvement before stopping (at least 1 when enabled)")
-    min_delta: float = Field(0.0, ge=0, description="an improvement must lower the best validation loss by more than this")
+    min_delta: float = Field(0.0, ge=0, description="an evaluation resets the patience count only if it lowers the best validation loss by more than this (the best adapter is always the lowest loss)")
 
     @model_validator(mode="after")
     def _patience(self):

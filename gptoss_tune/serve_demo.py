@@ -16,15 +16,17 @@ from pathlib import Path
 def export_serve_and_ask(
     run_dir: str | Path,
     out_dir: str | Path,
-    question: str = "What is the capital of France?",
+    question: str = "I get error E04 on my Velora City. How do I fix it?",
+    system: str | None = "You are Velora's e-bike support assistant. Answer briefly, from Velora's documentation.",
     fmt: str = "merged-mxfp4",
     checkpoint: str = "best",
-    max_tokens: int = 24,
+    max_tokens: int = 96,
     seed: int = 0,
     progress=print,
 ):
-    """Returns the openai ChatCompletion. A tiny random model answers with random text: the point is the
-    path (export -> load -> harmony render -> generate -> parse -> OpenAI response), not the words."""
+    """Returns the openai ChatCompletion (greedy). The tiny demo model has learned the harmony structure of
+    the sample conversations (analysis, then a final answer ending in <|return|>), not the facts: the
+    point is the path (export -> load -> harmony render -> generate -> parse -> OpenAI response)."""
     try:
         import openai
     except ImportError:
@@ -43,9 +45,8 @@ def export_serve_and_ask(
     try:
         progress(f"serving {name} at {running.base_url}")
         client = openai.OpenAI(base_url=running.base_url, api_key="demo", max_retries=0, timeout=120)
-        reply = client.chat.completions.create(
-            model=name, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, seed=seed
-        )
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+        reply = client.chat.completions.create(model=name, messages=messages, max_tokens=max_tokens, seed=seed, temperature=0)
     finally:
         running.stop()
     choice = reply.choices[0]

@@ -380,11 +380,13 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         sums = accelerator.reduce(sums, "sum")
         n = max(sums[1].item(), 1.0)
         loss = sums[0].item() / n
-        improved = best_value is None or loss < best_value - recipe.early_stopping.min_delta
+        # The best adapter is the lowest validation loss, however small the gain; min_delta only decides
+        # whether an evaluation resets the patience count (as transformers' EarlyStoppingCallback does).
+        improved_enough = best_value is None or loss < best_value - recipe.early_stopping.min_delta
+        improved = best_value is None or loss < best_value
         if improved:
-            best_step, best_value, bad_evals = step, loss, 0
-        else:
-            bad_evals += 1
+            best_step, best_value = step, loss
+        bad_evals = 0 if improved_enough else bad_evals + 1
         rec = {
             "step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)), "eval_accuracy": sums[2].item() / n,
             "eval_tokens": int(sums[1].item()), "best_eval_loss": best_value, "best_step": best_step,
