@@ -112,7 +112,7 @@ def test_demo_helper(run, tmp_path):
     lines = []
     reply = export_serve_and_ask(run, tmp_path / "export", max_tokens=4, progress=lines.append)
     assert reply.usage.completion_tokens <= 4 and reply.choices[0].finish_reason in ("length", "stop")
-    assert any("asked 'What is the capital of France?' through the openai client" in line for line in lines)
+    assert any("asked 'I get error E04 on my Velora City. How do I fix it?' through the openai client" in line for line in lines)
     assert (tmp_path / "export/config.json").is_file()
 
 
