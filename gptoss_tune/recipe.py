@@ -77,6 +77,9 @@ class TrainSection(_Section):
     max_grad_norm: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = no clipping)")
     seed: int = Field(42, description="seed for LoRA initialisation, data order, dropout")
     gradient_checkpointing: bool = Field(True, description="recompute each decoder layer in the backward pass instead of storing its activations")
+    checkpoint_every_n_layers: int = Field(1, ge=1, description="with gradient_checkpointing: recompute every n-th decoder layer only (2 = half the recompute, more activation memory)")
+    offload_checkpoints: bool = Field(False, description="with gradient_checkpointing: keep each layer's saved input in (pinned) host memory; for very long sequences (131k tokens: 18 GB of layer inputs on 20b)")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw", description="adamw (fused on CUDA); the 8-bit variants keep AdamW's moments in 8 bits and need bitsandbytes")
     mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto = bf16 autocast on GPU, none on CPU")
     loss_chunk_tokens: int = Field(512, ge=16, description="trained tokens projected onto the 201,088-token vocabulary at once (about 0.6 GB of logits and gradient at 512)")
 
@@ -84,7 +87,20 @@ class TrainSection(_Section):
     def _some_length(self):
         if self.epochs is None and self.max_steps is None:
             raise ValueError("set train.epochs or train.max_steps (both are null)")
+        if self.offload_checkpoints and not self.gradient_checkpointing:
+            raise ValueError("train.offload_checkpoints needs train.gradient_checkpointing: true")
         return self
+
+    def memory_settings(self):
+        from .memory import MemorySettings
+
+        return MemorySettings(
+            gradient_checkpointing=self.gradient_checkpointing,
+            checkpoint_every_n_layers=self.checkpoint_every_n_layers,
+            offload_checkpoints=self.offload_checkpoints,
+            optimizer=self.optimizer,
+            loss_chunk_tokens=self.loss_chunk_tokens,
+        )
 
 
 class EvalSection(_Section):

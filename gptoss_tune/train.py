@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .memory import apply_memory_settings, build_optimizer
 from .recipe import Recipe, load_recipe
 from .run_dir import CHECKPOINTS, DATA_REPORT, FINAL, METRICS, RECIPE, step_dir_name
 from .train_data import MicroBatchStream, TrainData, eval_batches, load_train_data
@@ -132,15 +133,6 @@ def _gather_trainable(accelerator, module) -> dict | None:
 def _mode(accelerator) -> str:
     t = str(accelerator.distributed_type).split(".")[-1]
     return "" if t == "NO" else f" ({'DDP' if t.startswith('MULTI_') else t}{', ' + accelerator.mixed_precision if accelerator.mixed_precision != 'no' else ''})"
-
-
-def _enable_checkpointing(model) -> None:
-    """Recompute every decoder layer in the backward pass (non-reentrant: works with DDP and frozen inputs)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23; the old name is deprecated
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -270,8 +262,9 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         if meta.get("lora") != recipe.lora.to_settings().to_dict():
             raise UserError(f"{plan.checkpoint}: trained with lora {meta.get('lora')}, the recipe says {recipe.lora.to_settings().to_dict()}")
         load_adapter_weights(model, plan.checkpoint)
-    if cfg_t.gradient_checkpointing:
-        _enable_checkpointing(model)
+    # Checkpointing (non-reentrant, per decoder layer, optional host offload) and the optimizer come from
+    # gptoss_tune.memory, the same code path scripts/bench_train.py measures.
+    memory = apply_memory_settings(model, cfg_t.memory_settings())
     model.config.use_cache = False
     model.train()
     objective = Objective(model, chunk_tokens=cfg_t.loss_chunk_tokens)
@@ -283,9 +276,9 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         # broadcast when DDP wraps the model (10 GB for 20b).
         frozen = [n for n, p in objective.named_parameters() if not p.requires_grad] + [n for n, _ in objective.named_buffers()]
         DDP._set_params_and_buffers_to_ignore_for_model(objective, frozen)
-    optimizer = torch.optim.AdamW(
-        trainable, lr=cfg_t.lr, betas=(cfg_t.adam_beta1, cfg_t.adam_beta2), eps=cfg_t.adam_eps,
-        weight_decay=cfg_t.weight_decay, **({"fused": True} if accelerator.device.type == "cuda" else {}),
+    optimizer = build_optimizer(
+        trainable, memory.optimizer, lr=cfg_t.lr, betas=(cfg_t.adam_beta1, cfg_t.adam_beta2), eps=cfg_t.adam_eps,
+        weight_decay=cfg_t.weight_decay,
     )
     warmup = math.ceil(cfg_t.warmup_ratio * total_steps) if state is None else state.get("warmup_steps", 0)
     schedule = lr_lambda(total_steps, warmup, cfg_t.scheduler, cfg_t.min_lr_ratio)
