@@ -263,14 +263,18 @@ def _inputs(cfg, batch, seq, device, seed):
     return ids, pos
 
 
-def ours_step_fn(model, ids, pos, optimizer, chunk_tokens):
-    from .chunked_ce import lm_loss_sum
+def ours_step_fn(model, ids, pos, optimizer, chunk_tokens, aux_loss_coef: float = 0.01):
+    """One optimizer step of the training loop's objective (gptoss_tune.objective): chunked LM loss plus the
+    load-balancing loss from every layer's router logits. Returns the LM loss."""
+    from .objective import Objective
+
+    objective = Objective(model, chunk_tokens=chunk_tokens)
+    token_mask = torch.ones_like(ids)
 
     def step():
-        out = model.model(input_ids=ids, position_ids=pos, use_cache=False)
-        loss_sum, n = lm_loss_sum(out.last_hidden_state, model.lm_head.weight, ids, chunk_tokens)
-        loss = loss_sum / n
-        loss.backward()
+        out = objective(input_ids=ids, labels=ids, position_ids=pos, token_mask=token_mask)
+        loss = out.lm_loss_sum / out.trained_tokens
+        (loss + aux_loss_coef * out.aux_loss).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
