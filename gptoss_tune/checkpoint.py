@@ -59,6 +59,9 @@ def read_config(model_dir: Path) -> dict:
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_attention_heads", "vocab_size"):
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
             raise CheckpointError(f"{f}: '{key}' must be a positive integer, got {cfg.get(key)!r}")
+    pad = cfg.get("pad_token_id")
+    if isinstance(pad, int) and not 0 <= pad < cfg["vocab_size"]:
+        raise CheckpointError(f"{f}: pad_token_id {pad} is not a token of the vocabulary (vocab_size {cfg['vocab_size']})")
     qc = cfg.get("quantization_config")
     if qc is not None and (not isinstance(qc, dict) or qc.get("quant_method") != "mxfp4"):
         raise CheckpointError(f"{f}: quantization_config.quant_method must be 'mxfp4' (or no quantization_config), got {qc!r}")

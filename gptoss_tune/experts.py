@@ -28,7 +28,7 @@ from torch import nn
 
 from gptoss_kernels.moe_reference import ExpertLoRA, ExpertWeights, moe_experts_reference
 
-from .mxfp4 import dequantize, packed_nbytes, packed_shapes
+from .mxfp4 import dequantize, packed_shapes
 
 EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
 BACKENDS = ("auto", "reference", "triton")
@@ -110,10 +110,6 @@ class MXFP4Experts(nn.Module):
     def resident_bytes(self) -> int:
         """Bytes held by the expert weight matrices (blocks + scales); biases and LoRA not included."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    def expected_resident_bytes(self) -> int:
-        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
-        return packed_nbytes(E * 2 * I * H) + packed_nbytes(E * H * I)
 
     def dequantized(self, proj: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense [E, in, out] weight of one projection (transformers' layout). For export and tests."""

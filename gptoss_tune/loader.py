@@ -15,20 +15,38 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .attention import default_attn_implementation, register_attention
+from .attention import ROUTES, default_attn_implementation, register_attention
 from .checkpoint import CheckpointIndex, index_checkpoint, read_config, resolve_model_dir
 from .errors import CheckpointError, UserError
 from .experts import MXFP4Experts
 from .lora import LoraSettings, attach_lora
-from .mxfp4 import quantize
+from .mxfp4 import quantize_experts_io
 
 log = logging.getLogger(__name__)
 
-_FP32_MODULES = ("input_layernorm", "post_attention_layernorm", "norm")  # transformers keeps these in fp32
+# Attention implementations that run gpt-oss here without anything else installed: ours (gptoss_tune.attention)
+# and transformers' eager. Others (flex_attention, hub kernels) are passed through to transformers.
+KNOWN_ATTENTION = (*ROUTES, "eager")
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to load on (default cuda if available, else cpu); a UserError for a bad or absent one."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device {str(device)!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {str(device)!r}: no CUDA device is available here (torch {torch.__version__}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -141,7 +159,7 @@ def load_state(model, idx: CheckpointIndex, device: torch.device) -> None:
                 for name, src in items:
                     t = st.get_tensor(src)
                     if name in dense_experts:
-                        blocks, scales = quantize(t.transpose(-1, -2))
+                        blocks, scales = quantize_experts_io(t)
                         state[name].copy_(blocks)
                         state[name.replace("_blocks", "_scales")].copy_(scales)
                     else:
@@ -170,7 +188,7 @@ def load_model(
         (quadratic memory, and it attends across packed examples).
     Returns the model in eval mode.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     if isinstance(dtype, str):
         try:
             dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
@@ -181,11 +199,20 @@ def load_model(
     model_dir = resolve_model_dir(path)
     cfg = read_config(model_dir)
     idx = index_checkpoint(model_dir)
-    config = build_config(cfg, attn_implementation or default_attn_implementation(device))
+    attn = attn_implementation or default_attn_implementation(device)
+    config = build_config(cfg, attn)
     try:
         model = build_empty_model(config, dtype)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{model_dir / 'config.json'}: cannot build a gpt-oss model from it ({e})") from None
+    except Exception as e:
+        why = " ".join(str(e).split())
+        if attn_implementation and attn_implementation not in KNOWN_ATTENTION:
+            raise UserError(
+                f"attn_implementation {attn_implementation!r}: transformers cannot run it for gpt-oss here ({why}); "
+                f"use {default_attn_implementation(device)!r} (the default) or 'eager'"
+            ) from None
+        if not isinstance(e, (ValueError, TypeError, AssertionError)):
+            raise
+        raise CheckpointError(f"{model_dir / 'config.json'}: cannot build a gpt-oss model from it ({why})") from None
     model.to_empty(device=device)
     _reset_rotary(model, config, device)
     load_state(model, idx, device)

@@ -100,6 +100,13 @@ def tiny_config(
 ) -> dict:
     """A small config in exactly the published layout; only sizes differ."""
     intermediate = hidden if intermediate is None else intermediate
+    for label, n in (("layers", layers), ("experts", experts), ("top-k", top_k), ("heads", heads), ("kv-heads", kv_heads),
+                     ("head-dim", head_dim), ("vocab", vocab), ("sliding-window", sliding_window), ("hidden", hidden),
+                     ("intermediate", intermediate)):  # fmt: skip
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"--{label} must be a positive integer, got {n}")
+    if head_dim % 2:
+        raise ValueError(f"--head-dim must be even (rotary embeddings rotate pairs), got {head_dim}")
     for label, dim in (("hidden", hidden), ("intermediate", intermediate)):
         if dim % 32:
             raise ValueError(f"--{label} must be a multiple of 32 (MXFP4 blocks hold 32 weights), got {dim}")

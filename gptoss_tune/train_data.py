@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .batching import IGNORE, collate
+from .batching import collate
 
 
 @dataclass
@@ -31,11 +31,6 @@ def load_train_data(recipe) -> TrainData:
 
     bundle = load_data(recipe.data, seed=recipe.train.seed, base_dir=Path(recipe.data.train).parent)
     return TrainData(list(bundle.train), list(bundle.validation), dict(bundle.report))
-
-
-def trained_tokens(row: dict) -> int:
-    """Tokens whose prediction is trained: labels are unshifted, so the first position never counts."""
-    return sum(1 for y in row["labels"][1:] if y != IGNORE)
 
 
 @dataclass

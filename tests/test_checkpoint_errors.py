@@ -119,3 +119,51 @@ def test_cli_inspect_reports_mxfp4(tiny_ckpt):
 def test_cli_init_tiny_bad_flag_value(tmp_path):
     r = _cli("init-tiny", str(tmp_path / "x"), "--hidden", "48")
     assert r.returncode == 2 and "multiple of 32" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--layers", "0"], "--layers must be a positive integer, got 0"),
+        (["--experts", "-2"], "--experts must be a positive integer, got -2"),
+        (["--head-dim", "15"], "--head-dim must be even"),
+        (["--sliding-window", "0"], "--sliding-window must be a positive integer"),
+    ],
+)
+def test_init_tiny_refuses_sizes_that_cannot_load(tmp_path, flags, message):
+    from gptoss_tune.errors import UserError
+    from gptoss_tune.tiny import write_tiny_checkpoint
+
+    names = {"--layers": "layers", "--experts": "experts", "--head-dim": "head_dim", "--sliding-window": "sliding_window"}
+    with pytest.raises(UserError, match=message):
+        write_tiny_checkpoint(tmp_path / "x", **{names[flags[0]]: int(flags[1])})
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_pad_token_outside_the_vocabulary_is_a_clear_error(tiny_ckpt, tmp_path):
+    p = _copy(tiny_ckpt, tmp_path / "ckpt")
+    cfg = json.loads((p / "config.json").read_text())
+    cfg["vocab_size"] = 1000
+    (p / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json: pad_token_id 199999 is not a token of the vocabulary \(vocab_size 1000\)"):
+        load_model(p, device="cpu")
+
+
+def test_bad_device_and_attention_are_user_errors(tiny_ckpt):
+    from gptoss_tune.errors import UserError
+
+    with pytest.raises(UserError, match="device 'gpu0' is not a torch device"):
+        load_model(tiny_ckpt, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="device 'cuda': no CUDA device is available here"):
+            load_model(tiny_ckpt, device="cuda")
+    # sdpa: transformers refuses it for gpt-oss; flash_attention_2 would need a download (the `kernels` package)
+    for name in ("sdpa", "flash_attention_2"):
+        with pytest.raises(UserError, match=f"attn_implementation '{name}': transformers cannot run it for gpt-oss"):
+            load_model(tiny_ckpt, device="cpu", attn_implementation=name)
+
+
+def test_cli_inspect_on_an_absent_device_is_one_line(tiny_ckpt):
+    r = _cli("inspect", str(tiny_ckpt), "--device", "cuda:7")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("gptoss-tune inspect: error: device 'cuda:7'") and r.stderr.count("\n") == 1
