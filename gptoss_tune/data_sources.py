@@ -127,7 +127,7 @@ def load_source(path: Path, *, role: str = "train", cache_dir: Path | None = Non
         if suffix == ".json" and _first_char(path) == "[":
             return datasets.load_dataset("json", data_files=files, split="train", cache_dir=cache), "records"
         if suffix in JSONL_SUFFIXES + (".json",):
-            return datasets.load_dataset("text", data_files=files, split="train", cache_dir=cache, encoding="utf-8"), "lines"
+            return datasets.load_dataset("text", data_files=files, split="train", cache_dir=cache, encoding="utf-8-sig"), "lines"
     except UserError:
         raise
     except Exception as e:  # datasets/pyarrow errors: report them as what they are, without a traceback

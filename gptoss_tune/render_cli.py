@@ -36,6 +36,10 @@ def marked_text(input_ids: list[int], loss_mask: list[int], *, color: bool) -> s
 def run(args) -> int:
     from pathlib import Path
 
+    from pydantic import ValidationError
+
+    if args.n is not None and args.n < 0:
+        raise UserError(f"--n: the number of examples to print must be 0 or more, got {args.n}")
     try:
         settings = DataSettings(
             train=args.data,
@@ -46,8 +50,13 @@ def run(args) -> int:
             on_bad_line="skip" if args.skip_bad_lines else "error",
             tools=_read_tools(args.tools),
         )
-    except ValueError as e:  # pydantic
-        raise UserError(" ".join(str(e).split())) from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err.get("loc") else ""
+        flag = {"train": "DATA", "tools": "--tools"}.get(field, "--" + field.replace("_", "-"))
+        msg = err["msg"][0].lower() + err["msg"][1:]
+        got = f" (got {err['input']!r})" if not isinstance(err.get("input"), (dict, list)) else ""
+        raise UserError(f"{flag}: {msg}{got}") from None
     from .harmony_messages import parse_tools
 
     parse_tools(settings.tools, where=f"{args.tools}: ")

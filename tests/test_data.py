@@ -235,3 +235,24 @@ def test_render_bad_line_is_one_line_no_traceback(tmp_path, capsys):
     assert main(["render", str(f), "--skip-bad-lines", "--color", "never"]) == 0
     out = capsys.readouterr().out
     assert "1 of 2 records skipped" in out and f"skipped {f}:2: not valid JSON" in out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-seq-len", "5"], "gptoss-tune render: error: --max-seq-len: input should be greater than or equal to 16 (got 5)\n"),
+        (["--n", "-1"], "gptoss-tune render: error: --n: the number of examples to print must be 0 or more, got -1\n"),
+    ],
+)
+def test_render_bad_flags_are_one_line(flags, message, capsys):
+    assert main(["render", str(SAMPLE / "validation.jsonl"), *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == message and captured.out == ""
+
+
+def test_jsonl_with_a_byte_order_mark_and_crlf_line_ends(tmp_path, cache):
+    """Files saved by Windows editors start with a UTF-8 BOM and end lines with CRLF; both are not data."""
+    f = tmp_path / "win.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps(PC).encode() + b"\r\n" + json.dumps(CHAT).encode() + b"\r\n")
+    got = [e.input_ids for e in read_examples(f, cache_dir=cache).examples]
+    assert got == [render_example(PC).input_ids, render_example(CHAT).input_ids]
