@@ -35,7 +35,7 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     path: str = Field(description="gpt-oss checkpoint directory (config.json + *.safetensors, MXFP4 or bf16 experts), or a hub id already in the local Hugging Face cache")
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="dtype of the non-expert weights and activations: auto = bf16 on GPU, fp32 on CPU")
-    attn_implementation: str | None = Field(None, description="transformers attention implementation; null = the loader's default (eager)")
+    attn_implementation: str | None = Field(None, description="attention implementation; null = gptoss_sink (sinks, sliding window, packed examples kept apart; flex attention on GPU)")
     experts_backend: Literal["auto", "reference", "triton"] = Field("auto", description="MXFP4 expert compute: auto = Triton kernels on GPU when available, else the torch reference")
 
 
@@ -165,12 +165,42 @@ class Recipe(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _packing_needs_our_attention(self):
+        from .attention import ROUTES
+
+        attn = self.model.attn_implementation
+        if self.data.packing and attn is not None and attn not in ROUTES:
+            # transformers' implementations take no example boundaries from position_ids: a packed row
+            # would attend across its examples (tests/test_packing.py shows it for eager).
+            raise ValueError(
+                f"model.attn_implementation {attn!r} lets the examples packed into one row attend to each other; "
+                f"use {', '.join(ROUTES)} (null = gptoss_sink), or set data.packing: false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tools_are_function_schemas(self):
+        from .harmony_messages import parse_tools
+
+        try:
+            parse_tools(self.data.tools, where="data.")
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        return self
+
     @property
     def has_validation(self) -> bool:
         return bool(self.data.validation) or self.data.val_fraction > 0
 
-    # Where this recipe came from (set by load_recipe; not part of the schema).
+    # Where this recipe came from (set by load_recipe; not part of the schema): the file, and the line of
+    # each key written in it (keys set on the command line have none).
     _source: str = "recipe"
+    _lines: dict = {}
+
+    def where(self, *key: str) -> str:
+        """'file:line' of a key as written in the recipe file (or of its section), else 'file'."""
+        return _at(self._source, self._lines, key)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -253,18 +283,52 @@ def _describe(loc: tuple) -> str:
     return ""
 
 
-def validate_dict(raw: Any, source: str = "recipe") -> Recipe:
+def validate_dict(raw: Any, source: str = "recipe", lines: dict | None = None) -> Recipe:
+    """Validate a recipe mapping; `lines` (key path -> line in the file) puts the line into errors."""
     if not isinstance(raw, dict):
         raise UserError(f"{source}: a recipe is a YAML mapping of sections (model:, data:, train:, ...), got {type(raw).__name__}")
+    lines = lines or {}
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         errors = e.errors()
-        first = _format_error(errors[0], source)
+        first = _format_error(errors[0], _at(source, lines, tuple(errors[0].get("loc", ()))))
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
         raise UserError(first + more) from None
     recipe._source = source
+    recipe._lines = lines
     return recipe
+
+
+def _at(source: str, lines: dict, key: tuple) -> str:
+    """'source:line' for the deepest part of `key` whose line is known."""
+    for n in range(len(key), 0, -1):
+        k = tuple(key[:n])
+        if k in lines:
+            return source if lines[k] is None else f"{source}:{lines[k]}"  # None: set on the command line
+    return source
+
+
+def yaml_key_lines(text: str) -> dict[tuple, int]:
+    """Line (1-based) of every mapping key and sequence item of a YAML document, by key path."""
+    out: dict[tuple, int] = {}
+
+    def walk(node, prefix: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = prefix + (k.value,)
+                out[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                out[prefix + (i,)] = v.start_mark.line + 1
+                walk(v, prefix + (i,))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return out
 
 
 # ---- overrides -----------------------------------------------------------------------------------
@@ -356,6 +420,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     """Read, override, resolve and validate a recipe. Raises UserError with a one-line message."""
     path = Path(path)
     raw = read_recipe_file(path)
+    lines = yaml_key_lines(path.read_text())
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a YAML mapping of sections (model:, data:, train:, ...), got {type(raw).__name__}")
     base = path.resolve().parent
@@ -367,36 +432,38 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     for text in overrides:
         parts, value = parse_override(text)
         apply_override(raw, parts, value, str(path))
+        # the value now comes from the command line: no line of the file describes it or anything under it
+        lines = {k: v for k, v in lines.items() if tuple(k[: len(parts)]) != tuple(parts)}
+        lines[tuple(parts)] = None
         if tuple(parts) in _PATH_KEYS and isinstance(value, str) and value:
             _set(raw, tuple(parts), _resolve(value, here, tuple(parts)))
     if _get(raw, ("output_dir",)) is None:
         raw["output_dir"] = str(here / "runs" / path.stem)
-    recipe = validate_dict(raw, str(path))
+    recipe = validate_dict(raw, str(path), lines)
     if check_paths:
         check_recipe_paths(recipe)
     return recipe
 
 
 def check_recipe_paths(recipe: Recipe) -> None:
-    src = recipe._source
     from .checkpoint import read_config, resolve_model_dir
     from .errors import CheckpointError
 
     try:
         read_config(resolve_model_dir(recipe.model.path))
     except CheckpointError as e:
-        raise UserError(f"{src}: model.path: {e}") from None
+        raise UserError(f"{recipe.where('model', 'path')}: model.path: {e}") from None
     for key in ("train", "validation"):
         v = getattr(recipe.data, key)
         if v and not Path(v).exists():
-            raise UserError(f"{src}: data.{key}: '{v}' does not exist")
+            raise UserError(f"{recipe.where('data', key)}: data.{key}: '{v}' does not exist")
     if recipe.resume not in ("auto", "never"):
         p = Path(recipe.resume)
         if not (p / "adapter.json").is_file() or not (p / "trainer_state.json").is_file():
-            raise UserError(f"{src}: resume: '{p}' is not a training checkpoint (expected adapter.json and trainer_state.json); use auto, never or a checkpoints/step-* directory")
+            raise UserError(f"{recipe.where('resume')}: resume: '{p}' is not a training checkpoint (expected adapter.json and trainer_state.json); use auto, never or a checkpoints/step-* directory")
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
-        raise UserError(f"{src}: output_dir: '{out}' is a file")
+        raise UserError(f"{recipe.where('output_dir')}: output_dir: '{out}' is a file")
 
 
 # ---- CLI: gptoss-tune validate ---------------------------------------------------------------------

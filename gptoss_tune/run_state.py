@@ -66,7 +66,7 @@ def holds_run(out: Path) -> bool:
 
 def check_output_dir(recipe) -> ResumePlan:
     """Decide fresh / resume / refuse; raises UserError naming output_dir and the way out."""
-    src = recipe._source
+    src = recipe.where("output_dir")
     out = Path(recipe.output_dir)
     exists = out.is_dir() and any(out.iterdir())
     if recipe.resume not in ("auto", "never"):

@@ -211,12 +211,12 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     if data is None:
         data = load_train_data(recipe)
     if not data.train:
-        raise UserError(f"{recipe._source}: data.train: no training examples after rendering and filtering")
+        raise UserError(f"{recipe.where('data', 'train')}: data.train: no training examples after rendering and filtering")
     if main:
         ck.atomic_write_text(run_dir / DATA_REPORT, json.dumps(data.report, indent=2, default=str) + "\n")
     evaluating = bool(data.validation)
     if recipe.early_stopping.enabled and not evaluating:
-        raise UserError(f"{recipe._source}: early_stopping needs validation examples, and the validation set is empty; "
+        raise UserError(f"{recipe.where('early_stopping')}: early_stopping needs validation examples, and the validation set is empty; "
                         f"raise data.val_fraction or set data.validation, or early_stopping.enabled=false")
     stream = MicroBatchStream(data.train, cfg_t.micro_batch_size, cfg_t.seed, recipe.data.packing)
     per_step = P * G

@@ -179,3 +179,37 @@ def test_a_second_training_in_the_same_output_dir_is_refused(tmp_path):
     finally:
         os.close(fd)
     os.close(lock_run_dir(tmp_path / "run", "r.yaml"))  # free again once released
+
+
+def test_errors_name_the_line_of_the_key_in_the_recipe_file(tmp_path, tiny_ckpt):
+    path = _recipe(tmp_path, tiny_ckpt)
+    text = path.read_text()
+    # write_recipe dumps block YAML: find the line of `lr:` under `train:` and of the `lora:` section
+    lines = text.splitlines()
+    lr_line = next(i for i, line in enumerate(lines, 1) if line.strip().startswith("lr:"))
+    path.write_text(text.replace("lr: 0.03", "lr: -0.5").replace("rank: 8", "rnak: 8"))
+    lora_rank_line = next(i for i, line in enumerate(path.read_text().splitlines(), 1) if "rnak" in line)
+    assert _error(path).startswith(f"{path}:{lora_rank_line}: unknown key 'lora.rnak'; did you mean 'lora.rank'?")
+    path.write_text(text.replace("lr: 0.03", "lr: -0.5"))
+    assert _error(path).startswith(f"{path}:{lr_line}: train.lr: input should be greater than 0 (got -0.5)")
+    # a value given on the command line has no line in the file (not even its section's)
+    assert _error(_recipe(tmp_path, tiny_ckpt), "train.lr=-2").startswith(f"{path}: train.lr: input should be greater than 0")
+    path.write_text(text.replace("data/train.jsonl", "data/nope.jsonl"))
+    train_line = next(i for i, line in enumerate(lines, 1) if "data/train.jsonl" in line)
+    assert _error(path).startswith(f"{path}:{train_line}: data.train: '")
+
+
+def test_recipe_level_tools_are_checked_by_validate(tmp_path, tiny_ckpt):
+    msg = _error(_recipe(tmp_path, tiny_ckpt), 'data.tools=[{"name": "a b"}]')
+    assert "data.tools[0].name: 'a b' is not a valid function name" in msg
+    ok = load_recipe(_recipe(tmp_path, tiny_ckpt), ['data.tools=[{"name": "lookup", "parameters": {"type": "object"}}]'])
+    assert ok.data.tools[0]["name"] == "lookup"
+
+
+def test_packing_with_an_attention_that_crosses_examples_is_refused(tmp_path, tiny_ckpt):
+    msg = _error(_recipe(tmp_path, tiny_ckpt), "model.attn_implementation=eager")
+    assert "model.attn_implementation 'eager' lets the examples packed into one row attend to each other" in msg
+    assert "data.packing: false" in msg
+    r = load_recipe(_recipe(tmp_path, tiny_ckpt), ["model.attn_implementation=eager", "data.packing=false"])
+    assert r.model.attn_implementation == "eager"
+    assert load_recipe(_recipe(tmp_path, tiny_ckpt), ["model.attn_implementation=gptoss_sink_eager"]).data.packing
