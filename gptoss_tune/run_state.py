@@ -27,10 +27,14 @@ class ResumePlan:
     mode: str  # "fresh" or "resume"
     checkpoint: Path | None = None
     wipe: bool = False  # delete output_dir's contents first (overwrite)
+    # resume from a checkpoint of another run directory: a new run starting from its weights, optimizer
+    # and data position, whose best checkpoint and early stopping start afresh (the old best is not here)
+    branch: bool = False
 
     def __str__(self) -> str:
         if self.mode == "resume":
-            return f"will resume from {self.checkpoint}"
+            what = "will continue from" if not self.branch else "will start a new run from"
+            return f"{what} {self.checkpoint}" + (" (replacing the run in the output directory)" if self.wipe else "")
         return "will replace the run in the output directory and start fresh" if self.wipe else "will start a fresh run"
 
 
@@ -64,25 +68,28 @@ def holds_run(out: Path) -> bool:
     return any((out / n).exists() for n in (RECIPE, METRICS, CHECKPOINTS))
 
 
+def trained(out: Path) -> bool:
+    """Whether the run in `out` got anywhere: a checkpoint, or a line in metrics.jsonl."""
+    metrics = out / METRICS
+    return bool(list_checkpoints(out)) or (metrics.is_file() and metrics.stat().st_size > 0)
+
+
 def check_output_dir(recipe) -> ResumePlan:
     """Decide fresh / resume / refuse; raises UserError naming output_dir and the way out."""
     src = recipe.where("output_dir")
     out = Path(recipe.output_dir)
     exists = out.is_dir() and any(out.iterdir())
     if recipe.resume not in ("auto", "never"):
-        if exists and holds_run(out) and not recipe.overwrite:
-            fp = stored_fingerprint(out)
-            if fp is not None and fp != recipe.fingerprint():
-                raise UserError(
-                    f"{src}: output_dir '{out}' holds a different run ({_first_difference(fp, recipe.fingerprint())}); "
-                    f"choose another output_dir or pass overwrite=true"
-                )
-        return ResumePlan("resume", Path(recipe.resume))
+        return _resume_from_path(recipe, out, exists, src)
     if not exists:
         return ResumePlan("fresh")
     if not holds_run(out):
         raise UserError(f"{src}: output_dir '{out}' is not empty and holds no gptoss-tune run; choose a new or empty directory")
     ckpts = list_checkpoints(out)
+    if not trained(out):
+        # A run that stopped before its first step (a mistake in its data, model or settings): nothing in it
+        # is worth keeping, and the corrected recipe must not be refused as "a different run".
+        return ResumePlan("fresh", wipe=True)
     if recipe.resume == "never":
         if recipe.overwrite:
             return ResumePlan("fresh", wipe=True)
@@ -99,6 +106,58 @@ def check_output_dir(recipe) -> ResumePlan:
     if ckpts:
         return ResumePlan("resume", ckpts[-1][1])
     return ResumePlan("fresh", wipe=True)  # the same run, interrupted before its first checkpoint
+
+
+def _resume_from_path(recipe, out: Path, exists: bool, src: str) -> ResumePlan:
+    """resume: PATH. Inside output_dir it continues that run (from its newest checkpoint, or from an earlier
+    one if nothing newer is left); from elsewhere it starts a new run in output_dir (new, empty, or holding a
+    run that overwrite replaces)."""
+    ckpt = Path(recipe.resume)
+    inside = _is_inside(ckpt, out)
+    if not exists:
+        return ResumePlan("resume", ckpt, branch=not inside)
+    if not holds_run(out):
+        raise UserError(f"{src}: output_dir '{out}' is not empty and holds no gptoss-tune run; choose a new or empty directory")
+    if not trained(out) and not inside:
+        return ResumePlan("resume", ckpt, wipe=True, branch=True)
+    fp = stored_fingerprint(out)
+    if fp is not None and fp != recipe.fingerprint():
+        why = _first_difference(fp, recipe.fingerprint())
+        if not recipe.overwrite:
+            raise UserError(f"{src}: output_dir '{out}' holds a different run ({why}); choose another output_dir or pass overwrite=true")
+        if inside:
+            raise UserError(f"{src}: output_dir '{out}' holds a different run ({why}) and resume={ckpt} lies inside it, so "
+                            f"replacing that run would delete the checkpoint; choose another output_dir")
+        return ResumePlan("resume", ckpt, wipe=True, branch=True)
+    if inside:
+        step = _step_of(ckpt)
+        newer = [p.name for s, p in list_checkpoints(out) if step is not None and s > step]
+        if newer:
+            raise UserError(
+                f"{src}: resume={ckpt} is older than {', '.join(newer)} in the same run: continuing from it in place would "
+                f"mix two histories; continue from the newest (resume=auto), or branch it into another output_dir"
+            )
+    elif recipe.overwrite:
+        return ResumePlan("resume", ckpt, wipe=True, branch=True)
+    else:
+        raise UserError(f"{src}: output_dir '{out}' already holds a run with checkpoints; continue it with resume=auto, "
+                        f"replace it with overwrite=true, or choose another output_dir to start a new run from {ckpt}")
+    return ResumePlan("resume", ckpt)
+
+
+def _is_inside(path: Path, directory: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(Path(directory).resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _step_of(ckpt: Path) -> int | None:
+    try:
+        return int(json.loads((Path(ckpt) / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def lock_run_dir(out: Path, source: str) -> int | None:

@@ -130,6 +130,39 @@ def _gather_trainable(accelerator, module) -> dict | None:
     return out
 
 
+def _apply_recipe_hyperparameters(optimizer, scheduler, schedule, cfg_t) -> None:
+    """After loading a checkpoint's optimizer and scheduler state, make this recipe's settings current.
+
+    Both states carry the settings of the run that wrote them: the optimizer its lr, betas, eps and weight
+    decay, LambdaLR the peak lr and the learning rate its last step() computed from the old schedule. A
+    continuation that changes the length (train.max_steps, train.epochs) has another schedule, and its
+    first step would run at the old one's rate (0 at the end of a finished cosine run); a run branched
+    with resume: PATH may change lr or weight decay, which would be silently ignored. Unchanged settings
+    give the same numbers, so exact resume is unaffected."""
+    sched = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper under DeepSpeed
+    factor = schedule(sched.last_epoch)
+    sched.base_lrs = [cfg_t.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group.update(initial_lr=cfg_t.lr, lr=cfg_t.lr * factor, betas=(cfg_t.adam_beta1, cfg_t.adam_beta2), eps=cfg_t.adam_eps,
+                     weight_decay=cfg_t.weight_decay)
+    sched._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _check_token_ids(recipe, data) -> None:
+    """Every token id of the data must exist in the model's vocabulary (a smaller custom vocabulary would
+    fail deep inside the embedding lookup instead)."""
+    from .checkpoint import read_config, resolve_model_dir
+
+    vocab = read_config(resolve_model_dir(recipe.model.path))["vocab_size"]
+    for split, rows in (("train", data.train), ("validation", data.validation)):
+        top = max((max(r["input_ids"]) for r in rows if r["input_ids"]), default=-1)
+        if top >= vocab:
+            raise UserError(
+                f"{recipe.where('model', 'path')}: model.path: the {split} data holds token id {top}, but the model's "
+                f"vocabulary has {vocab} tokens; gpt-oss needs the o200k_harmony vocabulary (201,088 tokens)"
+            )
+
+
 def _mode(accelerator) -> str:
     t = str(accelerator.distributed_type).split(".")[-1]
     return "" if t == "NO" else f" ({'DDP' if t.startswith('MULTI_') else t}{', ' + accelerator.mixed_precision if accelerator.mixed_precision != 'no' else ''})"
@@ -214,6 +247,11 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         raise UserError(f"{recipe.where('data', 'train')}: data.train: no training examples after rendering and filtering")
     if main:
         ck.atomic_write_text(run_dir / DATA_REPORT, json.dumps(data.report, indent=2, default=str) + "\n")
+        from .data import format_report
+
+        if isinstance(data.report.get("train"), dict):
+            say(format_report(data.report))
+    _check_token_ids(recipe, data)
     evaluating = bool(data.validation)
     if recipe.early_stopping.enabled and not evaluating:
         raise UserError(f"{recipe.where('early_stopping')}: early_stopping needs validation examples, and the validation set is empty; "
@@ -231,10 +269,10 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         total_steps = min(total_steps, cfg_t.max_steps)
     total_steps = max(total_steps, start_step)
     if state is not None and state.get("finished"):
-        stopped_early = (state.get("stop_reason") == "early_stopping" and recipe.early_stopping.enabled
+        stopped_early = (state.get("stop_reason") == "early_stopping" and recipe.early_stopping.enabled and not plan.branch
                          and state.get("evals_without_improvement", 0) >= recipe.early_stopping.patience)
         if stopped_early or total_steps <= start_step:
-            say(f"{run_dir}: this run already finished at step {start_step} ({state.get('stop_reason')}); nothing to do. "
+            say(f"{plan.checkpoint if plan.branch else run_dir}: this run already finished at step {start_step} ({state.get('stop_reason')}); nothing to do. "
                 f"Raise train.max_steps / train.epochs (or early_stopping.patience) to continue it, "
                 f"or pass resume=never overwrite=true to start over.")
             return TrainResult(run_dir, start_step, "already_finished")
@@ -303,11 +341,18 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     if state is not None:
         ck.load_optimizer_state(plan.checkpoint, optimizer, rank, sharded, accelerator.device)
         ck.load_scheduler_state(plan.checkpoint, scheduler)
-        if state.get("best"):
-            best_step, best_value = state["best"]["step"], state["best"]["value"]
-        bad_evals = state.get("evals_without_improvement", 0)
+        _apply_recipe_hyperparameters(optimizer, scheduler, schedule, cfg_t)
+        if plan.branch:
+            # A new run from another run's checkpoint: its best checkpoint is not in this directory, and its
+            # validation data may differ; the best adapter and early stopping start afresh here.
+            say(f"note: starting a new run in {run_dir} from {plan.checkpoint} (step {start_step}): the best checkpoint "
+                f"and early stopping start afresh")
+        else:
+            if state.get("best"):
+                best_step, best_value = state["best"]["step"], state["best"]["value"]
+            bad_evals = state.get("evals_without_improvement", 0)
+            evals = state.get("evals", [])
         tokens_seen = state.get("tokens_seen", 0)
-        evals = state.get("evals", [])
         if not ck.load_rng_state(plan.checkpoint, rank) or state.get("num_processes") != P:
             set_seed(cfg_t.seed + 1000 * start_step + rank)
             say(f"note: the checkpoint was written by {state.get('num_processes')} process(es), this run has {P}: "
@@ -315,7 +360,8 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     else:
         set_seed(cfg_t.seed + rank)  # dropout differs between processes, as data does
 
-    saved_steps: set[int] = {start_step} if state is not None else set()
+    # The checkpoint resumed from is this run's (nothing to write again at its step) unless it lies elsewhere.
+    saved_steps: set[int] = {start_step} if state is not None and not plan.branch else set()
     last_ckpt: Path | None = plan.checkpoint if state is not None else None
 
     def trainer_state(step, finished=False, stop_reason=None) -> dict:
@@ -529,7 +575,8 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         if final_dir is not None:
             lines.append(f"  final adapter: {final_dir}")
         if stop_reason == "interrupted":
-            lines.append(f"  checkpoint: {last_ckpt}; run the same command again to resume (resume: auto)")
+            again = "run the same command again" if recipe.resume == "auto" else "run it again with resume=auto"
+            lines.append(f"  checkpoint: {last_ckpt}; {again} to continue")
         lines.append(f"  metrics: {run_dir / METRICS}")
         print("\n".join(lines), flush=True)
     accelerator.end_training()

@@ -130,6 +130,7 @@ def test_output_dir_with_another_run(tmp_path, tiny_ckpt):
         check_output_dir(r)
     (run / "notes.txt").unlink()
     (run / "recipe.yaml").write_text(load_recipe(path, ["train.lr=0.5"]).to_yaml())
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n')  # it trained: worth protecting
     with pytest.raises(UserError, match=r"holds a different run \(train.lr is 0.5 there, 0.03 here\).*overwrite=true") as e:
         check_output_dir(r)
     assert str(e.value).startswith(str(path))
@@ -213,3 +214,16 @@ def test_packing_with_an_attention_that_crosses_examples_is_refused(tmp_path, ti
     r = load_recipe(_recipe(tmp_path, tiny_ckpt), ["model.attn_implementation=eager", "data.packing=false"])
     assert r.model.attn_implementation == "eager"
     assert load_recipe(_recipe(tmp_path, tiny_ckpt), ["model.attn_implementation=gptoss_sink_eager"]).data.packing
+
+
+def test_a_run_that_never_trained_is_replaced_by_the_corrected_recipe(tmp_path, tiny_ckpt):
+    """A run that failed before its first step (e.g. a bad data line) left recipe.yaml and nothing else: the
+    fixed recipe (data.on_bad_line=skip, another data file, ...) starts fresh instead of being refused."""
+    path = _recipe(tmp_path, tiny_ckpt)
+    run = Path(load_recipe(path).output_dir)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "recipe.yaml").write_text(load_recipe(path).to_yaml())
+    (run / "metrics.jsonl").write_text("")
+    for fixed in (["data.on_bad_line=skip"], ["resume=never"]):
+        plan = check_output_dir(load_recipe(path, fixed))
+        assert plan.mode == "fresh" and plan.wipe

@@ -242,7 +242,7 @@ def test_two_process_cpu_launch(reference, tmp_path):
     assert (ckpt / "rng-rank0.pt").is_file() and (ckpt / "rng-rank1.pt").is_file() and (ckpt / "optimizer.pt").is_file()
 
 
-def test_demo_recipe_on_sample_data_lowers_validation_loss(tiny_ckpt, tmp_path):
+def test_demo_recipe_on_sample_data_lowers_validation_loss(tiny_ckpt, tmp_path, capsys):
     """recipes/tiny-demo.yaml as shipped, on data/sample through the real data stage, shortened."""
     repo = Path(__file__).resolve().parents[1]
     recipe = load_recipe(repo / "recipes" / "tiny-demo.yaml", [
@@ -257,6 +257,8 @@ def test_demo_recipe_on_sample_data_lowers_validation_loss(tiny_ckpt, tmp_path):
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["train"]["examples"] == 240 and report["validation"]["examples"] == 60
     assert result.best_step == 24 and (tmp_path / "run" / "best.json").is_file()
+    out = capsys.readouterr().out  # the data stage's report is shown, not only written
+    assert "train: 240 examples from" in out and "validation: 60 examples from" in out and "0 truncated" in out
 
 
 def test_router_training_saves_router_and_resumes(tiny_ckpt, tmp_path):
@@ -302,3 +304,72 @@ def test_learning_rate_schedules():
     g = lr_lambda(10, 0, "linear", 0.0)
     assert g(0) == 1.0 and g(5) == pytest.approx(0.5) and g(10) == 0.0
     assert lr_lambda(10, 3, "constant", 0.0)(9) == 1.0
+
+
+def test_extending_a_finished_run_uses_the_new_schedule_from_its_first_step(tiny_ckpt, tmp_path):
+    """A finished cosine run ends at lr 0; continuing it with more steps must not run a step at that old rate."""
+    from gptoss_tune.train import lr_lambda
+
+    recipe = write_recipe(tmp_path, tiny_ckpt, train={"max_steps": 3, "warmup_ratio": 0.0}, eval={"every_steps": 0},
+                          checkpoint={"every_steps": 0, "keep": 1})
+    _run(recipe)
+    more = _run(recipe, "train.max_steps=5")
+    assert more.step == 5
+    lrs = [l["lr"] for l in read_metrics(tmp_path / "run")[0]]
+    f = lr_lambda(5, 0, "cosine", 0.0)
+    assert lrs[3:] == pytest.approx([3e-2 * f(3), 3e-2 * f(4)]) and lrs[3] > 0, lrs
+
+
+def test_branching_from_another_runs_checkpoint(reference, tmp_path):
+    """resume: PATH into a new output_dir: the recipe's lr applies, and the best checkpoint is one of the new
+    run's (the old run's best is not in this directory, and was measured on other validation data)."""
+    from gptoss_tune.train import lr_lambda
+    from gptoss_tune.train_data import TrainData
+    from train_helpers import synthetic_rows
+
+    d, recipe, _ = reference
+    ckpt = d / "run" / "checkpoints" / "step-00000009"
+    hard = synthetic_data()
+    rows = synthetic_rows(8, seed=9)
+    for r in rows:  # unlearnable validation rows: the branch never gets near the reference's best eval_loss
+        r["labels"] = [-100] * 8 + [1000 + (t * 7919) % 40 for t in range(len(r["labels"]) - 8)]
+    data = TrainData(hard.train, rows, {})
+    branch = tmp_path / "branch"
+    result = _run(recipe, f"resume={ckpt}", f"output_dir={branch}", "train.lr=0.01", data=data)
+    assert result.step == 12 and result.best_step == 12
+    assert resolve_checkpoint(branch, "best") == branch / "checkpoints" / "step-00000012"
+    lrs = [l["lr"] for l in read_metrics(branch)[0]]
+    f = lr_lambda(12, 2, "cosine", 0.0)  # the reference's 12 steps, 2 of warmup (kept from the checkpoint)
+    assert lrs == pytest.approx([0.01 * f(s) for s in (9, 10, 11)])
+
+
+def test_resume_path_rules(reference, tmp_path):
+    from gptoss_tune.errors import UserError
+    from gptoss_tune.run_state import check_output_dir
+
+    d, recipe, _ = reference
+    run = d / "run"
+    # inside the same run: from its newest checkpoint it continues; an older one would mix two histories
+    plan = check_output_dir(load_recipe(recipe, [f"resume={run / 'checkpoints' / 'step-00000012'}"]))
+    assert plan.mode == "resume" and not plan.branch and not plan.wipe
+    with pytest.raises(UserError, match=r"older than step-00000012 in the same run"):
+        check_output_dir(load_recipe(recipe, [f"resume={run / 'checkpoints' / 'step-00000009'}"]))
+    # from elsewhere into a directory holding something else, or another run
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    ckpt = run / "checkpoints" / "step-00000009"
+    with pytest.raises(UserError, match="is not empty and holds no gptoss-tune run"):
+        check_output_dir(load_recipe(recipe, [f"resume={ckpt}", f"output_dir={tmp_path / 'notes'}"]))
+    with pytest.raises(UserError, match="holds a different run .*train.lr"):
+        check_output_dir(load_recipe(recipe, [f"resume={ckpt}", f"output_dir={run}", "train.lr=0.5"]))
+    with pytest.raises(UserError, match="lies inside it"):
+        check_output_dir(load_recipe(recipe, [f"resume={ckpt}", f"output_dir={run}", "train.lr=0.5", "overwrite=true"]))
+
+
+def test_data_with_tokens_outside_the_vocabulary_is_a_user_error(tiny_ckpt, tmp_path):
+    from gptoss_tune.errors import UserError
+
+    data = synthetic_data()
+    data.validation[0]["input_ids"][3] = 250_000
+    with pytest.raises(UserError, match=r"the validation data holds token id 250000, but the model's vocabulary has 201088 tokens"):
+        _run(write_recipe(tmp_path, tiny_ckpt), data=data)
