@@ -50,3 +50,27 @@ def test_harmony_and_tiktoken_work_without_network(tmp_path):
     }
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_an_official_file_the_user_already_has_is_used_as_it_is(tmp_path, monkeypatch):
+    import os
+
+    mine = tmp_path / "mine"
+    tokenizer.materialize(mine)  # byte-identical to the official o200k_base.tiktoken, under both names
+    monkeypatch.setenv("TIKTOKEN_ENCODINGS_BASE", str(mine))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(mine))
+    monkeypatch.setenv("GPTOSS_TUNE_CACHE", str(tmp_path / "ours"))
+    tokenizer.ensure_vocab.cache_clear()
+    try:
+        assert tokenizer.ensure_vocab() == mine / tokenizer.HARMONY_FILE
+        assert os.environ["TIKTOKEN_ENCODINGS_BASE"] == str(mine) and os.environ["TIKTOKEN_CACHE_DIR"] == str(mine)
+        assert not (tmp_path / "ours").exists()  # nothing was written
+        # a file with the wrong hash is not used: the verified copy from quicktok is
+        (mine / tokenizer.HARMONY_FILE).write_bytes(b"not the vocabulary\n")
+        tokenizer.ensure_vocab.cache_clear()
+        ours = tmp_path / "ours" / "tiktoken"
+        assert tokenizer.ensure_vocab() == ours / tokenizer.HARMONY_FILE
+        assert os.environ["TIKTOKEN_ENCODINGS_BASE"] == str(ours)
+        assert tokenizer.sha256_of(ours / tokenizer.HARMONY_FILE) == tokenizer.O200K_SHA256
+    finally:
+        tokenizer.ensure_vocab.cache_clear()
