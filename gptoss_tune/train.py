@@ -378,9 +378,12 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         nonlocal last_ckpt
         path = run_dir / CHECKPOINTS / step_dir_name(step)
         if step in saved_steps:
-            # Same weights, optimizer and RNG: only the bookkeeping may change (finished at this step).
-            if flags and main:
+            # Same weights, optimizer and RNG; the bookkeeping may have changed since (an evaluation at this
+            # step made it the best, the run finished here): write that, and best.json.
+            if main:
                 ck.atomic_write_text(path / ck.TRAINER_STATE, json.dumps(trainer_state(step, **flags), indent=2) + "\n")
+                if best_step is not None:
+                    ck.write_best(run_dir, best_step, best_value)
             accelerator.wait_for_everyone()
             return path
         if main:

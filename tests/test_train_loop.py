@@ -373,3 +373,17 @@ def test_data_with_tokens_outside_the_vocabulary_is_a_user_error(tiny_ckpt, tmp_
     data.validation[0]["input_ids"][3] = 250_000
     with pytest.raises(UserError, match=r"the validation data holds token id 250000, but the model's vocabulary has 201088 tokens"):
         _run(write_recipe(tmp_path, tiny_ckpt), data=data)
+
+
+def test_best_json_follows_a_final_evaluation_at_an_already_saved_step(tiny_ckpt, tmp_path):
+    """Step 9 is checkpointed (every 3) before the final evaluation (every 4: not at 9) finds it the best:
+    best.json and the checkpoint's trainer state must say so (export reads best.json)."""
+    recipe = write_recipe(tmp_path, tiny_ckpt, train={"max_steps": 9}, eval={"every_steps": 4}, checkpoint={"every_steps": 3, "keep": 2})
+    result = _run(recipe)
+    losses = {e["step"]: e["eval_loss"] for e in result.evals}
+    assert sorted(losses) == [4, 8, 9] and result.best_step == min(losses, key=losses.get) == 9, losses
+    run = tmp_path / "run"
+    assert json.loads((run / "best.json").read_text())["step"] == 9
+    assert resolve_checkpoint(run, "best") == run / "checkpoints" / "step-00000009"
+    state = json.loads((run / "checkpoints" / "step-00000009" / "trainer_state.json").read_text())
+    assert state["best"] == {"step": 9, "value": losses[9]} and state["finished"]
