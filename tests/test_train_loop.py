@@ -387,3 +387,27 @@ def test_best_json_follows_a_final_evaluation_at_an_already_saved_step(tiny_ckpt
     assert resolve_checkpoint(run, "best") == run / "checkpoints" / "step-00000009"
     state = json.loads((run / "checkpoints" / "step-00000009" / "trainer_state.json").read_text())
     assert state["best"] == {"step": 9, "value": losses[9]} and state["finished"]
+
+
+def test_resume_with_dropout_restores_the_random_streams(tiny_ckpt, tmp_path, monkeypatch):
+    """With LoRA dropout the losses depend on the RNG: a run interrupted (SIGTERM) and resumed equals the
+    uninterrupted one only if the checkpoint's RNG states come back."""
+    from gptoss_tune import tracking
+
+    kw = dict(lora={"rank": 8, "alpha": 16, "dropout": 0.3}, train={"max_steps": 4}, eval={"every_steps": 2},
+              checkpoint={"every_steps": 0, "keep": 1})
+    _run(write_recipe(tmp_path, tiny_ckpt, name="ref.yaml", output_dir="ref", **kw))
+    real = tracking.Tracker.train_step
+
+    def signal_after_1(self, record, extra=None):
+        real(self, record, extra)
+        if record["step"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tracking.Tracker, "train_step", signal_after_1)
+    recipe = write_recipe(tmp_path, tiny_ckpt, **kw)
+    assert _run(recipe).step == 2
+    monkeypatch.setattr(tracking.Tracker, "train_step", real)
+    assert _run(recipe).stop_reason == "completed"
+    got, ref = read_metrics(tmp_path / "run")[0], read_metrics(tmp_path / "ref")[0]
+    assert [l["loss"] for l in got] == [l["loss"] for l in ref]
