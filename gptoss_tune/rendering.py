@@ -36,7 +36,7 @@ from typing import Any, Literal
 from openai_harmony import Conversation, HarmonyError, RenderConversationConfig
 
 from .errors import UserError
-from .harmony_messages import ROLES, HarmonyMessage, convert_messages, last_turn_start
+from .harmony_messages import ROLES, HarmonyMessage, _kind, convert_messages, last_turn_start
 from .tokenizer import harmony_encoding
 
 START, END, MESSAGE, RETURN, CALL = 200006, 200007, 200008, 200002, 200012
@@ -176,7 +176,3 @@ def _role(m: Any) -> Any:
 
 def _what(role: Any) -> str:
     return f"a {role!r} message" if isinstance(role, str) else "not a message"
-
-
-def _kind(x: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(type(x), type(x).__name__)
