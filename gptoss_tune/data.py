@@ -128,8 +128,8 @@ def _rows(examples: list[Example], src: SourceExamples | None, settings: DataSet
     return rows, report
 
 
-def format_report(report: dict) -> str:
-    """A few lines for people: what was read, kept, cut and packed."""
+def format_report(report: dict, listed: int = MAX_LISTED) -> str:
+    """A few lines for people: what was read, kept, cut and packed, with up to `listed` reasons per kind."""
     lines = []
     for split in ("train", "validation"):
         r = report.get(split)
@@ -142,12 +142,8 @@ def format_report(report: dict) -> str:
             f"({r['dropped_overlong']} overlong, {r['dropped_no_target']} no trained token left); "
             f"{r['rows']} rows of at most {report['max_seq_len']} tokens, {100 * r['fill']:.1f}% full"
         )
-        for why in r["skipped_reasons"]:
-            lines.append(f"  skipped {why}")
-        if r["skipped"] > len(r["skipped_reasons"]):
-            lines.append(f"  ... and {r['skipped'] - len(r['skipped_reasons'])} more skipped")
-        for why in r["dropped_reasons"]:
-            lines.append(f"  dropped {why}")
-        if r["dropped"] > len(r["dropped_reasons"]):
-            lines.append(f"  ... and {r['dropped'] - len(r['dropped_reasons'])} more dropped")
+        for kind, count, reasons in (("skipped", r["skipped"], r["skipped_reasons"]), ("dropped", r["dropped"], r["dropped_reasons"])):
+            lines += [f"  {kind} {why}" for why in reasons[:listed]]
+            if count > min(len(reasons), listed):
+                lines.append(f"  ... and {count - min(len(reasons), listed)} more {kind}")
     return "\n".join(lines)

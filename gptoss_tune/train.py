@@ -250,7 +250,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         from .data import format_report
 
         if isinstance(data.report.get("train"), dict):
-            say(format_report(data.report))
+            say(format_report(data.report, listed=3) + f"\n  (data report: {run_dir / DATA_REPORT})")
     _check_token_ids(recipe, data)
     evaluating = bool(data.validation)
     if recipe.early_stopping.enabled and not evaluating:

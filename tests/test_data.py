@@ -256,3 +256,15 @@ def test_jsonl_with_a_byte_order_mark_and_crlf_line_ends(tmp_path, cache):
     f.write_bytes(b"\xef\xbb\xbf" + json.dumps(PC).encode() + b"\r\n" + json.dumps(CHAT).encode() + b"\r\n")
     got = [e.input_ids for e in read_examples(f, cache_dir=cache).examples]
     assert got == [render_example(PC).input_ids, render_example(CHAT).input_ids]
+
+
+def test_format_report_lists_a_few_reasons_and_counts_the_rest(tmp_path, cache):
+    from gptoss_tune.data import format_report
+
+    long_answer = {"prompt": "q", "completion": "word " * 300}
+    f = write_jsonl(tmp_path / "d.jsonl", [PC] + [line for line, _ in BAD_LINES] + [long_answer, long_answer, CHAT])
+    b = load_data(DataSettings(train=str(f), on_bad_line="skip", max_seq_len=100, overlong="drop"), seed=0, cache_dir=cache)
+    lines = format_report(b.report, listed=2).splitlines()
+    assert lines[0].startswith(f"train: 2 examples from {f} (9 records, 5 skipped)") and "2 dropped (2 overlong" in lines[0]
+    assert [line.split(":", 1)[0] for line in lines[1:]] == [f"  skipped {f}"] * 2 + ["  ... and 3 more skipped"] + [f"  dropped {f}"] * 2
+    assert lines[1].startswith(f"  skipped {f}:2: not valid JSON") and lines[4].startswith(f"  dropped {f}:7: ")
