@@ -148,6 +148,20 @@ def _apply_recipe_hyperparameters(optimizer, scheduler, schedule, cfg_t) -> None
     sched._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
+def _train_routers(model) -> None:
+    """Make every layer's router (weight and bias) trainable, kept in fp32 like the LoRA weights: bf16
+    would round small AdamW updates away. Its input is cast to fp32 too, so the router also runs where no
+    autocast does (a bf16 model with train.mixed_precision: no); under autocast its matmul is bf16 as before."""
+    for layer in model.model.layers:
+        router = layer.mlp.router
+        router.float().requires_grad_(True)
+        router.register_forward_pre_hook(_input_to_weight_dtype)
+
+
+def _input_to_weight_dtype(module, args):
+    return (args[0].to(module.weight.dtype), *args[1:])
+
+
 def _check_token_ids(recipe, data) -> None:
     """Every token id of the data must exist in the model's vocabulary (a smaller custom vocabulary would
     fail deep inside the embedding lookup instead)."""
@@ -287,11 +301,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         if isinstance(m, MXFP4Experts):
             m.backend = recipe.model.experts_backend
     if recipe.router.train:
-        for n, p in model.named_parameters():
-            if ".mlp.router." in n:
-                if mixed == "bf16":
-                    p.data = p.data.float()  # autocast runs the matmul in bf16; the update stays exact in fp32
-                p.requires_grad_(True)
+        _train_routers(model)
     if state is not None and sharded and state.get("num_processes") != P:
         raise UserError(f"{plan.checkpoint}: written by {state.get('num_processes')} processes with sharded optimizer state; "
                         f"resume it with --num_processes {state.get('num_processes')}")

@@ -411,3 +411,21 @@ def test_resume_with_dropout_restores_the_random_streams(tiny_ckpt, tmp_path, mo
     assert _run(recipe).stop_reason == "completed"
     got, ref = read_metrics(tmp_path / "run")[0], read_metrics(tmp_path / "ref")[0]
     assert [l["loss"] for l in got] == [l["loss"] for l in ref]
+
+
+def test_trained_router_stays_fp32_in_a_bf16_model(tiny_ckpt, tmp_path):
+    """model.dtype bf16 without autocast (the CPU's train.mixed_precision): the trained router is fp32
+    like the LoRA weights, so AdamW's small updates are not rounded away."""
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tmp_path, tiny_ckpt, router={"train": True}, train={"max_steps": 1, "lr": 1e-4}, eval={"every_steps": 0},
+                          checkpoint={"every_steps": 0, "keep": 1})
+    _run(recipe, "model.dtype=bf16")
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step-00000001" / "adapter.safetensors")
+    router = {k: v for k, v in saved.items() if ".mlp.router." in k}
+    assert router and all(v.dtype == torch.float32 for v in router.values())
+    from gptoss_tune import load_model
+
+    base = load_model(tiny_ckpt, device="cpu", dtype=torch.float32).model.layers[0].mlp.router.weight
+    moved = (router["model.layers.0.mlp.router.weight"] - base.to(torch.bfloat16).float()).abs()
+    assert 0 < moved.max() < 1e-3  # an lr-sized step, which bf16 (8 bits of mantissa) could not hold
