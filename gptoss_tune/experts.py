@@ -28,9 +28,15 @@ from torch import nn
 
 from gptoss_kernels.moe_reference import ExpertLoRA, ExpertWeights, moe_experts_reference
 
+from .errors import UserError
 from .mxfp4 import dequantize, packed_shapes
 
 EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+class ExpertsBackendError(UserError, ValueError):
+    """A backend choice that cannot run here: a user's setting (one line from the CLI), and a bad value."""
+
 BACKENDS = ("auto", "reference", "triton")
 BACKEND_ENV = "GPTOSS_TUNE_EXPERTS_BACKEND"
 
@@ -119,21 +125,29 @@ class MXFP4Experts(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------
     def resolved_backend(self, device: torch.device) -> str:
-        choice = os.environ.get(BACKEND_ENV, self.backend)
+        """"reference" or "triton" for tensors on `device`; a UserError when the choice cannot run there."""
+        env = os.environ.get(BACKEND_ENV)
+        choice = env or self.backend
+        where = f"{BACKEND_ENV}={choice!r}" if env else f"experts backend {choice!r}"
         if choice not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={choice!r}: choose one of {BACKENDS}")
+            raise ExpertsBackendError(f"{where}: choose one of {', '.join(BACKENDS)}")
         if choice == "auto":
             return "triton" if device.type == "cuda" and _triton_ops() is not None else "reference"
+        if choice == "triton":
+            ops = _triton_ops()
+            if ops is None:
+                raise ExpertsBackendError(f"{where}: Triton or gptoss_kernels' Triton ops are not importable here "
+                                f"(pip install -e '.[kernels]' on a CUDA machine); use reference or auto")
+            if device.type != "cuda" and not getattr(ops, "INTERPRET", False):
+                raise ExpertsBackendError(f"{where}: the Triton kernels run on CUDA tensors and the model is on {device} "
+                                f"(TRITON_INTERPRET=1 runs them interpreted, for tests); use reference or auto")
         return choice
 
     def forward(self, hidden_states: torch.Tensor, router_indices=None, routing_weights=None) -> torch.Tensor:
         backend = self.resolved_backend(hidden_states.device)
         args = (hidden_states, router_indices, routing_weights, self.packed_weights(), self.lora_factors())
         if backend == "triton":
-            ops = _triton_ops()
-            if ops is None:
-                raise RuntimeError("the triton experts backend was requested but gptoss_kernels' Triton ops are unavailable")
-            return ops.moe_experts(*args, limit=self.limit, alpha=self.alpha)
+            return _triton_ops().moe_experts(*args, limit=self.limit, alpha=self.alpha)
         return moe_experts_reference(*args, limit=self.limit, alpha=self.alpha)
 
     def extra_repr(self) -> str:

@@ -300,6 +300,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     for m in model.modules():
         if isinstance(m, MXFP4Experts):
             m.backend = recipe.model.experts_backend
+            m.resolved_backend(device)  # a backend that cannot run here is a one-line error now, not at the first step
     if recipe.router.train:
         _train_routers(model)
     if state is not None and sharded and state.get("num_processes") != P:

@@ -151,3 +151,27 @@ def test_hub_id_from_local_cache(tiny_ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     m = load_model("acme/tiny-gpt-oss", device="cpu")
     assert m.config.num_hidden_layers == 2
+
+
+def test_an_experts_backend_that_cannot_run_here_is_a_user_error(monkeypatch):
+    import types
+
+    from gptoss_tune import experts as ex_mod
+    from gptoss_tune.errors import UserError
+    from gptoss_tune.loader import build_config
+    from gptoss_tune.model_config import tiny_config
+
+    ex = ex_mod.MXFP4Experts(build_config(tiny_config()), dtype=torch.float32)
+    ex.backend = "triton"
+    monkeypatch.delenv(ex_mod.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(ex_mod, "_triton_ops", lambda: None)
+    with pytest.raises(UserError, match=r"experts backend 'triton': Triton or gptoss_kernels' Triton ops are not importable"):
+        ex.resolved_backend(torch.device("cpu"))
+    monkeypatch.setattr(ex_mod, "_triton_ops", lambda: types.SimpleNamespace(INTERPRET=False))
+    with pytest.raises(UserError, match=r"the Triton kernels run on CUDA tensors and the model is on cpu"):
+        ex.resolved_backend(torch.device("cpu"))
+    monkeypatch.setattr(ex_mod, "_triton_ops", lambda: types.SimpleNamespace(INTERPRET=True))
+    assert ex.resolved_backend(torch.device("cpu")) == "triton"  # interpreted: the kernel tests' route
+    monkeypatch.setenv(ex_mod.BACKEND_ENV, "gpu")
+    with pytest.raises(UserError, match=r"GPTOSS_TUNE_EXPERTS_BACKEND='gpu': choose one of auto, reference, triton"):
+        ex.resolved_backend(torch.device("cpu"))
