@@ -543,8 +543,10 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
             if evaluating and recipe.early_stopping.enabled and bad_evals >= recipe.early_stopping.patience:
                 stop_reason = "early_stopping"
                 if main:
-                    tracker.info(f"early stopping at step {step}: no improvement over {best_value:.4f} (step {best_step}) "
-                                 f"for {bad_evals} evaluation(s)")
+                    delta = recipe.early_stopping.min_delta
+                    gain = f"by more than min_delta {delta:g}" if delta else "at all"
+                    tracker.info(f"early stopping at step {step}: the validation loss has not improved {gain} for {bad_evals} "
+                                 f"evaluation(s); best {best_value:.4f} at step {best_step}")
                 break
         if stop_reason != "interrupted":
             if evaluating and last_eval_step != step:
