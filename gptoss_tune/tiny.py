@@ -77,6 +77,8 @@ def write_tiny_checkpoint(
 ) -> Path:
     """Write the checkpoint to `out_dir` (created; refused if it exists and is not empty unless force)."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; pass a directory to write the checkpoint into")
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out}: directory exists and is not empty; pass --force to overwrite it")
     try:
@@ -98,7 +100,10 @@ def write_tiny_checkpoint(
         size += n
         total += n
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the directory ({e.strerror})") from None
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
         tmp_dir = Path(tmp)
         weight_map = {}

@@ -167,3 +167,11 @@ def test_cli_inspect_on_an_absent_device_is_one_line(tiny_ckpt):
     r = _cli("inspect", str(tiny_ckpt), "--device", "cuda:7")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("gptoss-tune inspect: error: device 'cuda:7'") and r.stderr.count("\n") == 1
+
+
+def test_init_tiny_into_a_file_is_one_line(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    r = _cli("init-tiny", str(f))
+    assert r.returncode == 2 and r.stderr == f"gptoss-tune init-tiny: error: {f}: is a file; pass a directory to write the checkpoint into\n"
+    assert f.read_text() == "mine"
