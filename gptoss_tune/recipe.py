@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -464,6 +465,9 @@ def check_recipe_paths(recipe: Recipe) -> None:
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{recipe.where('output_dir')}: output_dir: '{out}' is a file")
+    parent = next((p for p in (out, *out.parents) if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{recipe.where('output_dir')}: output_dir: '{out}' cannot be written ({parent} is not a writable directory)")
 
 
 # ---- CLI: gptoss-tune validate ---------------------------------------------------------------------

@@ -168,7 +168,10 @@ def lock_run_dir(out: Path, source: str) -> int | None:
     import fcntl
     import os
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{source}: output_dir '{out}' cannot be created ({e.strerror}); choose a writable directory") from None
     fd = os.open(str(out), os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -208,7 +208,7 @@ def train(recipe: Recipe, data: TrainData | None = None) -> TrainResult:
         # MXFP4 experts are uint8 buffers (10 GB for 20b): never re-broadcast them every step.
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
-    lock = lock_run_dir(Path(recipe.output_dir), recipe._source) if accelerator.is_main_process else None
+    lock = lock_run_dir(Path(recipe.output_dir), recipe.where("output_dir")) if accelerator.is_main_process else None
     try:
         return _train(recipe, data, accelerator, mixed)
     finally:

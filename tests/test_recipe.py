@@ -227,3 +227,14 @@ def test_a_run_that_never_trained_is_replaced_by_the_corrected_recipe(tmp_path, 
     for fixed in (["data.on_bad_line=skip"], ["resume=never"]):
         plan = check_output_dir(load_recipe(path, fixed))
         assert plan.mode == "fresh" and plan.wipe
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path, tiny_ckpt):
+    from gptoss_tune.run_state import lock_run_dir
+
+    (tmp_path / "afile").write_text("x")
+    bad = tmp_path / "afile" / "run"
+    msg = _error(_recipe(tmp_path, tiny_ckpt), f"output_dir={bad}")
+    assert f"output_dir: '{bad}' cannot be written ({tmp_path / 'afile'} is not a writable directory)" in msg
+    with pytest.raises(UserError, match=r"r\.yaml: output_dir '.*afile/run' cannot be created \(Not a directory\)"):
+        lock_run_dir(bad, "r.yaml")
