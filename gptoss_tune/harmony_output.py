@@ -2,9 +2,15 @@
 
 openai-harmony's StreamableParser reads the tokens the model writes after `<|start|>assistant`:
 `analysis` -> reasoning; `final` (and commentary addressed to nobody, i.e. preambles) -> content;
-a message addressed `to=functions.NAME` -> a tool call whose arguments are the message text. Each
-`feed(token)` returns the events that token produced, so streaming and non-streaming responses are
-built from the same parse.
+a message addressed `to=functions.NAME` -> a tool call whose arguments are the message text, but only
+when the request offered tools (`functions`): a client that sent no tools never receives a tool call.
+Any other recipient (gpt-oss's built-in `python` / `browser.*` tools, or a garbled header of an
+undertrained model) is not a function the client can run, so its text goes by channel like any other
+message (analysis -> reasoning, else -> content). Each `feed(token)` returns the events that token
+produced, so streaming and non-streaming responses are built from the same parse.
+
+The model speaks only as the assistant: a message it starts under another role (a hallucinated user
+turn or tool result) ends the completion (`ended`), and its text is dropped.
 
 A model that does not follow the format (an untrained tiny model, a broken fine-tune) makes the parser
 fail; from then on the text is passed through as content with special tokens dropped, and if nothing at
@@ -78,6 +84,7 @@ class ToolCall:
 @dataclass
 class HarmonyOutputParser:
     stop: list[str] = field(default_factory=list)
+    functions: bool = False  # the request offered tools: messages to functions.NAME are tool calls
     gen_finish: str | None = None  # set by the caller: why generation ended ("stop", "length", ...)
 
     def __post_init__(self):
@@ -92,6 +99,8 @@ class HarmonyOutputParser:
         self._raw = False
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._tool_msg: int | None = None  # index (in parser.messages) of the message the open tool call is
+        self._assistant = Role.ASSISTANT
+        self.ended = False  # the model started a message under another role: the completion is over
         self.tokens: list[int] = []
         self.content: list[str] = []
         self.reasoning: list[str] = []
@@ -102,6 +111,14 @@ class HarmonyOutputParser:
     def stopped(self) -> bool:
         """A user stop string matched: generation should end."""
         return self._stop.stopped
+
+    @property
+    def done(self) -> bool:
+        """Generation should end: a stop string matched, or the model left the assistant's turn."""
+        return self._stop.stopped or self.ended
+
+    def _is_call(self, recipient: str | None) -> bool:
+        return bool(self.functions and recipient and recipient.startswith("functions."))
 
     def _content(self, text: str) -> list[Event]:
         text = self._stop.feed(text)
@@ -120,6 +137,8 @@ class HarmonyOutputParser:
         return tok >= FIRST_SPECIAL_ID
 
     def feed(self, tok: int) -> list[Event]:
+        if self.ended:
+            return []
         self.tokens.append(tok)
         if self._raw:
             return self._content(self._raw_text(tok))
@@ -133,12 +152,16 @@ class HarmonyOutputParser:
             if not self.parsed_any:  # nothing was harmony: the whole completion so far is the text
                 return self._content("".join(self._raw_text(t) for t in self.tokens))
             return self._content(self._raw_text(tok))
+        if p.current_role not in (None, self._assistant):
+            self.ended = True  # a user turn or tool result written by the model: not part of the answer
+            return []
         events: list[Event] = []
         recipient = p.current_recipient
+        call = self._is_call(recipient)
         msg_index = len(p.messages)
-        if recipient and recipient != "assistant" and self._tool_msg != msg_index:
+        if call and self._tool_msg != msg_index:
             self._tool_msg = msg_index
-            name = recipient[len("functions.") :] if recipient.startswith("functions.") else recipient
+            name = recipient[len("functions.") :]
             self.tool_calls.append(ToolCall(new_tool_call_id(), name))
             events.append(Event("tool_call", index=len(self.tool_calls) - 1, id=self.tool_calls[-1].id, name=name))
             self.parsed_any = True
@@ -146,7 +169,7 @@ class HarmonyOutputParser:
         if not delta:
             return events
         self.parsed_any = True
-        if recipient and recipient != "assistant":
+        if call:
             self.tool_calls[-1].arguments += delta
             events.append(Event("tool_args", delta, index=len(self.tool_calls) - 1))
         elif p.current_channel == "analysis":

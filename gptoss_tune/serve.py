@@ -54,6 +54,11 @@ def _echoed(messages: list) -> list:
     return out
 
 
+def tools_offered(req: ChatCompletionRequest) -> bool:
+    """Whether the model is shown the request's tools (tool_choice 'none' hides them, so it cannot call them)."""
+    return bool(req.tools) and req.tool_choice != "none"
+
+
 def render_prompt(req: ChatCompletionRequest) -> list[int]:
     """The request's messages as harmony prompt tokens (gptoss_tune.harmony_messages, the renderer training
     uses), ending with `<|start|>assistant`."""
@@ -62,9 +67,7 @@ def render_prompt(req: ChatCompletionRequest) -> list[int]:
     from .harmony_messages import to_harmony_conversation
     from .tokenizer import harmony_encoding
 
-    tools = None
-    if req.tools and req.tool_choice != "none":  # 'none': the model is not shown the tools, so it cannot call them
-        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if tools_offered(req) else None
     try:
         conv = to_harmony_conversation(_echoed(req.messages), tools=tools, reasoning_effort=req.reasoning_effort)
     except UserError as e:
@@ -255,7 +258,7 @@ class ChatServer:
             n += 1
             for ev in parser.feed(tok):
                 yield ev
-            if parser.stopped or gen.finish_reason is not None:
+            if parser.done or gen.finish_reason is not None:
                 break
             if disconnected is not None and n % 8 == 0 and await disconnected():
                 log.info("client went away; stopping generation after %d tokens", n)
@@ -267,8 +270,8 @@ class ChatServer:
 
     @staticmethod
     def _finish_reason(parser: HarmonyOutputParser) -> str:
-        if parser.stopped:
-            return "stop"  # a user stop string
+        if parser.done:
+            return "stop"  # a user stop string, or the model left the assistant's turn
         if parser.gen_finish == "length":
             return "length"
         if parser.tool_calls and parser.tokens and parser.tokens[-1] == CALL_ID:
@@ -279,7 +282,7 @@ class ChatServer:
         return {"prompt_tokens": len(prompt), "completion_tokens": len(parser.tokens), "total_tokens": len(prompt) + len(parser.tokens)}
 
     async def _complete(self, req, prompt, params, request) -> dict:
-        parser = HarmonyOutputParser(stop=req.stop_list)
+        parser = HarmonyOutputParser(stop=req.stop_list, functions=tools_offered(req))
         async for _ in self._generate(prompt, params, parser, disconnected=request.is_disconnected):
             pass
         finish = self._finish_reason(parser)
@@ -313,7 +316,7 @@ class ChatServer:
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n"
 
-        parser = HarmonyOutputParser(stop=req.stop_list)
+        parser = HarmonyOutputParser(stop=req.stop_list, functions=tools_offered(req))
         yield chunk({"role": "assistant", "content": ""})
         try:
             async for ev in self._generate(prompt, params, parser):

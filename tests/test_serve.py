@@ -140,6 +140,44 @@ def test_tool_call_round_trip():
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
+def test_no_tool_calls_without_tools_and_none_for_builtin_recipients():
+    """A client that offered no tools never gets tool_calls (an undertrained model garbles headers into
+    recipients; gpt-oss calls its built-in python/browser tools): the text goes by channel instead."""
+    builtin = "<|channel|>analysis<|message|>Run it.<|end|><|start|>assistant to=python<|channel|>analysis<|message|>print(1)<|call|>"
+    with serving(ScriptedTokenSource(CALL)) as (_, client):
+        r = client.chat.completions.create(model=MODEL, messages=user())  # no tools offered
+        assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+        assert r.choices[0].message.content == '{"city": "Paris"}' and r.choices[0].message.reasoning == "Need the weather."
+        r = client.chat.completions.create(model=MODEL, messages=user(), tools=[WEATHER_TOOL], tool_choice="none")
+        assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+        chunks = list(client.chat.completions.create(model=MODEL, messages=user(), stream=True))
+        assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    with serving(ScriptedTokenSource(builtin)) as (_, client):
+        r = client.chat.completions.create(model=MODEL, messages=user(), tools=[WEATHER_TOOL])
+        assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+        assert r.choices[0].message.reasoning == "Run it.print(1)"
+
+
+def test_a_turn_the_model_writes_for_someone_else_ends_the_completion():
+    """The model speaks as the assistant only: a user turn or tool result it starts is not part of the answer."""
+    enc = harmony_encoding()
+    user_turn = "<|channel|>final<|message|>Hi!<|end|><|start|>user"
+    tool_turn = CALL.replace("<|call|>", "<|end|>") + "<|start|>functions.get_weather to=assistant"
+    for head, tail in ((user_turn, "<|message|>Thanks, and also" + " more" * 50), (tool_turn, "<|channel|>commentary<|message|>{}" + " more" * 50)):
+        with serving(ScriptedTokenSource(head + tail)) as (_, client):
+            r = client.chat.completions.create(model=MODEL, messages=user(), tools=[WEATHER_TOOL])
+            chunks = list(client.chat.completions.create(model=MODEL, messages=user(), tools=[WEATHER_TOOL], stream=True,
+                                                         stream_options={"include_usage": True}))  # fmt: skip
+        assert r.choices[0].finish_reason == "stop"
+        assert "Thanks" not in (r.choices[0].message.content or "") and "{}" not in str(r.choices[0].message.tool_calls)
+        # generation stopped once the foreign header was read, not at the end of the script
+        # (the role is known once its header ends: at most the 4 tokens `<|channel|>commentary<|message|>` later)
+        assert r.usage.completion_tokens <= len(enc.encode(head, allowed_special="all")) + 4
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == (r.choices[0].message.content or "") and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
 def test_tool_choice_none_hides_tools():
     src = ScriptedTokenSource(ANSWER)
     with serving(src) as (_, client):
