@@ -11,7 +11,12 @@ assistant actions (<|return|>, <|call|>) or at max_tokens.
 
 One step per call lets the server run steps in worker threads and notice a cancelled request between
 tokens. Each call enters torch.inference_mode itself (it is thread-local, and steps of one request may
-run on different threads).
+run on different threads). Concurrent requests share one model, and their steps take turns on it (a
+lock per model): a forward at a time, their tokens interleaving. Running forwards of one model from
+several threads at once gains nothing on a GPU (one stream) or on the CPU (the cores are shared), and
+is not safe: the first long prompt compiles flex attention (torch.compile is not thread-safe), the
+first call of each Triton kernel shape autotunes by timing it (concurrent timings are wrong), and the
+block-mask cache is a shared dict.
 
 `ScriptedTokenSource` emits chosen harmony completions instead of sampling: tests drive the real server,
 renderer and parser with it deterministically.
@@ -91,7 +96,7 @@ class _ModelGeneration(Generation):
             return None
         model = self.source.model
         feed = self.prompt if self.last is None else [self.last]
-        with torch.inference_mode():
+        with self.source.lock, torch.inference_mode():
             ids = torch.tensor([feed], device=self.source.device)
             out = model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
             tok = sample_token(out.logits[0, -1], self.params.temperature, self.params.top_p, self.generator)
@@ -111,6 +116,7 @@ class ModelTokenSource:
     def __init__(self, model):
         self.model = model
         self.device = next(model.parameters()).device
+        self.lock = threading.Lock()  # one forward of this model at a time (see the module docstring)
         self.context_length = int(getattr(model.config, "max_position_embeddings", 131072))
 
     def start(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:

@@ -399,3 +399,43 @@ def test_generation_uses_the_kv_cache_and_matches_full_recompute(tiny_source):
             want.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
             seq.append(want[-1])
     assert got == want and gen.finish_reason == "length"
+
+
+def test_concurrent_requests_take_turns_on_the_shared_model(tiny_source):
+    """Requests share one model: their forwards never overlap (compilation, autotuning and caches are not
+    thread-safe), and each request gets exactly what it would get alone."""
+    from gptoss_tune.generate import SamplingParams
+
+    model = tiny_source.model
+    state = {"active": 0, "most": 0}
+    lock = threading.Lock()
+
+    def enter(*_):
+        with lock:
+            state["active"] += 1
+            state["most"] = max(state["most"], state["active"])
+        time.sleep(0.005)  # widen the window in which an unguarded second forward would overlap
+
+    def leave(*_):
+        with lock:
+            state["active"] -= 1
+
+    prompts = [torch.randint(0, 200000, (5 + i,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
+
+    def run(prompt):
+        gen = tiny_source.start(prompt, SamplingParams(max_tokens=6, temperature=0, stop_token_ids=()))
+        return [t for t in iter(gen.next_token, None)]
+
+    alone = [run(p) for p in prompts]
+    hooks = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
+    try:
+        results = [None] * len(prompts)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, run(prompts[i]))) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert state["most"] == 1 and results == alone
