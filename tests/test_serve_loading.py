@@ -172,3 +172,39 @@ def test_sampling_follows_the_distribution_and_top_p():
     assert sample_token(logits, 0.0, 1.0, g) == 0
     a = [sample_token(logits, 1.0, 1.0, torch.Generator().manual_seed(5)) for _ in range(3)]
     assert len(set(a)) == 1  # the same seed, the same draw
+
+
+def test_serve_cli_refuses_bad_flags_before_loading_the_model(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """Every flag mistake is one line and exit 2, before the model loads (minutes for 120b)."""
+    import socket
+
+    from gptoss_tune.cli import main
+
+    monkeypatch.delenv("GPTOSS_TUNE_API_KEY", raising=False)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        cases = [
+            (["--port", str(busy.getsockname()[1])], "Address already in use (another server is listening there"),
+            (["--port", "70000"], "--port 70000: must be between 0 and 65535"),
+            (["--max-model-len", "0"], "--max-model-len must be at least 1, got 0"),
+            (["--max-concurrency", "0"], "--max-concurrency must be at least 1, got 0"),
+            (["--device", "gpu0"], "--device 'gpu0': not a device; use cuda, cuda:N or cpu"),
+            (["--host", "no-such-host.invalid", "--api-key", "k"], "--host no-such-host.invalid: cannot resolve"),
+        ]
+        if not torch.cuda.is_available():
+            cases.append((["--device", "cuda"], "--device cuda: no CUDA device is available"))
+        for flags, message in cases:
+            assert main(["serve", str(tiny_ckpt), *flags]) == 2, flags
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err and "loading" not in err, (flags, err)
+    finally:
+        busy.close()
+    (tmp_path / "empty").mkdir()
+    for model_dir, message in ((tmp_path / "empty", "not a model directory (no config.json)"),
+                               (tmp_path / "missing", "no such model directory")):  # fmt: skip
+        assert main(["serve", "--print-vllm-command", str(model_dir)]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["serve", "--print-vllm-command", "openai/gpt-oss-20b"]) == 0  # a hub id passes through to vLLM
+    assert capsys.readouterr().out.startswith("vllm serve openai/gpt-oss-20b ")
