@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import json
 import logging
@@ -155,26 +156,47 @@ class ChatServer:
             return JSONResponse(ApiError(400, "invalid request").body(), status_code=400)
 
         @app.exception_handler(Exception)
-        async def _internal(_request, exc: Exception):
+        async def _internal(_request, exc: Exception):  # last resort; the routes convert their own (below)
             log.exception("internal error while serving a request")
             return JSONResponse(ApiError(500, "internal server error (see the server log)").body(), status_code=500)
+
+        def internal_errors(handler):
+            """A bug in a handler becomes ApiError(500), answered like any other error. Left to the
+            `Exception` handler above it would also be re-raised to uvicorn, which then closes the
+            connection under the client's next request (seen: the openai client's following request
+            failed with APIConnectionError)."""
+
+            @functools.wraps(handler)
+            async def guarded(*args, **kwargs):
+                try:
+                    return await handler(*args, **kwargs)
+                except (ApiError, HTTPException):
+                    raise
+                except Exception:
+                    log.exception("internal error while serving a request")
+                    raise ApiError(500, "internal server error (see the server log)") from None
+
+            return guarded
 
         @app.get("/health")
         async def health():
             return {"status": "ok", "active_requests": self.slots.active}
 
         @app.get("/v1/models")
+        @internal_errors
         async def models(request: Request):
             self._auth(request)
             return {"object": "list", "data": [self._model_card()]}
 
         @app.get("/v1/models/{model_id:path}")
+        @internal_errors
         async def model(model_id: str, request: Request):
             self._auth(request)
             self._check_model(model_id, param=None)
             return self._model_card()
 
         @app.post("/v1/chat/completions")
+        @internal_errors
         async def chat(request: Request):
             self._auth(request)
             raw = await request.body()

@@ -225,6 +225,8 @@ def test_errors_map_to_client_exceptions():
             (dict(response_format={"type": "json_object"}), "response_format", "not supported"),
             (dict(extra_body={"top_k": 5}), "top_k", "unknown field 'top_k'"),
             (dict(stop=["a", "b", "c", "d", "e"]), "stop", "up to 4"),
+            (dict(seed=2**70), "seed", "less than or equal to 9223372036854775807"),  # int64, not a 500
+            (dict(tools=[{"type": "function", "function": {"name": "no spaces"}}]), "tools[0].function.name", "pattern"),
             (dict(stream_options={"include_usage": True}), "stream_options", "only allowed when stream is true"),
             (dict(messages=[{"role": "wizard", "content": "x"}]), "messages", "unknown role 'wizard'"),
             (dict(messages=[{"role": "tool", "tool_call_id": "nope", "content": "x"}]), "messages", "matches no earlier"),
@@ -258,22 +260,47 @@ def _error_code(client, kwargs):
 
 
 def test_internal_errors_never_leak_a_traceback():
+    import logging
+
     class Broken:
         context_length = 1000
 
+        def __init__(self):
+            self.calls = 0
+
         def start(self, prompt, params):
+            self.calls += 1
+            if self.calls == 3:  # the third request works
+                return ScriptedTokenSource(ANSWER).start(prompt, params)
             raise RuntimeError("secret internal detail")
 
-    with serving(Broken()) as (srv, client):
-        with pytest.raises(openai.InternalServerError) as e:
-            client.chat.completions.create(model=MODEL, messages=user())
-        text = e.value.response.text
-        assert "secret" not in text and "Traceback" not in text and "internal server error" in text
-        chunks = httpx.post(f"{srv.base_url}/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                            json={"model": MODEL, "messages": user(), "stream": True}).text  # fmt: skip
-        assert "secret" not in chunks and "Traceback" not in chunks and chunks.rstrip().endswith("data: [DONE]")
-        # the failed requests gave their slots back
-        assert httpx.get(f"{srv.base_url.removesuffix('/v1')}/health").json()["active_requests"] == 0
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    uvicorn_errors = Records()
+    try:
+        with serving(Broken()) as (srv, client):
+            logging.getLogger("uvicorn.error").addHandler(uvicorn_errors)  # after uvicorn configured its logging
+            with pytest.raises(openai.InternalServerError) as e:
+                client.chat.completions.create(model=MODEL, messages=user())
+            text = e.value.response.text
+            assert "secret" not in text and "Traceback" not in text and "internal server error" in text
+            assert set(e.value.response.json()["error"]) == {"message", "type", "param", "code"}
+            chunks = httpx.post(f"{srv.base_url}/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                                json={"model": MODEL, "messages": user(), "stream": True}).text  # fmt: skip
+            assert "secret" not in chunks and "Traceback" not in chunks and chunks.rstrip().endswith("data: [DONE]")
+            # the failures were answered, not re-raised into uvicorn (which closes the connection under the
+            # client's next request): the same client, without retries, goes on working
+            assert client.chat.completions.create(model=MODEL, messages=user()).choices[0].message.content.startswith("Hello")
+            assert httpx.get(f"{srv.base_url.removesuffix('/v1')}/health").json()["active_requests"] == 0
+            assert not any("Exception in ASGI application" in m for m in uvicorn_errors.messages)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(uvicorn_errors)
 
 
 def test_concurrency_limit_gives_429_and_frees_slots():
