@@ -34,6 +34,7 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_bench.log"
 RESULTS="$OUT/results.jsonl"
+echo "gpu_bench.sh $* ($(date -u +%Y-%m-%dT%H:%M:%SZ))" >> "$LOG"
 TMP=$(mktemp -d)
 ln -s "$PWD/kernels" "$TMP/gptoss_kernels"  # kernels/ imports as gptoss_kernels (never as `kernels`)
 export PYTHONPATH="$PWD:$TMP${PYTHONPATH:+:$PYTHONPATH}"
