@@ -7,7 +7,7 @@ Experts stay MXFP4 (the model is `load_model`'s). Sampling: temperature 0 is gre
 at the temperature, nucleus (top_p) filtering, on the model's device, with a per-request torch.Generator
 when a seed is given, so a seeded request is reproducible (on the same kind of device) whatever runs
 beside it. Generation stops on the harmony stop tokens of
-assistant actions (<|return|>, <|call|>) or at max_tokens.
+assistant actions (<|return|>, <|call|>), on <|endoftext|>, or at max_tokens.
 
 One step per call lets the server run steps in worker threads and notice a cancelled request between
 tokens. Each call enters torch.inference_mode itself (it is thread-local, and steps of one request may
@@ -31,9 +31,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model_config import CALL_ID, EOS_ID
+from .model_config import CALL_ID, EOS_ID, PAD_ID
 
-STOP_TOKENS = (EOS_ID, CALL_ID)  # openai-harmony's stop_tokens_for_assistant_actions(): <|return|>, <|call|>
+# openai-harmony's stop_tokens_for_assistant_actions() (<|return|>, <|call|>), plus <|endoftext|>, which the
+# published generation_config.json also stops on (eos_token_id [200002, 199999, 200012]), as transformers'
+# generate and vLLM do: text after it is not part of the answer.
+STOP_TOKENS = (EOS_ID, CALL_ID, PAD_ID)
 
 
 @dataclass

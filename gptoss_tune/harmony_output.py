@@ -10,7 +10,7 @@ message (analysis -> reasoning, else -> content). Each `feed(token)` returns the
 produced, so streaming and non-streaming responses are built from the same parse.
 
 The model speaks only as the assistant: a message it starts under another role (a hallucinated user
-turn or tool result) ends the completion (`ended`), and its text is dropped.
+turn or tool result) ends the completion (`ended`), and its text is dropped; so does <|endoftext|>.
 
 A model that does not follow the format (an untrained tiny model, a broken fine-tune) makes the parser
 fail; from then on the text is passed through as content with special tokens dropped, and if nothing at
@@ -26,7 +26,7 @@ import codecs
 import uuid
 from dataclasses import dataclass, field
 
-from .model_config import BOS_ID
+from .model_config import BOS_ID, PAD_ID
 
 
 FIRST_SPECIAL_ID = BOS_ID  # o200k_harmony's special tokens are ids 199998 and up
@@ -140,6 +140,9 @@ class HarmonyOutputParser:
         if self.ended:
             return []
         self.tokens.append(tok)
+        if tok == PAD_ID:  # <|endoftext|>: the end of the completion (harmony's parser would keep it as text)
+            self.ended = True
+            return []
         if self._raw:
             return self._content(self._raw_text(tok))
         from openai_harmony import HarmonyError

@@ -198,6 +198,15 @@ def test_stop_strings_and_length():
         assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
 
 
+def test_generation_stops_at_endoftext():
+    """<|endoftext|> ends the answer, as the published generation_config.json says (eos 200002, 199999, 200012)."""
+    script = "<|channel|>final<|message|>Done.<|endoftext|><|start|>assistant<|channel|>final<|message|>" + "junk " * 30
+    with serving(ScriptedTokenSource(script)) as (_, client):
+        r = client.chat.completions.create(model=MODEL, messages=user())
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "Done."
+    assert r.usage.completion_tokens == len(harmony_encoding().encode("<|channel|>final<|message|>Done.<|endoftext|>", allowed_special="all"))
+
+
 def _error(exc_info):
     body = exc_info.value.response.json()
     assert set(body["error"]) == {"message", "type", "param", "code"}
