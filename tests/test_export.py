@@ -190,6 +190,8 @@ def test_merged_mxfp4_has_the_original_layout_and_loads_in_stock_transformers(ex
     d = rep["drift"]
     assert d["prompts"] == 4 and 0 <= d["export_vs_tuned"]["top1_agreement"] <= 1
     assert d["base_vs_tuned"]["max_abs_logit_diff"] > 0
+    # the export keeps the tuning: it is far closer to the tuned model than the untuned base is
+    assert d["export_vs_tuned"]["mean_kl"] < 0.5 * d["base_vs_tuned"]["mean_kl"]
 
 
 def test_mxfp4_requantisation_is_lossless_without_expert_lora(tiny_ckpt, tmp_path):
