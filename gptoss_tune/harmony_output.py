@@ -11,6 +11,7 @@ produced, so streaming and non-streaming responses are built from the same parse
 
 The model speaks only as the assistant: a message it starts under another role (a hallucinated user
 turn or tool result) ends the completion (`ended`), and its text is dropped; so does <|endoftext|>.
+Special tokens inside a message's text are dropped rather than shown by name.
 
 A model that does not follow the format (an untrained tiny model, a broken fine-tune) makes the parser
 fail; from then on the text is passed through as content with special tokens dropped, and if nothing at
@@ -169,6 +170,10 @@ class HarmonyOutputParser:
             events.append(Event("tool_call", index=len(self.tool_calls) - 1, id=self.tool_calls[-1].id, name=name))
             self.parsed_any = True
         delta = p.last_content_delta or ""
+        if self._is_special(tok):
+            # A special token inside a message's text (an undertrained model writes `<|message|>` or a reserved
+            # token there): harmony's parser keeps its name as text; it is never text for the client.
+            return events
         if not delta:
             return events
         self.parsed_any = True

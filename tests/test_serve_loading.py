@@ -106,6 +106,18 @@ def test_parser_falls_back_to_raw_text_for_an_untrained_model():
     assert "".join(p.content) == "okjunk"
 
 
+def test_parser_drops_special_tokens_inside_message_text():
+    """An undertrained model writes special tokens inside a message; harmony's parser keeps their names as
+    text (`<|message|>`, `<|reserved_200319|>`), which no client should see."""
+    enc = tiktoken_encoding()
+    p = HarmonyOutputParser()
+    text = "<|channel|>analysis<|message|>a<|message|>b<|reserved_200319|>c<|end|><|start|>assistant<|channel|>final<|message|>x<|constrain|>y<|return|>"
+    for t in enc.encode(text, allowed_special="all"):
+        p.feed(t)
+    p.finish()
+    assert "".join(p.reasoning) == "abc" and "".join(p.content) == "xy"
+
+
 def test_demo_helper(run, tmp_path):
     from gptoss_tune.serve_demo import export_serve_and_ask
 
