@@ -23,10 +23,17 @@ def load_for_serving(model_dir: str | Path, adapter: str | Path | None = None, c
 
     p = Path(model_dir)
     name = p.resolve().name if p.exists() else str(model_dir)
+    is_run = (p / CONFIG_FILE).is_file() or (p / "checkpoints").is_dir() or (p / "final").is_dir()
+    if checkpoint != "best" and (adapter is not None or not is_run):
+        raise UserError(
+            f"--checkpoint {checkpoint}: applies to a training run directory, and {model_dir}"
+            + (" is served with --adapter" if adapter is not None else " is not one")
+            + "; leave --checkpoint out, or pass the run directory"
+        )
     if adapter is None:
         if (p / PEFT_CONFIG_FILE).is_file():
             return _load_peft_adapter(p, None, device), name
-        if (p / CONFIG_FILE).is_file() or (p / "checkpoints").is_dir() or (p / "final").is_dir():
+        if is_run:
             from .export import resolve_export_checkpoint
 
             ckpt = resolve_export_checkpoint(p, checkpoint)

@@ -54,6 +54,12 @@ def test_serve_loads_run_dirs_our_adapters_and_peft_exports(run, peft_export, ti
     assert name.endswith("+adapter")
     with pytest.raises(UserError, match="neither a gptoss_tune adapter"):
         load_for_serving(tiny_ckpt, adapter=tiny_ckpt, device="cpu")
+    # --checkpoint picks among a run's checkpoints: anything else would silently serve something else
+    with pytest.raises(UserError, match="--checkpoint last: applies to a training run directory, and .* is not one"):
+        load_for_serving(tiny_ckpt, checkpoint="last", device="cpu")
+    with pytest.raises(UserError, match="--checkpoint last: .* is served with --adapter"):
+        load_for_serving(tiny_ckpt, adapter=peft_export, checkpoint="last", device="cpu")
+    m, _ = load_for_serving(run, checkpoint="last", device="cpu")  # a run: fine
 
 
 def test_print_vllm_command(run, peft_export, tiny_ckpt, tmp_path, capsys):
