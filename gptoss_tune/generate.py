@@ -69,11 +69,33 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
 
 
 class Generation:
-    """One request's generation state; `next_token()` returns the next id, or None when finished."""
+    """One request's generation state; `next_token()` returns the next id, or None when finished.
 
+    Subclasses produce tokens in `_step()` (None: nothing more to say); the stop and length rules are here.
+    """
+
+    params: SamplingParams
     finish_reason: str | None = None  # "stop" (a stop token) or "length"
+    generated: int = 0
 
-    def next_token(self) -> int | None:  # pragma: no cover - interface
+    def next_token(self) -> int | None:
+        if self.finish_reason is not None:
+            return None
+        if self.generated >= self.params.max_tokens:
+            self.finish_reason = "length"
+            return None
+        tok = self._step()
+        if tok is None:
+            self.finish_reason = "stop"
+            return None
+        self.generated += 1
+        if tok in self.params.stop_token_ids:
+            self.finish_reason = "stop"
+        elif self.generated >= self.params.max_tokens:
+            self.finish_reason = "length"
+        return tok
+
+    def _step(self) -> int | None:  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -85,31 +107,18 @@ class _ModelGeneration(Generation):
         self.params = params
         self.prompt = list(prompt_ids)
         self.cache = DynamicCache(config=source.model.config)
-        self.generated = 0
         self.last: int | None = None
-        self.finish_reason = None
         self.generator = torch.Generator(source.device).manual_seed(params.seed) if params.seed is not None else None
         self.forward_lengths: list[int] = []  # tokens fed per forward (tests check there is no recompute)
 
-    def next_token(self) -> int | None:
-        if self.finish_reason is not None:
-            return None
-        if self.generated >= self.params.max_tokens:
-            self.finish_reason = "length"
-            return None
-        model = self.source.model
+    def _step(self) -> int:
         feed = self.prompt if self.last is None else [self.last]
         with self.source.lock, torch.inference_mode():
             ids = torch.tensor([feed], device=self.source.device)
-            out = model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            out = self.source.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
             tok = sample_token(out.logits[0, -1], self.params.temperature, self.params.top_p, self.generator)
         self.forward_lengths.append(len(feed))
-        self.generated += 1
         self.last = tok
-        if tok in self.params.stop_token_ids:
-            self.finish_reason = "stop"
-        elif self.generated >= self.params.max_tokens:
-            self.finish_reason = "length"
         return tok
 
 
@@ -126,32 +135,16 @@ class ModelTokenSource:
         return _ModelGeneration(self, prompt_ids, params)
 
 
-@dataclass
 class _Scripted(Generation):
-    tokens: list[int]
-    params: SamplingParams
-    delay: float
-    finish_reason: str | None = None
-    i: int = 0
+    def __init__(self, tokens: list[int], params: SamplingParams, delay: float):
+        self.tokens, self.params, self.delay = tokens, params, delay
 
-    def next_token(self) -> int | None:
-        if self.finish_reason is not None:
-            return None
-        if self.i >= self.params.max_tokens:
-            self.finish_reason = "length"
-            return None
-        if self.i >= len(self.tokens):
-            self.finish_reason = "stop"
+    def _step(self) -> int | None:
+        if self.generated >= len(self.tokens):
             return None
         if self.delay:
             time.sleep(self.delay)
-        tok = self.tokens[self.i]
-        self.i += 1
-        if tok in self.params.stop_token_ids:
-            self.finish_reason = "stop"
-        elif self.i >= self.params.max_tokens:
-            self.finish_reason = "length"
-        return tok
+        return self.tokens[self.generated]
 
 
 @dataclass
