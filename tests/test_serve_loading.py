@@ -60,6 +60,17 @@ def test_serve_loads_run_dirs_our_adapters_and_peft_exports(run, peft_export, ti
     with pytest.raises(UserError, match="--checkpoint last: .* is served with --adapter"):
         load_for_serving(tiny_ckpt, adapter=peft_export, checkpoint="last", device="cpu")
     m, _ = load_for_serving(run, checkpoint="last", device="cpu")  # a run: fine
+    # a PEFT adapter_config.json without its rank is one line, not a KeyError
+    import json
+    import shutil
+
+    broken = peft_export.parent / "broken"
+    shutil.copytree(peft_export, broken)
+    cfg = json.loads((broken / "adapter_config.json").read_text())
+    del cfg["r"]
+    (broken / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"adapter_config.json: needs a numeric 'r' and 'lora_alpha' \(got None, "):
+        load_for_serving(tiny_ckpt, adapter=broken, device="cpu")
 
 
 def test_print_vllm_command(run, peft_export, tiny_ckpt, tmp_path, capsys):
