@@ -63,11 +63,15 @@ def _load_peft_adapter(adapter_dir: Path, base, device):
     base = base or cfg.get("base_model_name_or_path")
     if not base:
         raise UserError(f"{adapter_dir / 'adapter_config.json'}: names no base_model_name_or_path; pass the base as MODEL_DIR")
-    model = load_model(base, lora=settings, device=device)
+    f = adapter_dir / PEFT_WEIGHTS_FILE
+    if not f.is_file():  # checked before the base loads (minutes for 120b)
+        raise UserError(f"{adapter_dir}: {PEFT_WEIGHTS_FILE} is missing")
     try:
-        state = from_peft_state_dict(load_file(adapter_dir / PEFT_WEIGHTS_FILE), settings, model.config.num_local_experts)
-    except FileNotFoundError:
-        raise UserError(f"{adapter_dir}: {PEFT_WEIGHTS_FILE} is missing") from None
+        raw = load_file(f)
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise UserError(f"{f}: unreadable ({str(e).strip() or type(e).__name__}); export the adapter again") from None
+    model = load_model(base, lora=settings, device=device)
+    state = from_peft_state_dict(raw, settings, model.config.num_local_experts)
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     routers = {n for n in state if ".mlp.router." in n}

@@ -71,6 +71,13 @@ def test_serve_loads_run_dirs_our_adapters_and_peft_exports(run, peft_export, ti
     (broken / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match=r"adapter_config.json: needs a numeric 'r' and 'lora_alpha' \(got None, "):
         load_for_serving(tiny_ckpt, adapter=broken, device="cpu")
+    shutil.copy(peft_export / "adapter_config.json", broken / "adapter_config.json")
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match=r"adapter_model.safetensors: unreadable \(.*\); export the adapter again"):
+        load_for_serving(tiny_ckpt, adapter=broken, device="cpu")
+    (broken / "adapter_model.safetensors").unlink()
+    with pytest.raises(UserError, match="adapter_model.safetensors is missing"):
+        load_for_serving(tiny_ckpt, adapter=broken, device="cpu")
 
 
 def test_print_vllm_command(run, peft_export, tiny_ckpt, tmp_path, capsys):
