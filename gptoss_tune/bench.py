@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
 from .model_config import published_config, tiny_config
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "B200": 2250.0}
@@ -420,6 +421,10 @@ def check_goals(result: dict) -> list[dict]:
 
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.model != "tiny" and device.type != "cuda" and not args.device:
+        # gpt-oss at its real size on the CPU takes tens of GB of host memory (the OOM killer ends it on a
+        # small machine) and hours per step: refuse unless asked for explicitly.
+        raise UserError(f"--model {args.model} needs a CUDA device (none here); pass --device cpu to insist, or --model tiny")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.alpha is None:
         args.alpha = 2 * args.rank

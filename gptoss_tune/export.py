@@ -11,13 +11,15 @@ Merging streams: the base checkpoint is read one tensor (experts: one expert) at
 safetensors, the merged tensors of one layer are written as one shard, and nothing else is held, so
 peak memory is about one layer's output beyond the process (the report records the largest shard held).
 Every export directory also gets generation_config.json, the tokenizer files (hf_tokenizer.py), a model
-card (README.md) with the recipe, data summary and final metrics, and export_report.json. The directory
+card (README.md, export_card.py) with the recipe, data summary and final metrics, and export_report.json;
+merged-mxfp4 also the logit drift of the export against the tuned model (export_drift.py). The directory
 is built next to its destination and renamed into place, so an interrupted export leaves nothing that
 looks complete.
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
@@ -37,6 +39,8 @@ from . import run_dir as rd
 from .adapter import CONFIG_FILE as OUR_CONFIG, WEIGHTS_FILE as OUR_WEIGHTS, read_adapter_config
 from .checkpoint import index_checkpoint, read_config, resolve_model_dir
 from .errors import UserError
+from .export_card import model_card, run_dir_of  # noqa: F401  (public from here too)
+from .export_drift import DRIFT_PROMPTS, drift_prompt_ids, logit_drift  # noqa: F401  (public from here too)
 from .lora import EXPERT_PROJECTIONS, LoraSettings
 from .model_config import GENERATION_CONFIG, QUANTIZATION_CONFIG
 from .mxfp4 import dequantize, quantize
@@ -45,12 +49,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("adapter", "merged-bf16", "merged-mxfp4")
 REPORT_FILE = "export_report.json"
-DRIFT_PROMPTS = (
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain in one sentence why the sky is blue.",
-    "List three prime numbers.",
-)
 
 
 # ---- locating what to export ---------------------------------------------------------------------
@@ -62,14 +60,6 @@ def resolve_export_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
     if which in ("best", "last") and (run / OUR_CONFIG).is_file():
         return run
     return rd.resolve_checkpoint(run, which)
-
-
-def run_dir_of(ckpt: Path) -> Path | None:
-    """The training run a checkpoint belongs to (for its recipe, data report and metrics), if any."""
-    for cand in (ckpt.parent.parent, ckpt.parent, ckpt):
-        if (cand / rd.RECIPE).is_file() or (cand / rd.METRICS).is_file():
-            return cand
-    return None
 
 
 class AdapterSource:
@@ -329,161 +319,6 @@ def write_adapter(src: AdapterSource, out_dir: Path) -> dict:
     return {"tensors": len(state), "bytes": sum(t.numel() * t.element_size() for t in state.values())}
 
 
-# ---- logit drift of the MXFP4 export --------------------------------------------------------------
-
-
-def drift_prompt_ids(prompts=DRIFT_PROMPTS) -> list[list[int]]:
-    from openai_harmony import Conversation, Message, Role, SystemContent
-
-    from .tokenizer import harmony_encoding
-
-    enc = harmony_encoding()
-    out = []
-    for p in prompts:
-        conv = Conversation.from_messages(
-            [Message.from_role_and_content(Role.SYSTEM, SystemContent.new()), Message.from_role_and_content(Role.USER, p)]
-        )
-        out.append(list(enc.render_conversation_for_completion(conv, Role.ASSISTANT)))
-    return out
-
-
-def _compare(ref: list[torch.Tensor], other: list[torch.Tensor]) -> dict:
-    max_abs, kl_sum, agree, n = 0.0, 0.0, 0, 0
-    for a, b in zip(ref, other):
-        max_abs = max(max_abs, float((a - b).abs().max()))
-        la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-        kl_sum += float((la.exp() * (la - lb)).sum())
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-        n += a.shape[0]
-    return {"max_abs_logit_diff": max_abs, "mean_kl": kl_sum / n, "top1_agreement": agree / n, "positions": n}
-
-
-@torch.no_grad()
-def logit_drift(src: AdapterSource, export_dir: Path, device: str | None = None, prompts=DRIFT_PROMPTS) -> dict:
-    """Logits of the merged-MXFP4 export against the tuned model with its LoRA applied on the fly.
-
-    The reference is what merged-bf16 stores (base + LoRA, before bf16 rounding); one model is loaded at
-    a time. The untuned base is measured too, so the drift can be read against the size of the tuning.
-    """
-    from .adapter import load_adapter_weights
-    from .loader import load_model
-
-    ids = drift_prompt_ids(prompts)
-
-    def logits(model) -> list[torch.Tensor]:
-        dev = next(model.parameters()).device
-        return [model(input_ids=torch.tensor([x], device=dev)).logits[0].float().cpu() for x in ids]
-
-    model = load_model(src.base_dir, lora=src.settings, device=device)
-    load_adapter_weights(model, src.ckpt)
-    tuned = logits(model)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.zero_()
-    if src.router_trained:
-        model = load_model(src.base_dir, device=device)
-    base = logits(model)
-    del model
-    gc.collect()
-    model = load_model(export_dir, device=device)
-    exported = logits(model)
-    del model
-    gc.collect()
-    return {"prompts": len(ids), "export_vs_tuned": _compare(tuned, exported), "base_vs_tuned": _compare(tuned, base)}
-
-
-# ---- model card -----------------------------------------------------------------------------------
-
-
-def _read_metrics(run: Path | None) -> dict:
-    out: dict = {}
-    if run is None:
-        return out
-    f = run / rd.METRICS
-    if f.is_file():
-        for line in f.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(rec, dict):
-                continue
-            if "loss" in rec:
-                out["final train loss"] = (rec.get("step"), rec["loss"])
-            if "eval_loss" in rec:
-                out["final eval loss"] = (rec.get("step"), rec["eval_loss"])
-    if (run / rd.BEST).is_file():
-        try:
-            best = json.loads((run / rd.BEST).read_text())
-            out[f"best {best.get('metric', 'metric')}"] = (best.get("step"), best.get("value"))
-        except (json.JSONDecodeError, AttributeError):
-            pass
-    return out
-
-
-def model_card(fmt: str, src: AdapterSource, report: dict, out_name: str) -> str:
-    run = run_dir_of(src.ckpt)
-    lib = "peft" if fmt == "adapter" else "transformers"
-    s = src.settings
-    lines = [
-        "---",
-        f"base_model: {src.base_name}",
-        f"library_name: {lib}",
-        "license: apache-2.0",
-        "tags: [gpt-oss, gptoss-tune, lora" + (", mxfp4" if fmt == "merged-mxfp4" else "") + "]",
-        "---",
-        "",
-        f"# {out_name}",
-        "",
-        f"A LoRA fine-tune of `{src.base_name}` made with gptoss_tune, exported as **{fmt}**.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| checkpoint | `{src.ckpt}` |",
-        f"| LoRA | rank {s.rank}, alpha {s.alpha:g}, attention {s.attention or 'none'}, experts {s.experts or 'none'}"
-        + (", router trained" if src.router_trained else "") + " |",
-        f"| exported | {time.strftime('%Y-%m-%d %H:%M:%S')} |",
-    ]
-    metrics = _read_metrics(run)
-    if metrics:
-        lines += ["", "## Final metrics", "", "| metric | step | value |", "|---|---|---|"]
-        lines += [f"| {k} | {st} | {v:.4f} |" if isinstance(v, (int, float)) else f"| {k} | {st} | {v} |" for k, (st, v) in metrics.items()]
-    if run is not None and (run / rd.DATA_REPORT).is_file():
-        try:
-            data = json.loads((run / rd.DATA_REPORT).read_text())
-            lines += ["", "## Data", "", "```json", json.dumps(data, indent=2), "```"]
-        except json.JSONDecodeError:
-            pass
-    if run is not None and (run / rd.RECIPE).is_file():
-        lines += ["", "## Recipe", "", "```yaml", (run / rd.RECIPE).read_text().rstrip(), "```"]
-    if fmt == "merged-mxfp4" and "requantization" in report:
-        lines += ["", "## MXFP4 re-quantisation", "", "```json", json.dumps({k: report[k] for k in ("requantization", "drift") if k in report}, indent=2), "```"]
-    lines += ["", "## Use", ""]
-    if fmt == "adapter":
-        lines += [
-            "```python",
-            "from transformers import AutoModelForCausalLM",
-            "from peft import PeftModel",
-            f'base = AutoModelForCausalLM.from_pretrained("{src.base_name}", dtype="bfloat16")  # MXFP4 experts are dequantised',
-            f'model = PeftModel.from_pretrained(base, "{out_name}")',
-            "```",
-            "",
-            f"Serve: `gptoss-tune serve {src.base_name} --adapter {out_name}`, or see `gptoss-tune serve --print-vllm-command {src.base_name} --adapter {out_name}`.",
-        ]
-    else:
-        lines += [
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            f'model = AutoModelForCausalLM.from_pretrained("{out_name}")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{out_name}")',
-            "```",
-            "",
-            f"Serve: `gptoss-tune serve {out_name}` or `vllm serve {out_name} --tool-call-parser openai --enable-auto-tool-choice`.",
-        ]
-    lines += ["", "Prompts use the harmony format (render them with openai-harmony; the chat template covers plain chat)."]
-    return "\n".join(lines) + "\n"
-
-
 # ---- the command ----------------------------------------------------------------------------------
 
 
@@ -504,12 +339,19 @@ def export_run(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"{out}: exists and is not empty; choose another --out or pass --force to replace it")
+    if fmt == "merged-mxfp4" and drift:
+        from .devices import check_device
+
+        check_device(device)
     ckpt = resolve_export_checkpoint(run_dir, checkpoint)
     src = AdapterSource(ckpt, base)
     _check_out_dir(out, [Path(run_dir), ckpt, src.base_dir])
     progress(f"exporting {ckpt} (base {src.base_dir}) as {fmt} to {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create it ({e.strerror or e}); choose a writable directory") from None
     t0 = time.time()
     try:
         report: dict = {"format": fmt, "checkpoint": str(ckpt), "base_model": src.base_name}
@@ -532,11 +374,19 @@ def export_run(
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(fmt, src, report, out.name))
         _replace_dir(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in _WRITE_ERRNOS:  # the machine's problem, not a bug: say what and where, without a traceback
+            raise UserError(f"writing the export to {out} failed: {e.strerror} ({e.filename or tmp}); nothing was written") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     progress(summary_lines(report, out))
     return report
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _check_out_dir(out: Path, inputs: list[Path]) -> None:

@@ -156,5 +156,9 @@ def read_peft_settings(adapter_dir: str | Path) -> tuple[LoraSettings, dict]:
         if unknown:
             raise UserError(f"{f}: target_modules {unknown} are not attention projections gptoss_tune can apply")
     experts = [p for p in EXPERT_PROJECTIONS if any(str(t).endswith(f"experts.{p}") for t in cfg.get("target_parameters") or [])]
-    settings = LoraSettings(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=0.0, attention=attention, experts=experts)
+    try:
+        rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{f}: needs a numeric 'r' and 'lora_alpha' (got {cfg.get('r')!r}, {cfg.get('lora_alpha')!r})") from None
+    settings = LoraSettings(rank=rank, alpha=alpha, dropout=0.0, attention=attention, experts=experts)
     return settings.validate(), cfg

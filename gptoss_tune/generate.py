@@ -7,11 +7,16 @@ Experts stay MXFP4 (the model is `load_model`'s). Sampling: temperature 0 is gre
 at the temperature, nucleus (top_p) filtering, on the model's device, with a per-request torch.Generator
 when a seed is given, so a seeded request is reproducible (on the same kind of device) whatever runs
 beside it. Generation stops on the harmony stop tokens of
-assistant actions (<|return|>, <|call|>) or at max_tokens.
+assistant actions (<|return|>, <|call|>), on <|endoftext|>, or at max_tokens.
 
 One step per call lets the server run steps in worker threads and notice a cancelled request between
 tokens. Each call enters torch.inference_mode itself (it is thread-local, and steps of one request may
-run on different threads).
+run on different threads). Concurrent requests share one model, and their steps take turns on it (a
+lock per model): a forward at a time, their tokens interleaving. Running forwards of one model from
+several threads at once gains nothing on a GPU (one stream) or on the CPU (the cores are shared), and
+is not safe: the first long prompt compiles flex attention (torch.compile is not thread-safe), the
+first call of each Triton kernel shape autotunes by timing it (concurrent timings are wrong), and the
+block-mask cache is a shared dict.
 
 `ScriptedTokenSource` emits chosen harmony completions instead of sampling: tests drive the real server,
 renderer and parser with it deterministically.
@@ -26,9 +31,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model_config import CALL_ID, EOS_ID
+from .model_config import CALL_ID, EOS_ID, PAD_ID
 
-STOP_TOKENS = (EOS_ID, CALL_ID)  # openai-harmony's stop_tokens_for_assistant_actions(): <|return|>, <|call|>
+# openai-harmony's stop_tokens_for_assistant_actions() (<|return|>, <|call|>), plus <|endoftext|>, which the
+# published generation_config.json also stops on (eos_token_id [200002, 199999, 200012]), as transformers'
+# generate and vLLM do: text after it is not part of the answer.
+STOP_TOKENS = (EOS_ID, CALL_ID, PAD_ID)
 
 
 @dataclass
@@ -61,11 +69,33 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
 
 
 class Generation:
-    """One request's generation state; `next_token()` returns the next id, or None when finished."""
+    """One request's generation state; `next_token()` returns the next id, or None when finished.
 
+    Subclasses produce tokens in `_step()` (None: nothing more to say); the stop and length rules are here.
+    """
+
+    params: SamplingParams
     finish_reason: str | None = None  # "stop" (a stop token) or "length"
+    generated: int = 0
 
-    def next_token(self) -> int | None:  # pragma: no cover - interface
+    def next_token(self) -> int | None:
+        if self.finish_reason is not None:
+            return None
+        if self.generated >= self.params.max_tokens:
+            self.finish_reason = "length"
+            return None
+        tok = self._step()
+        if tok is None:
+            self.finish_reason = "stop"
+            return None
+        self.generated += 1
+        if tok in self.params.stop_token_ids:
+            self.finish_reason = "stop"
+        elif self.generated >= self.params.max_tokens:
+            self.finish_reason = "length"
+        return tok
+
+    def _step(self) -> int | None:  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -77,31 +107,18 @@ class _ModelGeneration(Generation):
         self.params = params
         self.prompt = list(prompt_ids)
         self.cache = DynamicCache(config=source.model.config)
-        self.generated = 0
         self.last: int | None = None
-        self.finish_reason = None
         self.generator = torch.Generator(source.device).manual_seed(params.seed) if params.seed is not None else None
         self.forward_lengths: list[int] = []  # tokens fed per forward (tests check there is no recompute)
 
-    def next_token(self) -> int | None:
-        if self.finish_reason is not None:
-            return None
-        if self.generated >= self.params.max_tokens:
-            self.finish_reason = "length"
-            return None
-        model = self.source.model
+    def _step(self) -> int:
         feed = self.prompt if self.last is None else [self.last]
-        with torch.inference_mode():
+        with self.source.lock, torch.inference_mode():
             ids = torch.tensor([feed], device=self.source.device)
-            out = model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            out = self.source.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
             tok = sample_token(out.logits[0, -1], self.params.temperature, self.params.top_p, self.generator)
         self.forward_lengths.append(len(feed))
-        self.generated += 1
         self.last = tok
-        if tok in self.params.stop_token_ids:
-            self.finish_reason = "stop"
-        elif self.generated >= self.params.max_tokens:
-            self.finish_reason = "length"
         return tok
 
 
@@ -111,38 +128,23 @@ class ModelTokenSource:
     def __init__(self, model):
         self.model = model
         self.device = next(model.parameters()).device
+        self.lock = threading.Lock()  # one forward of this model at a time (see the module docstring)
         self.context_length = int(getattr(model.config, "max_position_embeddings", 131072))
 
     def start(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
         return _ModelGeneration(self, prompt_ids, params)
 
 
-@dataclass
 class _Scripted(Generation):
-    tokens: list[int]
-    params: SamplingParams
-    delay: float
-    finish_reason: str | None = None
-    i: int = 0
+    def __init__(self, tokens: list[int], params: SamplingParams, delay: float):
+        self.tokens, self.params, self.delay = tokens, params, delay
 
-    def next_token(self) -> int | None:
-        if self.finish_reason is not None:
-            return None
-        if self.i >= self.params.max_tokens:
-            self.finish_reason = "length"
-            return None
-        if self.i >= len(self.tokens):
-            self.finish_reason = "stop"
+    def _step(self) -> int | None:
+        if self.generated >= len(self.tokens):
             return None
         if self.delay:
             time.sleep(self.delay)
-        tok = self.tokens[self.i]
-        self.i += 1
-        if tok in self.params.stop_token_ids:
-            self.finish_reason = "stop"
-        elif self.i >= self.params.max_tokens:
-            self.finish_reason = "length"
-        return tok
+        return self.tokens[self.generated]
 
 
 @dataclass

@@ -2,9 +2,16 @@
 
 openai-harmony's StreamableParser reads the tokens the model writes after `<|start|>assistant`:
 `analysis` -> reasoning; `final` (and commentary addressed to nobody, i.e. preambles) -> content;
-a message addressed `to=functions.NAME` -> a tool call whose arguments are the message text. Each
-`feed(token)` returns the events that token produced, so streaming and non-streaming responses are
-built from the same parse.
+a message addressed `to=functions.NAME` -> a tool call whose arguments are the message text, but only
+when the request offered tools (`functions`): a client that sent no tools never receives a tool call.
+Any other recipient (gpt-oss's built-in `python` / `browser.*` tools, or a garbled header of an
+undertrained model) is not a function the client can run, so its text goes by channel like any other
+message (analysis -> reasoning, else -> content). Each `feed(token)` returns the events that token
+produced, so streaming and non-streaming responses are built from the same parse.
+
+The model speaks only as the assistant: a message it starts under another role (a hallucinated user
+turn or tool result) ends the completion (`ended`), and its text is dropped; so does <|endoftext|>.
+Special tokens inside a message's text are dropped rather than shown by name.
 
 A model that does not follow the format (an untrained tiny model, a broken fine-tune) makes the parser
 fail; from then on the text is passed through as content with special tokens dropped, and if nothing at
@@ -20,7 +27,7 @@ import codecs
 import uuid
 from dataclasses import dataclass, field
 
-from .model_config import BOS_ID
+from .model_config import BOS_ID, PAD_ID
 
 
 FIRST_SPECIAL_ID = BOS_ID  # o200k_harmony's special tokens are ids 199998 and up
@@ -78,6 +85,7 @@ class ToolCall:
 @dataclass
 class HarmonyOutputParser:
     stop: list[str] = field(default_factory=list)
+    functions: bool = False  # the request offered tools: messages to functions.NAME are tool calls
     gen_finish: str | None = None  # set by the caller: why generation ended ("stop", "length", ...)
 
     def __post_init__(self):
@@ -92,6 +100,8 @@ class HarmonyOutputParser:
         self._raw = False
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._tool_msg: int | None = None  # index (in parser.messages) of the message the open tool call is
+        self._assistant = Role.ASSISTANT
+        self.ended = False  # the model started a message under another role: the completion is over
         self.tokens: list[int] = []
         self.content: list[str] = []
         self.reasoning: list[str] = []
@@ -102,6 +112,14 @@ class HarmonyOutputParser:
     def stopped(self) -> bool:
         """A user stop string matched: generation should end."""
         return self._stop.stopped
+
+    @property
+    def done(self) -> bool:
+        """Generation should end: a stop string matched, or the model left the assistant's turn."""
+        return self._stop.stopped or self.ended
+
+    def _is_call(self, recipient: str | None) -> bool:
+        return bool(self.functions and recipient and recipient.startswith("functions."))
 
     def _content(self, text: str) -> list[Event]:
         text = self._stop.feed(text)
@@ -120,7 +138,12 @@ class HarmonyOutputParser:
         return tok >= FIRST_SPECIAL_ID
 
     def feed(self, tok: int) -> list[Event]:
+        if self.ended:
+            return []
         self.tokens.append(tok)
+        if tok == PAD_ID:  # <|endoftext|>: the end of the completion (harmony's parser would keep it as text)
+            self.ended = True
+            return []
         if self._raw:
             return self._content(self._raw_text(tok))
         from openai_harmony import HarmonyError
@@ -133,20 +156,28 @@ class HarmonyOutputParser:
             if not self.parsed_any:  # nothing was harmony: the whole completion so far is the text
                 return self._content("".join(self._raw_text(t) for t in self.tokens))
             return self._content(self._raw_text(tok))
+        if p.current_role not in (None, self._assistant):
+            self.ended = True  # a user turn or tool result written by the model: not part of the answer
+            return []
         events: list[Event] = []
         recipient = p.current_recipient
+        call = self._is_call(recipient)
         msg_index = len(p.messages)
-        if recipient and recipient != "assistant" and self._tool_msg != msg_index:
+        if call and self._tool_msg != msg_index:
             self._tool_msg = msg_index
-            name = recipient[len("functions.") :] if recipient.startswith("functions.") else recipient
+            name = recipient[len("functions.") :]
             self.tool_calls.append(ToolCall(new_tool_call_id(), name))
             events.append(Event("tool_call", index=len(self.tool_calls) - 1, id=self.tool_calls[-1].id, name=name))
             self.parsed_any = True
         delta = p.last_content_delta or ""
+        if self._is_special(tok):
+            # A special token inside a message's text (an undertrained model writes `<|message|>` or a reserved
+            # token there): harmony's parser keeps its name as text; it is never text for the client.
+            return events
         if not delta:
             return events
         self.parsed_any = True
-        if recipient and recipient != "assistant":
+        if call:
             self.tool_calls[-1].arguments += delta
             events.append(Event("tool_args", delta, index=len(self.tool_calls) - 1))
         elif p.current_channel == "analysis":

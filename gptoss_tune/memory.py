@@ -168,16 +168,3 @@ def apply_memory_settings(model, settings: MemorySettings | dict | None) -> Memo
     else:
         disable_checkpointing(model)
     return settings
-
-
-def cuda_memory_report(device=None) -> dict:
-    """Allocated / peak / reserved GiB on a CUDA device (empty dict on the CPU)."""
-    if not torch.cuda.is_available():
-        return {}
-    gib = 2**30
-    return {
-        "allocated_gib": torch.cuda.memory_allocated(device) / gib,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
-        "reserved_gib": torch.cuda.memory_reserved(device) / gib,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / gib,
-    }

@@ -59,7 +59,7 @@ class ChatCompletionRequest(_Strict):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI's
     stop: str | list[str] | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     tools: list[Tool] | None = None
@@ -134,7 +134,7 @@ def parse_request(data: Any) -> ChatCompletionRequest:
         req = ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or None
+        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".") or None  # tools[0].type
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = f"unknown field '{loc}' (not an OpenAI chat-completions field this server knows)"

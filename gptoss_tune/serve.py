@@ -18,6 +18,8 @@ without batching; for throughput serve the export with vLLM (`--print-vllm-comma
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import ipaddress
 import json
 import logging
@@ -29,16 +31,17 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from starlette.requests import Request  # module level: FastAPI resolves the handlers' string annotations here
 from starlette.responses import StreamingResponse
 
 from .errors import UserError
 from .generate import STOP_TOKENS, SamplingParams
-from .model_config import CALL_ID
 from .harmony_output import HarmonyOutputParser
+from .model_config import CALL_ID
 from .openai_schema import ApiError, ChatCompletionRequest, parse_request
+from .serve_loading import load_for_serving  # noqa: F401  (public: `from gptoss_tune.serve import load_for_serving`)
+from .vllm_command import VLLM_LORA_RANKS, vllm_command  # noqa: F401  (public, as above)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,11 @@ def _echoed(messages: list) -> list:
     return out
 
 
+def tools_offered(req: ChatCompletionRequest) -> bool:
+    """Whether the model is shown the request's tools (tool_choice 'none' hides them, so it cannot call them)."""
+    return bool(req.tools) and req.tool_choice != "none"
+
+
 def render_prompt(req: ChatCompletionRequest) -> list[int]:
     """The request's messages as harmony prompt tokens (gptoss_tune.harmony_messages, the renderer training
     uses), ending with `<|start|>assistant`."""
@@ -62,9 +70,7 @@ def render_prompt(req: ChatCompletionRequest) -> list[int]:
     from .harmony_messages import to_harmony_conversation
     from .tokenizer import harmony_encoding
 
-    tools = None
-    if req.tools and req.tool_choice != "none":  # 'none': the model is not shown the tools, so it cannot call them
-        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if tools_offered(req) else None
     try:
         conv = to_harmony_conversation(_echoed(req.messages), tools=tools, reasoning_effort=req.reasoning_effort)
     except UserError as e:
@@ -150,26 +156,47 @@ class ChatServer:
             return JSONResponse(ApiError(400, "invalid request").body(), status_code=400)
 
         @app.exception_handler(Exception)
-        async def _internal(_request, exc: Exception):
+        async def _internal(_request, exc: Exception):  # last resort; the routes convert their own (below)
             log.exception("internal error while serving a request")
             return JSONResponse(ApiError(500, "internal server error (see the server log)").body(), status_code=500)
+
+        def internal_errors(handler):
+            """A bug in a handler becomes ApiError(500), answered like any other error. Left to the
+            `Exception` handler above it would also be re-raised to uvicorn, which then closes the
+            connection under the client's next request (seen: the openai client's following request
+            failed with APIConnectionError)."""
+
+            @functools.wraps(handler)
+            async def guarded(*args, **kwargs):
+                try:
+                    return await handler(*args, **kwargs)
+                except (ApiError, HTTPException):
+                    raise
+                except Exception:
+                    log.exception("internal error while serving a request")
+                    raise ApiError(500, "internal server error (see the server log)") from None
+
+            return guarded
 
         @app.get("/health")
         async def health():
             return {"status": "ok", "active_requests": self.slots.active}
 
         @app.get("/v1/models")
+        @internal_errors
         async def models(request: Request):
             self._auth(request)
             return {"object": "list", "data": [self._model_card()]}
 
         @app.get("/v1/models/{model_id:path}")
+        @internal_errors
         async def model(model_id: str, request: Request):
             self._auth(request)
             self._check_model(model_id, param=None)
             return self._model_card()
 
         @app.post("/v1/chat/completions")
+        @internal_errors
         async def chat(request: Request):
             self._auth(request)
             raw = await request.body()
@@ -255,7 +282,7 @@ class ChatServer:
             n += 1
             for ev in parser.feed(tok):
                 yield ev
-            if parser.stopped or gen.finish_reason is not None:
+            if parser.done or gen.finish_reason is not None:
                 break
             if disconnected is not None and n % 8 == 0 and await disconnected():
                 log.info("client went away; stopping generation after %d tokens", n)
@@ -267,8 +294,8 @@ class ChatServer:
 
     @staticmethod
     def _finish_reason(parser: HarmonyOutputParser) -> str:
-        if parser.stopped:
-            return "stop"  # a user stop string
+        if parser.done:
+            return "stop"  # a user stop string, or the model left the assistant's turn
         if parser.gen_finish == "length":
             return "length"
         if parser.tool_calls and parser.tokens and parser.tokens[-1] == CALL_ID:
@@ -279,7 +306,7 @@ class ChatServer:
         return {"prompt_tokens": len(prompt), "completion_tokens": len(parser.tokens), "total_tokens": len(prompt) + len(parser.tokens)}
 
     async def _complete(self, req, prompt, params, request) -> dict:
-        parser = HarmonyOutputParser(stop=req.stop_list)
+        parser = HarmonyOutputParser(stop=req.stop_list, functions=tools_offered(req))
         async for _ in self._generate(prompt, params, parser, disconnected=request.is_disconnected):
             pass
         finish = self._finish_reason(parser)
@@ -313,7 +340,7 @@ class ChatServer:
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n"
 
-        parser = HarmonyOutputParser(stop=req.stop_list)
+        parser = HarmonyOutputParser(stop=req.stop_list, functions=tools_offered(req))
         yield chunk({"role": "assistant", "content": ""})
         try:
             async for ev in self._generate(prompt, params, parser):
@@ -394,13 +421,33 @@ class RunningServer:
         self.thread.join(timeout)
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (0 picks a free port), or a one-line UserError saying why not.
+
+    The command binds before it loads the model, so a busy port or a bad address is reported at once
+    rather than after minutes of loading, and the port stays reserved meanwhile."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: must be between 0 and 65535 (0 picks a free port)")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except (socket.gaierror, OSError) as e:
+        raise UserError(f"--host {host}: cannot resolve or use this address ({e.strerror or e})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        hint = "another server is listening there; stop it or choose another --port" if e.errno == errno.EADDRINUSE else "check --host and --port"
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e} ({hint})") from None
+    return sock
+
+
 def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> RunningServer:
     """Serve `app` with uvicorn in a daemon thread on host:port (0 picks a free port); returns once it listens."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = bind_socket(host, port)
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
@@ -414,128 +461,7 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float 
     return RunningServer(server, thread, host, port)
 
 
-# ---- model loading and the command ----------------------------------------------------------------
-
-
-def load_for_serving(model_dir: str | Path, adapter: str | Path | None = None, checkpoint: str = "best", device=None):
-    """(model, default served name) for a base/merged checkpoint, an adapter dir or a training run dir.
-
-    MODEL_DIR may be: a gpt-oss checkpoint (the base, or a merged export), our adapter directory or a run
-    directory (its best checkpoint, or --checkpoint), or a PEFT adapter export. --adapter adds our or a PEFT
-    adapter on top of MODEL_DIR as base.
-    """
-    from .adapter import CONFIG_FILE, load_adapter_weights, load_with_adapter
-    from .export_peft import PEFT_CONFIG_FILE
-    from .loader import load_model
-
-    p = Path(model_dir)
-    name = p.resolve().name if p.exists() else str(model_dir)
-    if adapter is None:
-        if (p / PEFT_CONFIG_FILE).is_file():
-            return _load_peft_adapter(p, None, device), name
-        if (p / CONFIG_FILE).is_file() or (p / "checkpoints").is_dir() or (p / "final").is_dir():
-            from .export import resolve_export_checkpoint
-
-            ckpt = resolve_export_checkpoint(p, checkpoint)
-            return load_with_adapter(ckpt, device=device), name
-        return load_model(model_dir, device=device), name
-    a = Path(adapter)
-    if (a / PEFT_CONFIG_FILE).is_file():
-        return _load_peft_adapter(a, model_dir, device), f"{name}+{a.resolve().name}"
-    if (a / CONFIG_FILE).is_file():
-        from .adapter import read_adapter_config
-
-        model = load_model(model_dir, lora=read_adapter_config(a)["lora"], device=device)
-        load_adapter_weights(model, a)
-        return model, f"{name}+{a.resolve().name}"
-    raise UserError(f"--adapter {adapter}: neither a gptoss_tune adapter (adapter.json) nor a PEFT adapter ({PEFT_CONFIG_FILE})")
-
-
-def _load_peft_adapter(adapter_dir: Path, base, device):
-    """A PEFT adapter (our export, or compatible) on an MXFP4-resident base, converted to our layout."""
-    import torch
-    from safetensors.torch import load_file
-
-    from .export_peft import PEFT_WEIGHTS_FILE, from_peft_state_dict, read_peft_settings
-    from .loader import load_model
-
-    settings, cfg = read_peft_settings(adapter_dir)
-    base = base or cfg.get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{adapter_dir / 'adapter_config.json'}: names no base_model_name_or_path; pass the base as MODEL_DIR")
-    model = load_model(base, lora=settings, device=device)
-    try:
-        state = from_peft_state_dict(load_file(adapter_dir / PEFT_WEIGHTS_FILE), settings, model.config.num_local_experts)
-    except FileNotFoundError:
-        raise UserError(f"{adapter_dir}: {PEFT_WEIGHTS_FILE} is missing") from None
-    params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    routers = {n for n in state if ".mlp.router." in n}
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected - routers)
-    if missing or unexpected:
-        raise UserError(f"{adapter_dir / PEFT_WEIGHTS_FILE}: does not match adapter_config.json (missing {missing[:2]}, unexpected {unexpected[:2]})")
-    with torch.no_grad():
-        for n, t in state.items():
-            if n not in params or tuple(params[n].shape) != tuple(t.shape):
-                raise UserError(f"{adapter_dir / PEFT_WEIGHTS_FILE}: '{n}' does not fit the base model")
-            params[n].copy_(t)
-    return model
-
-
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def vllm_command(model_dir: str, adapter: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-                 api_key: str | None = None, served_model_name: str | None = None) -> tuple[list[str], list[str]]:  # fmt: skip
-    """(argv of `vllm serve ...`, notes for the user) for an exported model or a base + PEFT adapter."""
-    from .export_peft import PEFT_CONFIG_FILE, read_peft_settings
-
-    notes: list[str] = []
-    base = model_dir
-    lora_dir = None
-    if adapter is None and (Path(model_dir) / PEFT_CONFIG_FILE).is_file():
-        lora_dir = model_dir
-        _, cfg = read_peft_settings(model_dir)
-        base = cfg.get("base_model_name_or_path") or model_dir
-    elif adapter is not None:
-        lora_dir = adapter
-    p = Path(base)
-    if (p / "adapter.json").is_file() or (p / "checkpoints").is_dir() or (lora_dir and (Path(lora_dir) / "adapter.json").is_file()):
-        raise UserError(
-            f"{lora_dir or base}: vLLM does not read gptoss_tune checkpoints; export first "
-            f"(`gptoss-tune export RUN_DIR --format merged-mxfp4 --out DIR`, or --format adapter) and pass that directory"
-        )
-    cfg_file = p / "config.json"
-    if cfg_file.is_file():
-        cfg = json.loads(cfg_file.read_text())
-        if not cfg.get("quantization_config"):
-            notes.append(
-                "this checkpoint has bf16 experts (merged-bf16); vLLM's gpt-oss kernels are built for MXFP4 and bf16 "
-                "support depends on the vLLM version. The merged-mxfp4 export loads like openai/gpt-oss-*."
-            )
-    cmd = ["vllm", "serve", str(base)]
-    name = served_model_name or (Path(base).name if Path(base).exists() else str(base))
-    if lora_dir is None:
-        cmd += ["--served-model-name", name]
-    cmd += ["--host", host, "--port", str(port)]
-    if api_key:
-        cmd += ["--api-key", api_key]
-    cmd += ["--tool-call-parser", "openai", "--enable-auto-tool-choice", "--reasoning-parser", "openai_gptoss"]
-    if lora_dir is not None:
-        settings, cfg = read_peft_settings(lora_dir)
-        lora_name = served_model_name or Path(lora_dir).resolve().name
-        rank = next((r for r in VLLM_LORA_RANKS if r >= settings.rank), settings.rank)
-        cmd += ["--enable-lora", "--lora-modules", f"{lora_name}={lora_dir}", "--max-lora-rank", str(rank)]
-        notes.append(f"requests use model '{lora_name}' for the adapter (the base stays available under its own name)")
-        if settings.experts:
-            notes.append(
-                "this adapter has expert LoRA (target_parameters); vLLM applies LoRA to gpt-oss's MXFP4 experts only in "
-                "recent versions. If yours rejects it or ignores the experts, serve the merged-mxfp4 export instead."
-            )
-        if cfg.get("modules_to_save"):
-            notes.append("this adapter also trained the router (modules_to_save), which vLLM LoRA does not load; serve the merged-mxfp4 export")
-    return cmd, notes
+# ---- the command ----------------------------------------------------------------------------------
 
 
 def run_cli(args) -> int:
@@ -545,25 +471,39 @@ def run_cli(args) -> int:
         for n in notes:
             print(f"# note: {n}", file=sys.stderr)
         return 0
+    # Every flag is checked, and the port bound, before the model loads (minutes for 120b).
     check_bind(args.host, args.api_key)
+    if args.max_concurrency < 1:
+        raise UserError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise UserError(f"--max-model-len must be at least 1, got {args.max_model_len}")
+    from .devices import check_device
+
+    check_device(args.device)
+    sock = bind_socket(args.host, args.port)
     import uvicorn
 
     from .generate import ModelTokenSource
 
-    print(f"loading {args.model_dir}" + (f" with adapter {args.adapter}" if args.adapter else "") + " ...", file=sys.stderr)
-    model, default_name = load_for_serving(args.model_dir, args.adapter, args.checkpoint, args.device)
-    server = ChatServer(
-        ModelTokenSource(model),
-        args.served_model_name or default_name,
-        api_key=args.api_key,
-        max_concurrency=args.max_concurrency,
-        max_model_len=args.max_model_len,
-    )
-    print(
-        f"serving '{server.model_name}' on http://{args.host}:{args.port}/v1 (context {server.context_length} tokens, "
-        f"up to {args.max_concurrency} concurrent requests" + (", API key required" if args.api_key else "") + ")",
-        file=sys.stderr,
-    )
-    # On Ctrl-C / SIGTERM, in-flight requests get 10 s to finish, then their streams are cancelled.
-    uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    try:
+        print(f"loading {args.model_dir}" + (f" with adapter {args.adapter}" if args.adapter else "") + " ...", file=sys.stderr)
+        model, default_name = load_for_serving(args.model_dir, args.adapter, args.checkpoint, args.device)
+        server = ChatServer(
+            ModelTokenSource(model),
+            args.served_model_name or default_name,
+            api_key=args.api_key,
+            max_concurrency=args.max_concurrency,
+            max_model_len=args.max_model_len,
+        )
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(
+            f"serving '{server.model_name}' on http://{host}:{sock.getsockname()[1]}/v1 (context {server.context_length} tokens, "
+            f"up to {args.max_concurrency} concurrent requests" + (", API key required" if args.api_key else "") + ")",
+            file=sys.stderr,
+        )
+        # On Ctrl-C / SIGTERM, in-flight requests get 10 s to finish, then their streams are cancelled.
+        config = uvicorn.Config(server.app, log_level=args.log_level, timeout_graceful_shutdown=10)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

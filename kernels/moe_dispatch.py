@@ -51,12 +51,6 @@ def build_dispatch(router_indices: torch.Tensor, num_experts: int) -> Dispatch:
     return Dispatch(offsets, (order // k).to(torch.int32), order.to(torch.int32), num_experts, k)
 
 
-def rows_of(dispatch: Dispatch, e: int) -> slice:
-    """The slice of sorted rows of expert e (host sync: for references and tests only)."""
-    lo, hi = dispatch.offsets[e].item(), dispatch.offsets[e + 1].item()
-    return slice(lo, hi)
-
-
 def expert_of_rows(dispatch: Dispatch) -> torch.Tensor:
     """int64 [P]: the expert of each sorted row (for references and tests)."""
     counts = (dispatch.offsets[1:] - dispatch.offsets[:-1]).long()

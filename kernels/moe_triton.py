@@ -13,7 +13,7 @@ fusion crosses what would be a Function boundary.
 
 On the GPU the two MXFP4 GEMMs are autotuned (configs for Hopper below); the small kernels use fixed
 tiles. Under TRITON_INTERPRET=1 (CPU tests) everything runs with small fixed tiles and fp32 ``tl.dot``
-operands. Interpretation is decided when moe_kernels is first imported (Triton reads the variable when
+operands for fp32 and bf16 inputs (the interpreter's bf16 ``tl.dot`` is wrong), fp16 ones for fp16. Interpretation is decided when moe_kernels is first imported (Triton reads the variable when
 it decorates a kernel), so set TRITON_INTERPRET=1 before importing this module.
 """
 
@@ -109,8 +109,8 @@ if not INTERPRET:
 
 # ---- helpers -------------------------------------------------------------------------------------------
 def _dot_dtype(t: torch.Tensor):
-    if INTERPRET or t.dtype == torch.float32:
-        return tl.float32  # interpreter: bf16 tl.dot is wrong there; fp32 on the GPU runs as tf32
+    if t.dtype == torch.float32 or (INTERPRET and t.dtype == torch.bfloat16):
+        return tl.float32  # interpreter: bf16 tl.dot is wrong there (fp16 is right); fp32 on the GPU runs as tf32
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[t.dtype]
 
 

@@ -68,8 +68,13 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5.2x renames checkpointing APIs
     args = parse_args(argv)
     from gptoss_tune.bench import format_table, run, to_json
+    from gptoss_tune.errors import UserError
 
-    result = run(args)
+    try:
+        result = run(args)
+    except UserError as e:
+        print(f"bench_train: error: {e}", file=sys.stderr)
+        return 2
     profile = result.get("ours", {}).pop("profile", None)
     text = to_json(result)
     print(text, flush=True)

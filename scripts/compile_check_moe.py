@@ -7,6 +7,7 @@ registers per thread, spill bytes, and whether the matrix products became Hopper
 and fit; it says nothing about speed (scripts/bench_moe.py on a GPU does).
 
     python scripts/compile_check_moe.py [--kernel NAME] [--json out.json]
+    python scripts/compile_check_moe.py --dtype fp16      # the fp16-activation variants
 """
 
 from __future__ import annotations
@@ -61,13 +62,16 @@ SAMPLE_INTS = {  # values at the real shape: an int divisible by 16 is specialis
 }
 
 
+ACTIVATIONS = "bf16"  # --dtype: the activation pointers' type and the tensor-core operand type
+
+
 def signature(fn, constexprs):
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in POINTERS:
-            sig[name] = "*" + POINTERS[name]
+            sig[name] = "*" + (ACTIVATIONS if POINTERS[name] == "bf16" else POINTERS[name])
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in FLOATS:
             sig[name] = "fp32"
@@ -126,7 +130,8 @@ def compile_one(fn, constexprs, num_warps, num_stages):
 
 
 def cases():
-    common = dict(E_PAD=32, R_PAD=R, DOT_DTYPE=tl.bfloat16)
+    dot = {"bf16": tl.bfloat16, "fp16": tl.float16}[ACTIVATIONS]
+    common = dict(E_PAD=32, R_PAD=R, DOT_DTYPE=dot)
     for cfg in MT.MATMUL_CONFIGS:
         for name, extra in (("gate_up+swiglu", dict(HAS_IN_ROWS=True, HAS_OUT_ROWS=False, SWIGLU=True, STORE_PRE=True)),
                             ("down", dict(HAS_IN_ROWS=False, HAS_OUT_ROWS=True, SWIGLU=False, STORE_PRE=False))):
@@ -141,13 +146,13 @@ def cases():
             yield f"mxfp4_grouped_matmul_t[{name}]", K.mxfp4_grouped_matmul_t_kernel, c, cfg
     lr = triton.Config(dict(BLOCK_M=64, BLOCK_K=128), num_warps=4, num_stages=3)
     yield "grouped_lowrank", K.grouped_lowrank_kernel, dict(E_PAD=32, R_PAD=R, HAS_IN_ROWS=True, HAS_ROW_SCALE=True,
-                                                            DOT_DTYPE=tl.bfloat16, **lr.kwargs), lr
+                                                            DOT_DTYPE=dot, **lr.kwargs), lr
     for name, c in (("dB_gather_scale", dict(HAS_L_ROWS=True, HAS_L_SCALE=True, L_SWIGLU=False)),
                     ("dA_swiglu", dict(HAS_L_ROWS=False, HAS_L_SCALE=False, L_SWIGLU=True)),
                     ("dA_gather", dict(HAS_L_ROWS=True, HAS_L_SCALE=False, L_SWIGLU=False))):
         c = dict(BLOCK_M=64, BLOCK_D1=128, BLOCK_D2=R, **c)
         cfg = triton.Config(c, num_warps=4, num_stages=3)
-        yield f"grouped_outer[{name}]", K.grouped_outer_kernel, dict(c, DOT_DTYPE=tl.bfloat16), cfg
+        yield f"grouped_outer[{name}]", K.grouped_outer_kernel, dict(c, DOT_DTYPE=dot), cfg
     cfg = triton.Config(dict(TOP_K=4, BLOCK_H=1024), num_warps=4, num_stages=1)
     yield "combine", K.combine_kernel, dict(cfg.kwargs), cfg
     cfg = triton.Config(dict(TOP_K=4, K_PAD=4, BLOCK_H=512), num_warps=4, num_stages=1)
@@ -158,7 +163,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernel", default=None, help="only kernels whose name contains this")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="activation / tensor-core operand type")
     args = ap.parse_args(argv)
+    global ACTIVATIONS
+    ACTIVATIONS = args.dtype
     rows, failed = [], 0
     for name, fn, constexprs, cfg in cases():
         if args.kernel and args.kernel not in name:

@@ -1,6 +1,7 @@
 """bench_train.py: the CPU smoke run of its whole code path, and the pieces its numbers rest on."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_bench_script_prints_valid_json_and_a_table(tmp_path):
     out = tmp_path / "r.json"
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--model", "tiny", "--seq", "48", "--steps", "1",
-           "--warmup", "1", "--baseline", "--json-out", str(out)]  # fmt: skip
+    # through gpu_machine_imports.py: it fails if the script imported a package the GPU machine lacks
+    cmd = [sys.executable, str(ROOT / "tests" / "gpu_machine_imports.py"), str(ROOT / "scripts" / "bench_train.py"),
+           "--model", "tiny", "--seq", "48", "--steps", "1", "--warmup", "1", "--baseline", "--json-out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("{"))
@@ -76,3 +78,48 @@ def test_goals_report_misses_with_the_gap():
     assert "missed by 2000" in goals["20b seq 2048: tokens/s >= 10000"]["detail"]
     assert goals["20b seq 2048: peak GiB <= 16.0"]["met"] and goals["20b seq 2048: speedup >= 5.0"]["met"]
     assert bench.check_goals({**r, "model": "tiny"}) == []
+
+
+def test_real_sizes_are_refused_without_a_gpu_unless_asked(tmp_path):
+    """20b at its real size on a CPU machine would take tens of GB of host memory (seen: OOM-killed)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--model", "20b", "--seq", "16"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "--model 20b needs a CUDA device" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gpu_bench_script_plumbing_without_a_gpu(tmp_path):
+    """scripts/gpu_bench.sh on a CPU machine: it returns within its budget, skips a stage the budget cannot
+    hold, names unknown stages, and leaves at most three files (the device tool brings back at most eight)."""
+
+    def run(budget, *stages):
+        env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, BUDGET=str(budget), MIN_STAGE="50")
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh"), *stages], env=env,
+                              capture_output=True, text=True, timeout=240, cwd=ROOT)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    out = run(10, "nonsense", "120b", "kernels")
+    assert "unknown stage nonsense" in out and "120b_2048 SKIPPED" in out and "== summary" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["env.txt", "gpu_bench.log", "results.jsonl"]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["rc"]) for r in lines] == [("120b_2048", -1), ("kernels-check", -1), ("kernels-convergence", -1)]
+
+
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        ("check_moe_gpu.py", ["--device", "cpu", "--small", "--experts", "4", "--tokens", "24", "--rank", "4"]),
+        ("check_convergence_gpu.py", ["--device", "cpu", "--small", "--steps", "2"]),
+    ],
+)
+def test_gpu_check_scripts_run_their_plumbing_on_the_cpu(script, args, tmp_path):
+    """The kernel check scripts, interpreted on the CPU at small sizes: they pass, write their JSON, and
+    import only what the GPU machine has (what bench_moe.py imports, these import too)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, str(ROOT / "tests" / "gpu_machine_imports.py"), str(ROOT / "scripts" / script), *args,
+           "--json", str(tmp_path / "r.json")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.rstrip().endswith("PASS") and json.loads((tmp_path / "r.json").read_text())

@@ -190,6 +190,8 @@ def test_merged_mxfp4_has_the_original_layout_and_loads_in_stock_transformers(ex
     d = rep["drift"]
     assert d["prompts"] == 4 and 0 <= d["export_vs_tuned"]["top1_agreement"] <= 1
     assert d["base_vs_tuned"]["max_abs_logit_diff"] > 0
+    # the export keeps the tuning: it is far closer to the tuned model than the untuned base is
+    assert d["export_vs_tuned"]["mean_kl"] < 0.5 * d["base_vs_tuned"]["mean_kl"]
 
 
 def test_mxfp4_requantisation_is_lossless_without_expert_lora(tiny_ckpt, tmp_path):
@@ -375,3 +377,23 @@ def test_export_cli(full_run, tmp_path, capsys):
     assert "wrote adapter export" in capsys.readouterr().out
     assert main(["export", str(full_run), "--format", "adapter", "--out", str(tmp_path / "a")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_export_refuses_an_unwritable_out_and_a_bad_device_and_reports_a_full_disk(full_run, tmp_path, monkeypatch):
+    import errno
+
+    import gptoss_tune.export as export
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match=r"--out .*a-file/out: cannot create it \(.*\); choose a writable directory"):
+        export_run(full_run, "merged-bf16", tmp_path / "a-file" / "out", progress=_quiet)
+    with pytest.raises(UserError, match="--device 'gpu0': not a device"):
+        export_run(full_run, "merged-mxfp4", tmp_path / "o", device="gpu0", progress=_quiet)
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "save_file", full_disk)
+    with pytest.raises(UserError, match=r"writing the export to .*/o failed: No space left on device .*nothing was written"):
+        export_run(full_run, "merged-bf16", tmp_path / "o", progress=_quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no partial export, no temporary left

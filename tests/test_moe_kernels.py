@@ -5,7 +5,8 @@ Each launcher in gptoss_kernels.moe_triton is checked against its *_reference in
 moe_experts_reference, then a whole tiny model through MXFP4Experts with the backend forced to triton.
 Shapes are tiny and the interpreter's tiles are 16 x 32 x 32, so several tiles, ragged tails, experts
 without tokens and empty grid slots are all exercised. The interpreter computes tl.dot in fp32 (the
-launchers pass fp32 operands there), so the tolerances are fp32 ones; the GPU check with bf16 operands
+launchers pass fp32 operands there, except fp16 ones for fp16 inputs, which it computes exactly), so the
+tolerances are fp32 ones; the GPU check with bf16 operands
 is scripts/check_moe_gpu.py (tests/test_moe_kernels_gpu.py runs it where CUDA exists).
 
 Run alone (or first in its process) the tests run here, with TRITON_INTERPRET=1 set only while this
@@ -167,9 +168,31 @@ def test_in_register_dequantisation_is_bit_exact():
     codes[0, 0, :16] = torch.arange(16, dtype=torch.uint8)
     blocks = pack_codes(codes)
     scales = torch.randint(97, 148, (1, N, K // 32), generator=gen, dtype=torch.uint8)
+    scales[0, 1, :] = torch.tensor([1, 240], dtype=torch.uint8)  # the extremes the decode handles exactly
     d = build_dispatch(torch.zeros(K, 1, dtype=torch.long), 1)
     y = MT.mxfp4_grouped_matmul(torch.eye(K), d, blocks, scales, torch.zeros(1, N))
     assert torch.equal(y, dequantize(blocks, scales, torch.float32)[0].t())
+
+
+def test_fp16_operands_keep_blocks_with_small_scales():
+    """fp16 activations make fp16 tensor-core operands: the dequantised tile must hold the true weights.
+    (A tile kept 2**-14 too small, corrected on the accumulator, loses every block with scale below
+    2**-10 to fp16's subnormal range: a relative error of 0.18 here.) The interpreter's fp16
+    tl.dot is exact, so this runs the same operand types as the GPU."""
+    gen = torch.Generator().manual_seed(30)
+    E, T, k, K, N = 3, 20, 2, 96, 64
+    idx, rw = routing(gen, T, E, k, idle=())
+    d = build_dispatch(idx, E)
+    codes = torch.randint(0, 16, (E, N, K), generator=gen, dtype=torch.uint8)
+    blocks = pack_codes(codes)
+    scales = torch.randint(106, 118, (E, N, K // 32), generator=gen, dtype=torch.uint8)  # weights 2**-22 .. 6·2**-10
+    x = torch.randn(T, K, generator=gen).half()
+    y = MT.mxfp4_grouped_matmul(x, d, blocks, scales, torch.zeros(E, N, dtype=torch.half), rows=d.row_token)
+    ref = REF.grouped_mxfp4_matmul_reference(x, d.offsets, blocks, scales, torch.zeros(E, N), rows=d.row_token)
+    assert y.dtype == torch.float16 and rel(y, ref) < 2e-3
+    dy = torch.randn(T * k, N, generator=gen).half()
+    dx = MT.mxfp4_grouped_matmul_t(dy, d, blocks, scales)
+    assert dx.dtype == torch.float16 and rel(dx, REF.grouped_mxfp4_matmul_t_reference(dy, d.offsets, blocks, scales)) < 2e-3
 
 
 @pytest.mark.parametrize("lora", [False, True])

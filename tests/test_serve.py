@@ -140,6 +140,44 @@ def test_tool_call_round_trip():
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
+def test_no_tool_calls_without_tools_and_none_for_builtin_recipients():
+    """A client that offered no tools never gets tool_calls (an undertrained model garbles headers into
+    recipients; gpt-oss calls its built-in python/browser tools): the text goes by channel instead."""
+    builtin = "<|channel|>analysis<|message|>Run it.<|end|><|start|>assistant to=python<|channel|>analysis<|message|>print(1)<|call|>"
+    with serving(ScriptedTokenSource(CALL)) as (_, client):
+        r = client.chat.completions.create(model=MODEL, messages=user())  # no tools offered
+        assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+        assert r.choices[0].message.content == '{"city": "Paris"}' and r.choices[0].message.reasoning == "Need the weather."
+        r = client.chat.completions.create(model=MODEL, messages=user(), tools=[WEATHER_TOOL], tool_choice="none")
+        assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+        chunks = list(client.chat.completions.create(model=MODEL, messages=user(), stream=True))
+        assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    with serving(ScriptedTokenSource(builtin)) as (_, client):
+        r = client.chat.completions.create(model=MODEL, messages=user(), tools=[WEATHER_TOOL])
+        assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+        assert r.choices[0].message.reasoning == "Run it.print(1)"
+
+
+def test_a_turn_the_model_writes_for_someone_else_ends_the_completion():
+    """The model speaks as the assistant only: a user turn or tool result it starts is not part of the answer."""
+    enc = harmony_encoding()
+    user_turn = "<|channel|>final<|message|>Hi!<|end|><|start|>user"
+    tool_turn = CALL.replace("<|call|>", "<|end|>") + "<|start|>functions.get_weather to=assistant"
+    for head, tail in ((user_turn, "<|message|>Thanks, and also" + " more" * 50), (tool_turn, "<|channel|>commentary<|message|>{}" + " more" * 50)):
+        with serving(ScriptedTokenSource(head + tail)) as (_, client):
+            r = client.chat.completions.create(model=MODEL, messages=user(), tools=[WEATHER_TOOL])
+            chunks = list(client.chat.completions.create(model=MODEL, messages=user(), tools=[WEATHER_TOOL], stream=True,
+                                                         stream_options={"include_usage": True}))  # fmt: skip
+        assert r.choices[0].finish_reason == "stop"
+        assert "Thanks" not in (r.choices[0].message.content or "") and "{}" not in str(r.choices[0].message.tool_calls)
+        # generation stopped once the foreign header was read, not at the end of the script
+        # (the role is known once its header ends: at most the 4 tokens `<|channel|>commentary<|message|>` later)
+        assert r.usage.completion_tokens <= len(enc.encode(head, allowed_special="all")) + 4
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == (r.choices[0].message.content or "") and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
 def test_tool_choice_none_hides_tools():
     src = ScriptedTokenSource(ANSWER)
     with serving(src) as (_, client):
@@ -158,6 +196,15 @@ def test_stop_strings_and_length():
         assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
         r = client.chat.completions.create(model=MODEL, messages=user(), max_completion_tokens=3)
         assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+
+
+def test_generation_stops_at_endoftext():
+    """<|endoftext|> ends the answer, as the published generation_config.json says (eos 200002, 199999, 200012)."""
+    script = "<|channel|>final<|message|>Done.<|endoftext|><|start|>assistant<|channel|>final<|message|>" + "junk " * 30
+    with serving(ScriptedTokenSource(script)) as (_, client):
+        r = client.chat.completions.create(model=MODEL, messages=user())
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "Done."
+    assert r.usage.completion_tokens == len(harmony_encoding().encode("<|channel|>final<|message|>Done.<|endoftext|>", allowed_special="all"))
 
 
 def _error(exc_info):
@@ -187,6 +234,8 @@ def test_errors_map_to_client_exceptions():
             (dict(response_format={"type": "json_object"}), "response_format", "not supported"),
             (dict(extra_body={"top_k": 5}), "top_k", "unknown field 'top_k'"),
             (dict(stop=["a", "b", "c", "d", "e"]), "stop", "up to 4"),
+            (dict(seed=2**70), "seed", "less than or equal to 9223372036854775807"),  # int64, not a 500
+            (dict(tools=[{"type": "function", "function": {"name": "no spaces"}}]), "tools[0].function.name", "pattern"),
             (dict(stream_options={"include_usage": True}), "stream_options", "only allowed when stream is true"),
             (dict(messages=[{"role": "wizard", "content": "x"}]), "messages", "unknown role 'wizard'"),
             (dict(messages=[{"role": "tool", "tool_call_id": "nope", "content": "x"}]), "messages", "matches no earlier"),
@@ -220,22 +269,47 @@ def _error_code(client, kwargs):
 
 
 def test_internal_errors_never_leak_a_traceback():
+    import logging
+
     class Broken:
         context_length = 1000
 
+        def __init__(self):
+            self.calls = 0
+
         def start(self, prompt, params):
+            self.calls += 1
+            if self.calls == 3:  # the third request works
+                return ScriptedTokenSource(ANSWER).start(prompt, params)
             raise RuntimeError("secret internal detail")
 
-    with serving(Broken()) as (srv, client):
-        with pytest.raises(openai.InternalServerError) as e:
-            client.chat.completions.create(model=MODEL, messages=user())
-        text = e.value.response.text
-        assert "secret" not in text and "Traceback" not in text and "internal server error" in text
-        chunks = httpx.post(f"{srv.base_url}/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                            json={"model": MODEL, "messages": user(), "stream": True}).text  # fmt: skip
-        assert "secret" not in chunks and "Traceback" not in chunks and chunks.rstrip().endswith("data: [DONE]")
-        # the failed requests gave their slots back
-        assert httpx.get(f"{srv.base_url.removesuffix('/v1')}/health").json()["active_requests"] == 0
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    uvicorn_errors = Records()
+    try:
+        with serving(Broken()) as (srv, client):
+            logging.getLogger("uvicorn.error").addHandler(uvicorn_errors)  # after uvicorn configured its logging
+            with pytest.raises(openai.InternalServerError) as e:
+                client.chat.completions.create(model=MODEL, messages=user())
+            text = e.value.response.text
+            assert "secret" not in text and "Traceback" not in text and "internal server error" in text
+            assert set(e.value.response.json()["error"]) == {"message", "type", "param", "code"}
+            chunks = httpx.post(f"{srv.base_url}/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                                json={"model": MODEL, "messages": user(), "stream": True}).text  # fmt: skip
+            assert "secret" not in chunks and "Traceback" not in chunks and chunks.rstrip().endswith("data: [DONE]")
+            # the failures were answered, not re-raised into uvicorn (which closes the connection under the
+            # client's next request): the same client, without retries, goes on working
+            assert client.chat.completions.create(model=MODEL, messages=user()).choices[0].message.content.startswith("Hello")
+            assert httpx.get(f"{srv.base_url.removesuffix('/v1')}/health").json()["active_requests"] == 0
+            assert not any("Exception in ASGI application" in m for m in uvicorn_errors.messages)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(uvicorn_errors)
 
 
 def test_concurrency_limit_gives_429_and_frees_slots():
@@ -361,3 +435,43 @@ def test_generation_uses_the_kv_cache_and_matches_full_recompute(tiny_source):
             want.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
             seq.append(want[-1])
     assert got == want and gen.finish_reason == "length"
+
+
+def test_concurrent_requests_take_turns_on_the_shared_model(tiny_source):
+    """Requests share one model: their forwards never overlap (compilation, autotuning and caches are not
+    thread-safe), and each request gets exactly what it would get alone."""
+    from gptoss_tune.generate import SamplingParams
+
+    model = tiny_source.model
+    state = {"active": 0, "most": 0}
+    lock = threading.Lock()
+
+    def enter(*_):
+        with lock:
+            state["active"] += 1
+            state["most"] = max(state["most"], state["active"])
+        time.sleep(0.005)  # widen the window in which an unguarded second forward would overlap
+
+    def leave(*_):
+        with lock:
+            state["active"] -= 1
+
+    prompts = [torch.randint(0, 200000, (5 + i,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
+
+    def run(prompt):
+        gen = tiny_source.start(prompt, SamplingParams(max_tokens=6, temperature=0, stop_token_ids=()))
+        return [t for t in iter(gen.next_token, None)]
+
+    alone = [run(p) for p in prompts]
+    hooks = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
+    try:
+        results = [None] * len(prompts)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, run(prompts[i]))) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert state["most"] == 1 and results == alone

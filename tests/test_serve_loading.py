@@ -54,6 +54,30 @@ def test_serve_loads_run_dirs_our_adapters_and_peft_exports(run, peft_export, ti
     assert name.endswith("+adapter")
     with pytest.raises(UserError, match="neither a gptoss_tune adapter"):
         load_for_serving(tiny_ckpt, adapter=tiny_ckpt, device="cpu")
+    # --checkpoint picks among a run's checkpoints: anything else would silently serve something else
+    with pytest.raises(UserError, match="--checkpoint last: applies to a training run directory, and .* is not one"):
+        load_for_serving(tiny_ckpt, checkpoint="last", device="cpu")
+    with pytest.raises(UserError, match="--checkpoint last: .* is served with --adapter"):
+        load_for_serving(tiny_ckpt, adapter=peft_export, checkpoint="last", device="cpu")
+    m, _ = load_for_serving(run, checkpoint="last", device="cpu")  # a run: fine
+    # a PEFT adapter_config.json without its rank is one line, not a KeyError
+    import json
+    import shutil
+
+    broken = peft_export.parent / "broken"
+    shutil.copytree(peft_export, broken)
+    cfg = json.loads((broken / "adapter_config.json").read_text())
+    del cfg["r"]
+    (broken / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"adapter_config.json: needs a numeric 'r' and 'lora_alpha' \(got None, "):
+        load_for_serving(tiny_ckpt, adapter=broken, device="cpu")
+    shutil.copy(peft_export / "adapter_config.json", broken / "adapter_config.json")
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match=r"adapter_model.safetensors: unreadable \(.*\); export the adapter again"):
+        load_for_serving(tiny_ckpt, adapter=broken, device="cpu")
+    (broken / "adapter_model.safetensors").unlink()
+    with pytest.raises(UserError, match="adapter_model.safetensors is missing"):
+        load_for_serving(tiny_ckpt, adapter=broken, device="cpu")
 
 
 def test_print_vllm_command(run, peft_export, tiny_ckpt, tmp_path, capsys):
@@ -104,6 +128,18 @@ def test_parser_falls_back_to_raw_text_for_an_untrained_model():
         p.feed(t)
     p.finish()
     assert "".join(p.content) == "okjunk"
+
+
+def test_parser_drops_special_tokens_inside_message_text():
+    """An undertrained model writes special tokens inside a message; harmony's parser keeps their names as
+    text (`<|message|>`, `<|reserved_200319|>`), which no client should see."""
+    enc = tiktoken_encoding()
+    p = HarmonyOutputParser()
+    text = "<|channel|>analysis<|message|>a<|message|>b<|reserved_200319|>c<|end|><|start|>assistant<|channel|>final<|message|>x<|constrain|>y<|return|>"
+    for t in enc.encode(text, allowed_special="all"):
+        p.feed(t)
+    p.finish()
+    assert "".join(p.reasoning) == "abc" and "".join(p.content) == "xy"
 
 
 def test_demo_helper(run, tmp_path):
@@ -172,3 +208,39 @@ def test_sampling_follows_the_distribution_and_top_p():
     assert sample_token(logits, 0.0, 1.0, g) == 0
     a = [sample_token(logits, 1.0, 1.0, torch.Generator().manual_seed(5)) for _ in range(3)]
     assert len(set(a)) == 1  # the same seed, the same draw
+
+
+def test_serve_cli_refuses_bad_flags_before_loading_the_model(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """Every flag mistake is one line and exit 2, before the model loads (minutes for 120b)."""
+    import socket
+
+    from gptoss_tune.cli import main
+
+    monkeypatch.delenv("GPTOSS_TUNE_API_KEY", raising=False)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        cases = [
+            (["--port", str(busy.getsockname()[1])], "Address already in use (another server is listening there"),
+            (["--port", "70000"], "--port 70000: must be between 0 and 65535"),
+            (["--max-model-len", "0"], "--max-model-len must be at least 1, got 0"),
+            (["--max-concurrency", "0"], "--max-concurrency must be at least 1, got 0"),
+            (["--device", "gpu0"], "--device 'gpu0': not a device; use cuda, cuda:N or cpu"),
+            (["--host", "no-such-host.invalid", "--api-key", "k"], "--host no-such-host.invalid: cannot resolve"),
+        ]
+        if not torch.cuda.is_available():
+            cases.append((["--device", "cuda"], "--device cuda: no CUDA device is available"))
+        for flags, message in cases:
+            assert main(["serve", str(tiny_ckpt), *flags]) == 2, flags
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err and "loading" not in err, (flags, err)
+    finally:
+        busy.close()
+    (tmp_path / "empty").mkdir()
+    for model_dir, message in ((tmp_path / "empty", "not a model directory (no config.json)"),
+                               (tmp_path / "missing", "no such model directory")):  # fmt: skip
+        assert main(["serve", "--print-vllm-command", str(model_dir)]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["serve", "--print-vllm-command", "openai/gpt-oss-20b"]) == 0  # a hub id passes through to vLLM
+    assert capsys.readouterr().out.startswith("vllm serve openai/gpt-oss-20b ")
