@@ -354,8 +354,9 @@ def _error_from(e):
 
 
 def test_disconnected_stream_frees_its_slot():
-    long_answer = "<|channel|>final<|message|>" + "word " * 400 + "<|return|>"
-    src = ScriptedTokenSource(long_answer, delay=0.02)  # ~8 s if it ran to the end
+    # ~40 s if it ran to the end, far beyond the 15 s allowed below even on a loaded 2-core CI machine
+    long_answer = "<|channel|>final<|message|>" + "word " * 2000 + "<|return|>"
+    src = ScriptedTokenSource(long_answer, delay=0.02)
     with serving(src, max_concurrency=1) as (srv, client):
         stream = client.chat.completions.create(model=MODEL, messages=user(), stream=True)
         first = [next(iter(stream)) for _ in range(3)]
@@ -364,7 +365,7 @@ def test_disconnected_stream_frees_its_slot():
             client.chat.completions.create(model=MODEL, messages=user(), max_tokens=2)
         stream.close()  # the client goes away mid-stream
         t0 = time.time()
-        for _ in range(100):  # bounded: 100 x 50 ms
+        for _ in range(300):  # bounded: 300 x 50 ms
             try:
                 r = client.chat.completions.create(model=MODEL, messages=user(), max_tokens=2)
                 break
@@ -372,7 +373,7 @@ def test_disconnected_stream_frees_its_slot():
                 time.sleep(0.05)
         else:
             pytest.fail("the slot of the disconnected stream was not freed")
-        assert r.usage.completion_tokens == 2 and time.time() - t0 < 5
+        assert r.usage.completion_tokens == 2 and time.time() - t0 < 15
 
 
 def test_bind_rules():
