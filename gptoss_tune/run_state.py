@@ -193,7 +193,7 @@ def wipe(out: Path) -> None:
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics.jsonl lines after `step` (a resumed run writes them again) and any torn last line."""
-    from .train_checkpoint import atomic_write_text
+    from .atomic_io import atomic_write_text
 
     if not path.is_file():
         return

@@ -22,6 +22,7 @@ import struct
 import tempfile
 from pathlib import Path
 
+from .atomic_io import atomic_write_bytes
 from .errors import UserError
 
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
@@ -76,20 +77,6 @@ def tiktoken_text_from_quicktok(path: Path) -> bytes:
     return b"".join(base64.b64encode(tok) + b" " + str(rank).encode() + b"\n" for rank, tok in entries)
 
 
-def _atomic_write(dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def materialize(dest_dir: Path | None = None, source: Path | None = None) -> Path:
     """Write the vocabulary from quicktok into dest_dir (both file names); refuse a wrong hash."""
     dest_dir = dest_dir or cache_dir()
@@ -102,7 +89,7 @@ def materialize(dest_dir: Path | None = None, source: Path | None = None) -> Pat
             f"refusing to use it (reinstall quicktok-v1, or put the official o200k_base.tiktoken in TIKTOKEN_ENCODINGS_BASE)"
         )
     for name in (HARMONY_FILE, TIKTOKEN_CACHE_KEY):
-        _atomic_write(dest_dir / name, text)
+        atomic_write_bytes(dest_dir / name, text)
     return dest_dir / HARMONY_FILE
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic_io import atomic_write_text, fsync_path
 from .errors import UserError
 from .memory import apply_memory_settings, build_optimizer
 from .recipe import Recipe, load_recipe
@@ -247,7 +248,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
             wipe(run_dir)
         (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         ck.clean_stale(run_dir)
-        ck.atomic_write_text(run_dir / RECIPE, recipe.to_yaml())
+        atomic_write_text(run_dir / RECIPE, recipe.to_yaml())
         if state is not None:
             truncate_metrics(run_dir / METRICS, state["step"])
         elif (run_dir / METRICS).exists():
@@ -260,7 +261,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     if not data.train:
         raise UserError(f"{recipe.where('data', 'train')}: data.train: no training examples after rendering and filtering")
     if main:
-        ck.atomic_write_text(run_dir / DATA_REPORT, json.dumps(data.report, indent=2, default=str) + "\n")
+        atomic_write_text(run_dir / DATA_REPORT, json.dumps(data.report, indent=2, default=str) + "\n")
         from .data import format_report
 
         if isinstance(data.report.get("train"), dict):
@@ -392,7 +393,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
             # Same weights, optimizer and RNG; the bookkeeping may have changed since (an evaluation at this
             # step made it the best, the run finished here): write that, and best.json.
             if main:
-                ck.atomic_write_text(path / ck.TRAINER_STATE, json.dumps(trainer_state(step, **flags), indent=2) + "\n")
+                atomic_write_text(path / ck.TRAINER_STATE, json.dumps(trainer_state(step, **flags), indent=2) + "\n")
                 if best_step is not None:
                     ck.write_best(run_dir, best_step, best_value)
             accelerator.wait_for_everyone()
@@ -576,7 +577,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
             if final_dir.exists():
                 shutil.rmtree(final_dir)
             tmp.rename(final_dir)
-            ck.fsync_path(run_dir)
+            fsync_path(run_dir)
         accelerator.wait_for_everyone()
         final_dir = run_dir / FINAL
     result = TrainResult(run_dir, step, stop_reason, best_step, best_value, evals, final_dir)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .adapter import save_adapter
+from .atomic_io import atomic_write_text, fsync_path
 from .run_dir import BEST, CHECKPOINTS, list_checkpoints, step_dir_name
 
 TRAINER_STATE = "trainer_state.json"
@@ -32,30 +33,11 @@ OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(path: Path) -> None:
     for p in sorted(Path(path).rglob("*")):
         if p.is_file():
             fsync_path(p)
     fsync_path(path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def rng_state() -> dict:
