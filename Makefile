@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install clean
+.PHONY: demo test test-oldest install clean
 
 install: $(STAMP)
 
@@ -28,5 +28,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests
 
+# The suite against the oldest transformers/PEFT/Triton we admit (constraints-oldest.txt), in its own venv.
+# Not part of `make test`: run it when touching code that reaches into those libraries.
+OLDEST := .venv-oldest
+$(OLDEST)/.installed: pyproject.toml constraints-oldest.txt $(CONSTRAINTS)
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST)/bin/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -c constraints-oldest.txt -e '.[dev]'
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests
+
 clean:
-	rm -rf $(VENV) runs out .pytest_cache
+	rm -rf $(VENV) $(OLDEST) runs out .pytest_cache
