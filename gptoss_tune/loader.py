@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from .attention import ROUTES, default_attn_implementation, register_attention
 from .checkpoint import CheckpointIndex, index_checkpoint, read_config, resolve_model_dir
+from .devices import resolve_device
 from .errors import CheckpointError, UserError
 from .experts import MXFP4Experts
 from .lora import LoraSettings, attach_lora
@@ -27,26 +28,6 @@ log = logging.getLogger(__name__)
 # Attention implementations that run gpt-oss here without anything else installed: ours (gptoss_tune.attention)
 # and transformers' eager. Others (flex_attention, hub kernels) are passed through to transformers.
 KNOWN_ATTENTION = (*ROUTES, "eager")
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device to load on (default cuda if available, else cpu); a UserError for a bad or absent one."""
-    if device is None:
-        return default_device()
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"device {str(device)!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {str(device)!r}: no CUDA device is available here (torch {torch.__version__}); use cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    return dev
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

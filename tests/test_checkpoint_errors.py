@@ -152,7 +152,7 @@ def test_pad_token_outside_the_vocabulary_is_a_clear_error(tiny_ckpt, tmp_path):
 def test_bad_device_and_attention_are_user_errors(tiny_ckpt):
     from gptoss_tune.errors import UserError
 
-    with pytest.raises(UserError, match="device 'gpu0' is not a torch device"):
+    with pytest.raises(UserError, match="device 'gpu0': not a torch device"):
         load_model(tiny_ckpt, device="gpu0")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="device 'cuda': no CUDA device is available here"):

@@ -387,7 +387,7 @@ def test_export_refuses_an_unwritable_out_and_a_bad_device_and_reports_a_full_di
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(UserError, match=r"--out .*a-file/out: cannot create it \(.*\); choose a writable directory"):
         export_run(full_run, "merged-bf16", tmp_path / "a-file" / "out", progress=_quiet)
-    with pytest.raises(UserError, match="--device 'gpu0': not a device"):
+    with pytest.raises(UserError, match="--device 'gpu0': not a torch device"):
         export_run(full_run, "merged-mxfp4", tmp_path / "o", device="gpu0", progress=_quiet)
 
     def full_disk(*a, **k):

@@ -226,11 +226,11 @@ def test_serve_cli_refuses_bad_flags_before_loading_the_model(tiny_ckpt, tmp_pat
             (["--port", "70000"], "--port 70000: must be between 0 and 65535"),
             (["--max-model-len", "0"], "--max-model-len must be at least 1, got 0"),
             (["--max-concurrency", "0"], "--max-concurrency must be at least 1, got 0"),
-            (["--device", "gpu0"], "--device 'gpu0': not a device; use cuda, cuda:N or cpu"),
+            (["--device", "gpu0"], "--device 'gpu0': not a torch device; use cpu, cuda or cuda:N"),
             (["--host", "no-such-host.invalid", "--api-key", "k"], "--host no-such-host.invalid: cannot resolve"),
         ]
         if not torch.cuda.is_available():
-            cases.append((["--device", "cuda"], "--device cuda: no CUDA device is available"))
+            cases.append((["--device", "cuda"], "--device 'cuda': no CUDA device is available"))
         for flags, message in cases:
             assert main(["serve", str(tiny_ckpt), *flags]) == 2, flags
             err = capsys.readouterr().err
