@@ -249,7 +249,9 @@ def _assistant(m: dict, at: str, calls: dict[str, str], called: list[str]) -> li
     tool_calls = m.get("tool_calls") or []
     if not isinstance(tool_calls, list):
         raise UserError(f"{at}.tool_calls: expected a list, got {_kind(tool_calls)}")
-    if not tool_calls and not content:
+    if not tool_calls and content is None:
+        # An explicit "" is an (empty) final answer, which a model can give and a client echo back; a
+        # missing content with no tool calls is a malformed message.
         raise UserError(f"{at}: an assistant message needs content or tool_calls (it has neither)")
 
     out = []

@@ -98,6 +98,10 @@ CASES = {
         ),
         [S(), D("You are terse.\n\nAnswer in French."), U("Hello"), F("Bonjour")],
     ),
+    "explicit empty final answer": (
+        dict(messages=[{"role": "user", "content": "Say nothing."}, {"role": "assistant", "thinking": "ok", "content": ""}]),
+        [S(), U("Say nothing."), A("ok"), F("")],
+    ),
     "reasoning effort low": (
         dict(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], reasoning_effort="low"),
         [S(ReasoningEffort.LOW), U("Hi"), F("Hello")],
