@@ -274,7 +274,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     stream = MicroBatchStream(data.train, cfg_t.micro_batch_size, cfg_t.seed, recipe.data.packing)
     per_step = P * G
     start_step = state["step"] if state else 0
-    mb_consumed = state["micro_batches_consumed"] if state else 0
+    mb_consumed = stream.position_from(state["micro_batches_consumed"], state.get("micro_batch_size", cfg_t.micro_batch_size)) if state else 0
     if cfg_t.epochs is not None:
         total_mb = stream.total_micro_batches(cfg_t.epochs)
         total_steps = start_step + max(0, math.ceil((total_mb - mb_consumed) / per_step))

@@ -64,6 +64,16 @@ class MicroBatchStream:
     def epoch_at(self, index: int) -> float:
         return index / self.per_epoch
 
+    def position_from(self, consumed: int, micro_batch_size: int) -> int:
+        """The index in this stream of a run that consumed `consumed` micro-batches of `micro_batch_size`
+        rows (a run branched with another micro-batch size): same epoch, same place in its permutation
+        (which does not depend on the batch size), rounded up to a whole batch of ours, so the fewer than
+        micro_batch_size rows under the cut are skipped and none is seen twice."""
+        if micro_batch_size == self.micro_batch_size:
+            return consumed
+        epoch, j = divmod(consumed, math.ceil(len(self.rows) / micro_batch_size))
+        return epoch * self.per_epoch + min(self.per_epoch, math.ceil(j * micro_batch_size / self.micro_batch_size))
+
     def step_indices(self, start: int, num_processes: int, grad_accum: int, rank: int) -> list[int]:
         return [start + rank + num_processes * g for g in range(grad_accum)]
 

@@ -295,6 +295,18 @@ def test_resume_from_a_checkpoint_path_into_a_new_run(reference, tmp_path):
     assert got_eval[-1]["eval_loss"] == ref_eval[-1]["eval_loss"]
 
 
+def test_branching_with_another_micro_batch_size_keeps_the_data_position(reference, tmp_path):
+    """The reference (32 rows, 2 a micro-batch, 2 micro-batches a step) has used 18 micro-batches, 1.125 epochs,
+    at step 9; branched with 3 rows a micro-batch (11 an epoch) it goes on from the same place, micro-batch
+    11 + ceil(4 / 3) = 13 of the new stream, not from micro-batch 18 of it (0.45 epochs further)."""
+    d, recipe, _ = reference
+    ckpt = d / "run" / "checkpoints" / "step-00000009"
+    result = _run(recipe, f"resume={ckpt}", f"output_dir={tmp_path / 'branch'}", "train.micro_batch_size=3")
+    assert result.step == 12
+    got, _ = read_metrics(tmp_path / "branch")
+    assert [l["epoch"] for l in got] == pytest.approx([15 / 11, 17 / 11, 19 / 11], abs=1e-4)
+
+
 def test_learning_rate_schedules():
     from gptoss_tune.train import lr_lambda
 
