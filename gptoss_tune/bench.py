@@ -39,7 +39,8 @@ import torch
 from .errors import UserError
 from .model_config import published_config, tiny_config
 
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "B200": 2250.0}
+# Dense bf16 peaks; the first key found in the device name wins (PCIe and NVL parts are slower than SXM).
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.4, "H200": 989.4, "B200": 2250.0}
 GIB = 2**30
 
 
@@ -210,7 +211,10 @@ def peak_tflops(device: torch.device, override: float | None = None) -> float | 
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_for_device_name(torch.cuda.get_device_name(device))
+
+
+def peak_for_device_name(name: str) -> float | None:
     for key, value in PEAK_BF16_TFLOPS.items():
         if key in name:
             return value
@@ -319,7 +323,31 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
+def _out_of_memory(what: str, device, run) -> dict:
+    """run() -> its dict; on a CUDA out-of-memory error a {"skipped": ...} report instead, with the device
+    memory freed, so the other model still runs and what did run is still printed."""
+    try:
+        return run()
+    except torch.cuda.OutOfMemoryError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # Outside the except block: the traceback, and with it every tensor its frames held, is gone.
+    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    from .attention import clear_block_mask_cache
+
+    clear_block_mask_cache()
+    _free(device)
+    return {"skipped": f"out of memory ({what}): {first[:240]}", "out_of_memory": True, "peak_gib_before_oom": peak}
+
+
 def run_ours(cfg, args, device, dtype) -> dict:
+    return _out_of_memory("ours", device, lambda: _run_ours(cfg, args, device, dtype))
+
+
+def run_baseline(cfg, args, device, dtype) -> dict:
+    return _out_of_memory("baseline", device, lambda: _run_baseline(cfg, args, device, dtype))
+
+
+def _run_ours(cfg, args, device, dtype) -> dict:
     from .attention import clear_block_mask_cache
     from .lora import LoraSettings, attach_lora
     from .memory import build_optimizer, enable_checkpointing, training_state_bytes
@@ -349,7 +377,7 @@ def run_ours(cfg, args, device, dtype) -> dict:
     }
 
 
-def run_baseline(cfg, args, device, dtype) -> dict:
+def _run_baseline(cfg, args, device, dtype) -> dict:
     from peft import LoraConfig, get_peft_model
 
     if device.type == "cuda":
@@ -404,6 +432,9 @@ def check_goals(result: dict) -> list[dict]:
     for model, seq, lora_on, min_tps, max_peak, min_speedup in GOALS:
         if (result["model"], result["seq"], result["lora_on"]) != (model, seq, lora_on):
             continue
+        if "skipped" in ours:  # ours did not run (out of memory): every goal of the case is missed
+            out.append({"goal": f"{model} seq {seq}: runs", "value": None, "met": False, "detail": ours["skipped"]})
+            continue
         checks = []
         if min_tps is not None:
             checks.append(("tokens/s", ours["tokens_per_s"], ">=", min_tps))
@@ -456,10 +487,13 @@ def run(args) -> dict:
     }
     if not args.baseline_only:
         o = run_ours(cfg, args, device, dtype)
-        result["ours"] = _summary(o["result"], tokens, flops, peak)
-        result["ours"].update({k: o[k] for k in ("experts_backend", "trainable_params", "training_state_gib")})
-        if o["profile"]:
-            result["ours"]["profile"] = o["profile"]
+        if "skipped" in o:
+            result["ours"] = o
+        else:
+            result["ours"] = _summary(o["result"], tokens, flops, peak)
+            result["ours"].update({k: o[k] for k in ("experts_backend", "trainable_params", "training_state_gib")})
+            if o["profile"]:
+                result["ours"]["profile"] = o["profile"]
     if args.baseline or args.baseline_only:
         b = run_baseline(cfg, args, device, dtype)
         if "skipped" in b:
@@ -467,7 +501,7 @@ def run(args) -> dict:
         else:
             result["baseline"] = _summary(b["result"], tokens, flops, peak)
             result["baseline"].update({"trainable_params": b["trainable_params"], "experts_implementation": b["experts_implementation"]})
-            if "ours" in result:
+            if "ours" in result and "skipped" not in result["ours"]:
                 result["speedup"] = result["ours"]["tokens_per_s"] / result["baseline"]["tokens_per_s"]
                 lo, lb = result["ours"]["loss_first"], result["baseline"]["loss_first"]
                 result["first_loss_rel_diff"] = abs(lo - lb) / abs(lb) if lb else None
@@ -494,8 +528,9 @@ def format_table(result: dict) -> str:
     if result.get("speedup"):
         lines.append(f"speedup {result['speedup']:.2f}x; first-step loss differs by {result['first_loss_rel_diff']:.2e} (relative)")
     for g in result.get("goals", []):
-        lines.append(f"goal {g['goal']}: {'MET' if g['met'] else 'MISSED ' + g['detail']} (value {g['value']:.4g})")
-    if "ours" in result:
+        value = "" if g["value"] is None else f" (value {g['value']:.4g})"
+        lines.append(f"goal {g['goal']}: {'MET' if g['met'] else 'MISSED ' + g['detail']}{value}")
+    if "experts_backend" in result.get("ours", {}):
         lines.append(f"experts backend: {result['ours']['experts_backend']}")
     return "\n".join(lines)
 
