@@ -27,6 +27,7 @@ MFU = tokens/s x flops / peak dense bf16 FLOP/s of the device (H100/H200 SXM: 98
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -268,16 +269,27 @@ def _inputs(cfg, batch, seq, device, seed):
     return ids, pos
 
 
-def ours_step_fn(model, ids, pos, optimizer, chunk_tokens, aux_loss_coef: float = 0.01):
+def autocast_for(device, mixed_precision: str):
+    """The forward's autocast, as the training loop's accelerate(mixed_precision=...) sets it (bf16 on CUDA by
+    default): LoRA and other fp32 weights then meet the activations in bf16 matmuls."""
+    if mixed_precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def ours_step_fn(model, ids, pos, optimizer, chunk_tokens, aux_loss_coef: float = 0.01, mixed_precision: str = "no"):
     """One optimizer step of the training loop's objective (gptoss_tune.objective): chunked LM loss plus the
-    load-balancing loss from every layer's router logits. Returns the LM loss."""
+    load-balancing loss from every layer's router logits, the forward under the training loop's autocast.
+    Returns the LM loss."""
     from .objective import Objective
 
     objective = Objective(model, chunk_tokens=chunk_tokens)
     token_mask = torch.ones_like(ids)
+    device = ids.device
 
     def step():
-        out = objective(input_ids=ids, labels=ids, position_ids=pos, token_mask=token_mask)
+        with autocast_for(device, mixed_precision):
+            out = objective(input_ids=ids, labels=ids, position_ids=pos, token_mask=token_mask)
         loss = out.lm_loss_sum / out.trained_tokens
         (loss + aux_loss_coef * out.aux_loss).backward()
         optimizer.step()
@@ -287,9 +299,10 @@ def ours_step_fn(model, ids, pos, optimizer, chunk_tokens, aux_loss_coef: float 
     return step
 
 
-def baseline_step_fn(model, ids, pos, optimizer):
-    def step():
-        loss = model(input_ids=ids, position_ids=pos, labels=ids, use_cache=False).loss
+def baseline_step_fn(model, ids, pos, optimizer, mixed_precision: str = "no"):
+    def step():  # the official recipe trains with TRL's SFTTrainer, bf16=True: autocast as well
+        with autocast_for(ids.device, mixed_precision):
+            loss = model(input_ids=ids, position_ids=pos, labels=ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -361,7 +374,7 @@ def _run_ours(cfg, args, device, dtype) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = build_optimizer(model.parameters(), args.optimizer, lr=1e-4)
     ids, pos = _inputs(cfg, args.batch, args.seq, device, args.seed)
-    step = ours_step_fn(model, ids, pos, optimizer, args.chunk_tokens)
+    step = ours_step_fn(model, ids, pos, optimizer, args.chunk_tokens, mixed_precision=_mixed_precision(args, device))
     res = run_steps(step, device, args.warmup, args.steps)
     backend = model.model.layers[0].mlp.experts.resolved_backend(device)
     profile = _profile(step, device, args.profile) if args.profile else None
@@ -397,7 +410,7 @@ def _run_baseline(cfg, args, device, dtype) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda" or None)
     ids, pos = _inputs(cfg, args.batch, args.seq, device, args.seed)
-    step = baseline_step_fn(model, ids, pos, optimizer)
+    step = baseline_step_fn(model, ids, pos, optimizer, mixed_precision=_mixed_precision(args, device))
     res = run_steps(step, device, args.warmup, args.steps)
     experts_impl = getattr(model.base_model.model.config, "_experts_implementation", None)
     del model, optimizer, step
@@ -450,6 +463,11 @@ def check_goals(result: dict) -> list[dict]:
     return out
 
 
+def _mixed_precision(args, device) -> str:
+    """--mixed-precision, default as the training loop's train.mixed_precision "auto": bf16 on CUDA, no on the CPU."""
+    return getattr(args, "mixed_precision", None) or ("bf16" if device.type == "cuda" else "no")
+
+
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.model != "tiny" and device.type != "cuda" and not args.device:
@@ -481,7 +499,8 @@ def run(args) -> dict:
         "flops_per_token": flops,
         "formula": "model_flops = 4*N + 6*N_lora + 3*a per trained token (frozen base: no weight grads); "
         "flops_6n = 6*(N + N_lora) + 3*a; mfu = tokens/s * flops / peak",
-        "settings": {"checkpointing": args.checkpointing, "every_n": args.every_n, "offload": args.offload,
+        "settings": {"mixed_precision": _mixed_precision(args, device),
+                     "checkpointing": args.checkpointing, "every_n": args.every_n, "offload": args.offload,
                      "chunk_tokens": args.chunk_tokens, "optimizer": args.optimizer, "attention": args.attn or "gptoss_sink",
                      "warmup": args.warmup, "steps": args.steps},  # fmt: skip
     }

@@ -129,7 +129,6 @@ def test_an_out_of_memory_run_is_reported_and_freed_and_the_other_still_runs(mon
     """On the GPU either model may run out of memory (the baseline at long sequences, ours while tuning):
     the script must still print what did run, say which one ran out, and free the device memory the failed
     run held before the other one is measured."""
-    import argparse
     import weakref
 
     held = []
@@ -140,11 +139,7 @@ def test_an_out_of_memory_run_is_reported_and_freed_and_the_other_still_runs(mon
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
 
     monkeypatch.setattr(bench, "_run_baseline", oom_baseline)
-    args = argparse.Namespace(model="tiny", seq=16, batch=1, rank=4, alpha=None, lora_on="all", steps=1, warmup=0,
-                              baseline=True, baseline_only=False, checkpointing=True, every_n=1, offload=False,
-                              chunk_tokens=512, optimizer="adamw", attn=None, device="cpu", dtype=None, seed=0,
-                              peak_tflops=None, profile=0)  # fmt: skip
-    r = bench.run(args)
+    r = bench.run(_args(baseline=True))
     assert r["ours"]["tokens_per_s"] > 0
     assert r["baseline"]["out_of_memory"] and "out of memory (baseline): CUDA out of memory" in r["baseline"]["skipped"]
     assert "more detail" not in r["baseline"]["skipped"] and "speedup" not in r
@@ -165,3 +160,26 @@ def test_mfu_peak_by_device_name():
     assert bench.peak_for_device_name("NVIDIA H100 PCIe") == 756.0
     assert bench.peak_for_device_name("NVIDIA H200") == 989.4
     assert bench.peak_for_device_name("NVIDIA A100-SXM4-80GB") is None
+
+
+def _args(**over):
+    """bench_train.py's arguments for a tiny CPU run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--model", "tiny", "--seq", "16", "--rank", "4", "--steps", "1", "--warmup", "0", "--device", "cpu"])
+    for k, v in over.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_mixed_precision_is_the_training_loops_autocast():
+    """On CUDA the training loop runs the forward under bf16 autocast (train.mixed_precision auto), so the
+    benchmark does too by default; the setting is recorded and takes effect (bf16 matmuls move the loss)."""
+    plain = bench.run(_args())
+    mixed = bench.run(_args(mixed_precision="bf16"))
+    assert plain["settings"]["mixed_precision"] == "no" and mixed["settings"]["mixed_precision"] == "bf16"
+    a, b = plain["ours"]["loss_first"], mixed["ours"]["loss_first"]
+    assert a != b and abs(a - b) / a < 1e-3
