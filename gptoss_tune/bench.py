@@ -31,6 +31,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -502,7 +503,8 @@ def run(args) -> dict:
         "settings": {"mixed_precision": _mixed_precision(args, device),
                      "checkpointing": args.checkpointing, "every_n": args.every_n, "offload": args.offload,
                      "chunk_tokens": args.chunk_tokens, "optimizer": args.optimizer, "attention": args.attn or "gptoss_sink",
-                     "warmup": args.warmup, "steps": args.steps},  # fmt: skip
+                     "warmup": args.warmup, "steps": args.steps,
+                     "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")},  # fmt: skip
     }
     if not args.baseline_only:
         o = run_ours(cfg, args, device, dtype)

@@ -387,6 +387,29 @@ def test_tiny_model_on_cuda_flex_route_equals_dense_route(tiny_ckpt, many_compil
         assert rel < 5e-2, (k, rel)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_route_under_bf16_autocast_as_the_training_loop_runs_it():
+    """The training loop (accelerate mixed_precision bf16) and bench_train.py run the compiled flex route
+    under torch.autocast: same output and gradients as without it, bf16 inputs, fp32 lse for the sinks."""
+    B, L = 1, 512
+    cfg = _config(window=128, heads=64, kv_heads=8, head_dim=64)
+    module = _module(cfg, 0, seed=2).cuda().bfloat16()
+    pos = torch.cat([torch.arange(200), torch.arange(312)])[None].cuda()
+    spec = A.sink_mask_interface(B, L, L)
+    q, k, v = (t.detach().mul(0.5).cuda().bfloat16().requires_grad_() for t in _qkv(B, cfg, L, seed=4))
+    outs, grads = [], []
+    for autocast in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = _run(A.sink_attention_forward, module, q, k, v, spec, position_ids=pos, route="flex")
+        assert out.dtype == torch.bfloat16
+        outs.append(out.float())
+        grads.append(torch.autograd.grad(out.float().square().sum(), [q, k, v]))
+    assert ((outs[0] - outs[1]).norm() / outs[0].norm()).item() < 1e-2
+    for a, b in zip(*grads):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-2
+
+
 # ---------------------------------------------------------------------------------------------------
 # compiled routes: every variant of a training run stays compiled (CPU, dynamo's eager backend)
 # ---------------------------------------------------------------------------------------------------
