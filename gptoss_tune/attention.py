@@ -187,19 +187,45 @@ def dense_attention_lse(query, key, value, mask: torch.Tensor | None, scaling: f
     return out, lse
 
 
-_FLEX_COMPILED = None
+# torch.compile keeps at most dynamo's `recompile_limit` (8 by default) compiled versions of a function
+# and past that runs it UNCOMPILED, with only a log warning: flex_attention then computes dense
+# [B, H, Q, K] scores and create_block_mask a dense [B, 1, Q, K] mask (17 GB at 131,072 tokens). A training
+# run compiles each once per window (2) x mask kind (plain, packed, padded) x grad mode (training, and
+# evaluation under no_grad), plus a static-shape version of each before dynamo makes the sequence length
+# dynamic: more than 8 within one run (tests/test_attention.py counts them). Hence the higher limit.
+RECOMPILE_LIMIT = 64
+COMPILE_BACKEND = "inductor"  # tests use "eager": the same guards and recompiles without code generation
+COMPILE_ON_CPU = False  # tests: exercise the compiled routes' caching on the CPU
+_COMPILED: dict = {}
+
+
+def _ensure_recompile_headroom() -> None:
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    if getattr(dynamo_config, name) < RECOMPILE_LIMIT:
+        setattr(dynamo_config, name, RECOMPILE_LIMIT)
+
+
+def _compiled(fn):
+    """torch.compile(fn) once per backend, with room for every variant a training run needs."""
+    key = (fn.__name__, COMPILE_BACKEND)
+    if key not in _COMPILED:
+        _ensure_recompile_headroom()
+        _COMPILED[key] = torch.compile(fn, backend=COMPILE_BACKEND)
+    return _COMPILED[key]
+
+
+def _use_compiled(device) -> bool:
+    return (torch.device(device).type == "cuda" or COMPILE_ON_CPU) and not torch.compiler.is_compiling()
 
 
 def _flex_fn(device: torch.device):
     """Compiled flex_attention on CUDA (fused kernels, linear memory); the uncompiled one elsewhere."""
-    global _FLEX_COMPILED
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device.type != "cuda" or torch.compiler.is_compiling():
-        return flex_attention  # inside a compiled model, dynamo compiles it with the rest
-    if _FLEX_COMPILED is None:
-        _FLEX_COMPILED = torch.compile(flex_attention)
-    return _FLEX_COMPILED
+    # inside a compiled model, dynamo compiles flex_attention with the rest
+    return _compiled(flex_attention) if _use_compiled(device) else flex_attention
 
 
 def flex_attention_lse(query, key, value, block_mask, scaling: float):
@@ -234,10 +260,9 @@ def build_block_mask(mask_mod, batch_size: int, q_len: int, kv_len: int, device,
     from torch.nn.attention.flex_attention import create_block_mask
 
     # On CUDA the compiled builder never materialises the Q x K mask (131k^2 bools would be 17 GB).
-    return create_block_mask(
-        mask_mod, B=batch_size if batched else None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device,
-        _compile=torch.device(device).type == "cuda",
-    )  # fmt: skip
+    # torch.compile(create_block_mask) is what torch recommends over its deprecated `_compile=True`.
+    build = _compiled(create_block_mask) if _use_compiled(device) else create_block_mask
+    return build(mask_mod, B=batch_size if batched else None, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
 
 
 def _block_mask_for(spec: SinkMask, window, documents, q_len, kv_len, device):

@@ -27,9 +27,11 @@ MFU = tokens/s x flops / peak dense bf16 FLOP/s of the device (H100/H200 SXM: 98
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
+import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -39,7 +41,8 @@ import torch
 from .errors import UserError
 from .model_config import published_config, tiny_config
 
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "B200": 2250.0}
+# Dense bf16 peaks; the first key found in the device name wins (PCIe and NVL parts are slower than SXM).
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.4, "H200": 989.4, "B200": 2250.0}
 GIB = 2**30
 
 
@@ -210,7 +213,10 @@ def peak_tflops(device: torch.device, override: float | None = None) -> float | 
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_for_device_name(torch.cuda.get_device_name(device))
+
+
+def peak_for_device_name(name: str) -> float | None:
     for key, value in PEAK_BF16_TFLOPS.items():
         if key in name:
             return value
@@ -264,16 +270,27 @@ def _inputs(cfg, batch, seq, device, seed):
     return ids, pos
 
 
-def ours_step_fn(model, ids, pos, optimizer, chunk_tokens, aux_loss_coef: float = 0.01):
+def autocast_for(device, mixed_precision: str):
+    """The forward's autocast, as the training loop's accelerate(mixed_precision=...) sets it (bf16 on CUDA by
+    default): LoRA and other fp32 weights then meet the activations in bf16 matmuls."""
+    if mixed_precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def ours_step_fn(model, ids, pos, optimizer, chunk_tokens, aux_loss_coef: float = 0.01, mixed_precision: str = "no"):
     """One optimizer step of the training loop's objective (gptoss_tune.objective): chunked LM loss plus the
-    load-balancing loss from every layer's router logits. Returns the LM loss."""
+    load-balancing loss from every layer's router logits, the forward under the training loop's autocast.
+    Returns the LM loss."""
     from .objective import Objective
 
     objective = Objective(model, chunk_tokens=chunk_tokens)
     token_mask = torch.ones_like(ids)
+    device = ids.device
 
     def step():
-        out = objective(input_ids=ids, labels=ids, position_ids=pos, token_mask=token_mask)
+        with autocast_for(device, mixed_precision):
+            out = objective(input_ids=ids, labels=ids, position_ids=pos, token_mask=token_mask)
         loss = out.lm_loss_sum / out.trained_tokens
         (loss + aux_loss_coef * out.aux_loss).backward()
         optimizer.step()
@@ -283,9 +300,10 @@ def ours_step_fn(model, ids, pos, optimizer, chunk_tokens, aux_loss_coef: float 
     return step
 
 
-def baseline_step_fn(model, ids, pos, optimizer):
-    def step():
-        loss = model(input_ids=ids, position_ids=pos, labels=ids, use_cache=False).loss
+def baseline_step_fn(model, ids, pos, optimizer, mixed_precision: str = "no"):
+    def step():  # the official recipe trains with TRL's SFTTrainer, bf16=True: autocast as well
+        with autocast_for(ids.device, mixed_precision):
+            loss = model(input_ids=ids, position_ids=pos, labels=ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -319,7 +337,31 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
+def _out_of_memory(what: str, device, run) -> dict:
+    """run() -> its dict; on a CUDA out-of-memory error a {"skipped": ...} report instead, with the device
+    memory freed, so the other model still runs and what did run is still printed."""
+    try:
+        return run()
+    except torch.cuda.OutOfMemoryError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # Outside the except block: the traceback, and with it every tensor its frames held, is gone.
+    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    from .attention import clear_block_mask_cache
+
+    clear_block_mask_cache()
+    _free(device)
+    return {"skipped": f"out of memory ({what}): {first[:240]}", "out_of_memory": True, "peak_gib_before_oom": peak}
+
+
 def run_ours(cfg, args, device, dtype) -> dict:
+    return _out_of_memory("ours", device, lambda: _run_ours(cfg, args, device, dtype))
+
+
+def run_baseline(cfg, args, device, dtype) -> dict:
+    return _out_of_memory("baseline", device, lambda: _run_baseline(cfg, args, device, dtype))
+
+
+def _run_ours(cfg, args, device, dtype) -> dict:
     from .attention import clear_block_mask_cache
     from .lora import LoraSettings, attach_lora
     from .memory import build_optimizer, enable_checkpointing, training_state_bytes
@@ -333,7 +375,7 @@ def run_ours(cfg, args, device, dtype) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = build_optimizer(model.parameters(), args.optimizer, lr=1e-4)
     ids, pos = _inputs(cfg, args.batch, args.seq, device, args.seed)
-    step = ours_step_fn(model, ids, pos, optimizer, args.chunk_tokens)
+    step = ours_step_fn(model, ids, pos, optimizer, args.chunk_tokens, mixed_precision=_mixed_precision(args, device))
     res = run_steps(step, device, args.warmup, args.steps)
     backend = model.model.layers[0].mlp.experts.resolved_backend(device)
     profile = _profile(step, device, args.profile) if args.profile else None
@@ -349,7 +391,7 @@ def run_ours(cfg, args, device, dtype) -> dict:
     }
 
 
-def run_baseline(cfg, args, device, dtype) -> dict:
+def _run_baseline(cfg, args, device, dtype) -> dict:
     from peft import LoraConfig, get_peft_model
 
     if device.type == "cuda":
@@ -369,7 +411,7 @@ def run_baseline(cfg, args, device, dtype) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda" or None)
     ids, pos = _inputs(cfg, args.batch, args.seq, device, args.seed)
-    step = baseline_step_fn(model, ids, pos, optimizer)
+    step = baseline_step_fn(model, ids, pos, optimizer, mixed_precision=_mixed_precision(args, device))
     res = run_steps(step, device, args.warmup, args.steps)
     experts_impl = getattr(model.base_model.model.config, "_experts_implementation", None)
     del model, optimizer, step
@@ -404,6 +446,9 @@ def check_goals(result: dict) -> list[dict]:
     for model, seq, lora_on, min_tps, max_peak, min_speedup in GOALS:
         if (result["model"], result["seq"], result["lora_on"]) != (model, seq, lora_on):
             continue
+        if "skipped" in ours:  # ours did not run (out of memory): every goal of the case is missed
+            out.append({"goal": f"{model} seq {seq}: runs", "value": None, "met": False, "detail": ours["skipped"]})
+            continue
         checks = []
         if min_tps is not None:
             checks.append(("tokens/s", ours["tokens_per_s"], ">=", min_tps))
@@ -417,6 +462,11 @@ def check_goals(result: dict) -> list[dict]:
             miss = "" if met else (f"missed by {abs(value - target):.4g} ({value / target:.2f}x the target)")
             out.append({"goal": f"{model} seq {seq}: {what} {op} {target}", "value": value, "met": met, "detail": miss})
     return out
+
+
+def _mixed_precision(args, device) -> str:
+    """--mixed-precision, default as the training loop's train.mixed_precision "auto": bf16 on CUDA, no on the CPU."""
+    return getattr(args, "mixed_precision", None) or ("bf16" if device.type == "cuda" else "no")
 
 
 def run(args) -> dict:
@@ -450,16 +500,21 @@ def run(args) -> dict:
         "flops_per_token": flops,
         "formula": "model_flops = 4*N + 6*N_lora + 3*a per trained token (frozen base: no weight grads); "
         "flops_6n = 6*(N + N_lora) + 3*a; mfu = tokens/s * flops / peak",
-        "settings": {"checkpointing": args.checkpointing, "every_n": args.every_n, "offload": args.offload,
+        "settings": {"mixed_precision": _mixed_precision(args, device),
+                     "checkpointing": args.checkpointing, "every_n": args.every_n, "offload": args.offload,
                      "chunk_tokens": args.chunk_tokens, "optimizer": args.optimizer, "attention": args.attn or "gptoss_sink",
-                     "warmup": args.warmup, "steps": args.steps},  # fmt: skip
+                     "warmup": args.warmup, "steps": args.steps,
+                     "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")},  # fmt: skip
     }
     if not args.baseline_only:
         o = run_ours(cfg, args, device, dtype)
-        result["ours"] = _summary(o["result"], tokens, flops, peak)
-        result["ours"].update({k: o[k] for k in ("experts_backend", "trainable_params", "training_state_gib")})
-        if o["profile"]:
-            result["ours"]["profile"] = o["profile"]
+        if "skipped" in o:
+            result["ours"] = o
+        else:
+            result["ours"] = _summary(o["result"], tokens, flops, peak)
+            result["ours"].update({k: o[k] for k in ("experts_backend", "trainable_params", "training_state_gib")})
+            if o["profile"]:
+                result["ours"]["profile"] = o["profile"]
     if args.baseline or args.baseline_only:
         b = run_baseline(cfg, args, device, dtype)
         if "skipped" in b:
@@ -467,7 +522,7 @@ def run(args) -> dict:
         else:
             result["baseline"] = _summary(b["result"], tokens, flops, peak)
             result["baseline"].update({"trainable_params": b["trainable_params"], "experts_implementation": b["experts_implementation"]})
-            if "ours" in result:
+            if "ours" in result and "skipped" not in result["ours"]:
                 result["speedup"] = result["ours"]["tokens_per_s"] / result["baseline"]["tokens_per_s"]
                 lo, lb = result["ours"]["loss_first"], result["baseline"]["loss_first"]
                 result["first_loss_rel_diff"] = abs(lo - lb) / abs(lb) if lb else None
@@ -494,8 +549,9 @@ def format_table(result: dict) -> str:
     if result.get("speedup"):
         lines.append(f"speedup {result['speedup']:.2f}x; first-step loss differs by {result['first_loss_rel_diff']:.2e} (relative)")
     for g in result.get("goals", []):
-        lines.append(f"goal {g['goal']}: {'MET' if g['met'] else 'MISSED ' + g['detail']} (value {g['value']:.4g})")
-    if "ours" in result:
+        value = "" if g["value"] is None else f" (value {g['value']:.4g})"
+        lines.append(f"goal {g['goal']}: {'MET' if g['met'] else 'MISSED ' + g['detail']}{value}")
+    if "experts_backend" in result.get("ours", {}):
         lines.append(f"experts backend: {result['ours']['experts_backend']}")
     return "\n".join(lines)
 

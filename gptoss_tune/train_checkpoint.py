@@ -52,7 +52,10 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per device visible when saved; a resume that sees fewer devices (another machine,
+        # CUDA_VISIBLE_DEVICES) restores those it has instead of failing on an invalid device ordinal.
+        for i, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
 
 
 def _save_torch(obj, path: Path) -> None:

@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--attn", default=None, help="attention implementation (default gptoss_sink)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--mixed-precision", choices=["bf16", "no"], default=None,
+                   help="autocast of the forward, as train.mixed_precision (default bf16 on CUDA, no on the CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak dense bf16 TFLOP/s for MFU")
     p.add_argument("--profile", type=int, default=0, help="profile this many extra steps of ours; prints top ops")

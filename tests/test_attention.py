@@ -385,3 +385,73 @@ def test_tiny_model_on_cuda_flex_route_equals_dense_route(tiny_ckpt, many_compil
     for k in g_dense:
         rel = ((g_flex[k] - g_dense[k]).norm() / g_dense[k].norm().clamp_min(1e-12)).item()
         assert rel < 5e-2, (k, rel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_route_under_bf16_autocast_as_the_training_loop_runs_it():
+    """The training loop (accelerate mixed_precision bf16) and bench_train.py run the compiled flex route
+    under torch.autocast: same output and gradients as without it, bf16 inputs, fp32 lse for the sinks."""
+    B, L = 1, 512
+    cfg = _config(window=128, heads=64, kv_heads=8, head_dim=64)
+    module = _module(cfg, 0, seed=2).cuda().bfloat16()
+    pos = torch.cat([torch.arange(200), torch.arange(312)])[None].cuda()
+    spec = A.sink_mask_interface(B, L, L)
+    q, k, v = (t.detach().mul(0.5).cuda().bfloat16().requires_grad_() for t in _qkv(B, cfg, L, seed=4))
+    outs, grads = [], []
+    for autocast in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = _run(A.sink_attention_forward, module, q, k, v, spec, position_ids=pos, route="flex")
+        assert out.dtype == torch.bfloat16
+        outs.append(out.float())
+        grads.append(torch.autograd.grad(out.float().square().sum(), [q, k, v]))
+    assert ((outs[0] - outs[1]).norm() / outs[0].norm()).item() < 1e-2
+    for a, b in zip(*grads):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-2
+
+
+# ---------------------------------------------------------------------------------------------------
+# compiled routes: every variant of a training run stays compiled (CPU, dynamo's eager backend)
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def compiled_on_cpu(monkeypatch):
+    """The CUDA code path's torch.compile calls, on the CPU with dynamo's "eager" backend: the same guards,
+    cache entries and recompiles as inductor on CUDA, without generating kernels. Dynamo's own limit is
+    restored afterwards; hitting it raises instead of silently running uncompiled."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(dynamo_config, name, getattr(dynamo_config, name))
+    monkeypatch.setattr(dynamo_config, "fail_on_recompile_limit_hit", True)
+    monkeypatch.setattr(A, "COMPILE_ON_CPU", True)
+    monkeypatch.setattr(A, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(A, "_COMPILED", {})
+    torch._dynamo.reset()
+    A.clear_block_mask_cache()
+    yield
+    torch._dynamo.reset()
+    A.clear_block_mask_cache()
+
+
+def test_compiled_flex_and_block_masks_survive_every_training_variant(compiled_on_cpu):
+    """Sliding and full layers x plain, packed and padded batches x training and no_grad evaluation x
+    changing lengths: more compiled versions than dynamo's default limit of 8. Past the limit torch runs
+    flex_attention uncompiled (dense [B, H, Q, K] scores) and create_block_mask densely ([B, 1, Q, K]),
+    which at 131,072 tokens does not fit any GPU; gptoss_tune.attention raises the limit."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    cfg = _config(window=4, head_dim=16)
+    modules = {w: _module(cfg, 1, seed=3) for w in (None, 4)}
+    for L in (24, 32, 40):
+        for layout in ("plain", "packed", "padded"):
+            pos, mask2d = _layout(layout, 2, L)
+            q, k, v = (t.detach() for t in _qkv(2, cfg, L, seed=L))  # the CPU flex route has no backward
+            spec = A.sink_mask_interface(2, L, L, attention_mask=mask2d)
+            for grad in (True, False):
+                for window, module in modules.items():
+                    with torch.set_grad_enabled(grad):  # a guard of its own, as training vs evaluation
+                        out, _ = A.sink_attention_forward(module, q, k, v, spec, sliding_window=window, position_ids=pos, route="flex")
+                    assert out.shape == (2, L, cfg.num_attention_heads, 16)
+    # the point of the test: more versions than dynamo's default limit were needed (and none fell back)
+    assert counters["stats"]["unique_graphs"] > 8, dict(counters["stats"])

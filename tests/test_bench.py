@@ -123,3 +123,63 @@ def test_gpu_check_scripts_run_their_plumbing_on_the_cpu(script, args, tmp_path)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.rstrip().endswith("PASS") and json.loads((tmp_path / "r.json").read_text())
+
+
+def test_an_out_of_memory_run_is_reported_and_freed_and_the_other_still_runs(monkeypatch):
+    """On the GPU either model may run out of memory (the baseline at long sequences, ours while tuning):
+    the script must still print what did run, say which one ran out, and free the device memory the failed
+    run held before the other one is measured."""
+    import weakref
+
+    held = []
+
+    def oom_baseline(cfg, args, device, dtype):
+        model = torch.nn.Linear(8, 8)  # stands for the model the failed run had built
+        held.append(weakref.ref(model))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    monkeypatch.setattr(bench, "_run_baseline", oom_baseline)
+    r = bench.run(_args(baseline=True))
+    assert r["ours"]["tokens_per_s"] > 0
+    assert r["baseline"]["out_of_memory"] and "out of memory (baseline): CUDA out of memory" in r["baseline"]["skipped"]
+    assert "more detail" not in r["baseline"]["skipped"] and "speedup" not in r
+    assert held and held[0]() is None  # nothing of the failed run survives its report
+    assert "out of memory (baseline)" in bench.format_table(r)
+    json.loads(bench.to_json(r))
+
+    # ours out of memory on a goal case: every goal of that case reads as missed, with the reason
+    r = {"model": "20b", "seq": 131072, "lora_on": "all", "batch": 1, "rank": 8, "device": "H100",
+         "ours": {"skipped": "out of memory (ours): CUDA out of memory", "out_of_memory": True}}  # fmt: skip
+    r["goals"] = bench.check_goals(r)
+    assert [(g["met"], g["detail"]) for g in r["goals"]] == [(False, "out of memory (ours): CUDA out of memory")]
+    assert "MISSED out of memory (ours)" in bench.format_table(r)
+
+
+def test_mfu_peak_by_device_name():
+    assert bench.peak_for_device_name("NVIDIA H100 80GB HBM3") == 989.4  # the SXM part the goals are set on
+    assert bench.peak_for_device_name("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_for_device_name("NVIDIA H200") == 989.4
+    assert bench.peak_for_device_name("NVIDIA A100-SXM4-80GB") is None
+
+
+def _args(**over):
+    """bench_train.py's arguments for a tiny CPU run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--model", "tiny", "--seq", "16", "--rank", "4", "--steps", "1", "--warmup", "0", "--device", "cpu"])
+    for k, v in over.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_mixed_precision_is_the_training_loops_autocast():
+    """On CUDA the training loop runs the forward under bf16 autocast (train.mixed_precision auto), so the
+    benchmark does too by default; the setting is recorded and takes effect (bf16 matmuls move the loss)."""
+    plain = bench.run(_args())
+    mixed = bench.run(_args(mixed_precision="bf16"))
+    assert plain["settings"]["mixed_precision"] == "no" and mixed["settings"]["mixed_precision"] == "bf16"
+    a, b = plain["ours"]["loss_first"], mixed["ours"]["loss_first"]
+    assert a != b and abs(a - b) / a < 1e-3

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from conftest import stock_model
 from gptoss_tune import load_model
 from gptoss_tune.experts import MXFP4Experts
-from gptoss_tune.mxfp4 import dequantize
+from gptoss_tune.mxfp4 import dequantize, quantize_experts_io
 from gptoss_tune.tiny import write_tiny_checkpoint
 
 
@@ -102,8 +102,18 @@ def test_init_tiny_is_deterministic(tmp_path):
     assert fa == fb and fa != fc
 
 
-def test_bf16_checkpoint_loads_and_matches(tiny_ckpt, tmp_path):
-    """A checkpoint with already-dequantised bf16 experts ([E, in, out], no quantization_config)."""
+def test_bf16_checkpoint_loads_and_matches(tiny_ckpt, tmp_path, monkeypatch):
+    """A checkpoint with already-dequantised bf16 experts ([E, in, out], no quantization_config),
+    quantised one expert at a time (a whole 120b layer at once needs ~32 GB of temporaries on the GPU)."""
+    import gptoss_tune.loader as loader
+
+    quantized = []
+
+    def recording(w):
+        quantized.append(tuple(w.shape))
+        return quantize_experts_io(w)
+
+    monkeypatch.setattr(loader, "quantize_experts_io", recording)
     out = tmp_path / "bf16"
     out.mkdir()
     sd = load_file(tiny_ckpt / "model.safetensors")
@@ -126,6 +136,8 @@ def test_bf16_checkpoint_loads_and_matches(tiny_ckpt, tmp_path):
     for la, lb in zip(a.model.layers, b.model.layers):
         assert lb.mlp.experts.gate_up_proj_blocks.dtype == torch.uint8
         assert torch.equal(la.mlp.experts.dequantized("gate_up_proj"), lb.mlp.experts.dequantized("gate_up_proj"))
+    E = a.config.num_local_experts
+    assert len(quantized) == 2 * E * len(a.model.layers) and all(shape[0] == 1 for shape in quantized)
 
 
 def test_resident_expert_bytes_are_mxfp4(tiny_ckpt_topk4):

@@ -130,3 +130,32 @@ def test_build_optimizer(lora_model):
 def test_8bit_optimizer_without_bitsandbytes_says_what_to_do(lora_model):
     with pytest.raises(UserError, match="needs the bitsandbytes package.*pip install bitsandbytes, or use optimizer: adamw"):
         build_optimizer(lora_model.parameters(), "adamw_8bit")
+
+
+def test_offload_moves_exactly_each_layer_input_to_the_host(lora_model, monkeypatch):
+    """What `offload_checkpoints` puts in host memory: each checkpointed layer's input hidden states
+    ([B, L, H], the 18 GB term at 131k tokens) and nothing else, in particular not the packed MXFP4 expert
+    weights the expert kernels save for backward (that would copy the model to the host every step)."""
+    moved = []
+
+    class recording_save_on_cpu(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            def pack(t):
+                moved.append((tuple(t.shape), t.dtype))
+                return t.device, t.cpu()
+
+            super().__init__(pack, lambda packed: packed[1].to(packed[0]))
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", recording_save_on_cpu)
+    disable_checkpointing(lora_model)
+    loss0, grads0, _ = _step(lora_model)
+    enable_checkpointing(lora_model, offload=True)
+    try:
+        loss1, grads1, _ = _step(lora_model)
+    finally:
+        disable_checkpointing(lora_model)
+    hidden = lora_model.config.hidden_size
+    assert moved == [((2, 24, hidden), torch.float32)] * len(lora_model.model.layers)
+    assert torch.equal(loss0, loss1)
+    for k in grads0:
+        torch.testing.assert_close(grads1[k], grads0[k], rtol=0, atol=0)

@@ -441,3 +441,18 @@ def test_trained_router_stays_fp32_in_a_bf16_model(tiny_ckpt, tmp_path):
     base = load_model(tiny_ckpt, device="cpu", dtype=torch.float32).model.layers[0].mlp.router.weight
     moved = (router["model.layers.0.mlp.router.weight"] - base.to(torch.bfloat16).float()).abs()
     assert 0 < moved.max() < 1e-3  # an lr-sized step, which bf16 (8 bits of mantissa) could not hold
+
+
+def test_cuda_rng_states_restore_on_fewer_visible_devices(monkeypatch):
+    """A checkpoint saved where 8 GPUs were visible resumes where 1 is: the states of the devices that
+    exist are restored (torch.cuda.set_rng_state_all would fail on an invalid device ordinal)."""
+    from gptoss_tune import train_checkpoint as tc
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device=0: restored.append((int(s[0]), device)))
+    state = {"python": __import__("random").getstate(), "numpy": __import__("numpy").random.get_state(),
+             "torch": torch.get_rng_state(), "cuda": [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]}  # fmt: skip
+    tc.set_rng_state(state)
+    assert restored == [(0, 0)]
