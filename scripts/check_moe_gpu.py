@@ -48,6 +48,10 @@ def parse(argv=None):
     ap.add_argument("--seed", type=int, default=None, help="default: from the clock (printed)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="hidden = intermediate = 64 (for --device cpu)")
+    ap.add_argument("--hidden", type=int, default=None, help="hidden = intermediate (default 2880, 64 with --small)")
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="activations (default bf16 on cuda, fp32 on cpu; bf16 on the CPU runs the GPU's roundings "
+                         "of the intermediates, with fp32 dots)")
     ap.add_argument("--json", default=None)
     return ap.parse_args(argv)
 
@@ -69,8 +73,9 @@ def main(argv=None) -> int:
         print("no CUDA device", file=sys.stderr)
         return 2
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
-    H = I = 64 if args.small else 2880
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    H = I = args.hidden or (64 if args.small else 2880)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = dtypes[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     names = ("gate_up_A", "gate_up_B", "down_A", "down_B")
     results, ok = [], True
     print(f"seed {seed}, tokens {args.tokens}, top-{args.top_k}, rank {args.rank}, hidden {H}, activations {dtype}")
