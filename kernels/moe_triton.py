@@ -84,7 +84,7 @@ MATMUL_T_SWIGLU_CONFIGS = [
     _config(128, 128, 32, 8, 4),
 ]
 # The small kernels run fixed tiles on the GPU (memory-bound, or few programs): not autotuned.
-# scripts/check_moe_tiles_cpu.py runs these and every config above under the interpreter at shapes with
+# scripts/check_moe_tiles.py runs these and every config above (interpreted on the CPU, or on the GPU) at shapes with
 # the real tails; scripts/compile_check_moe.py compiles them.
 GPU_FIXED_CONFIGS = {
     "lowrank": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),

@@ -446,7 +446,7 @@ def test_backend_env_forces_triton_on_cpu(monkeypatch):
 
 
 # ---- the GPU's own tile configs, at the real shapes' tails ------------------------------------------------
-# scripts/check_moe_tiles_cpu.py runs every autotuning candidate and fixed GPU tile (about a minute); here a
+# scripts/check_moe_tiles.py runs every autotuning candidate and fixed GPU tile (about a minute); here a
 # subset chosen for its masking situations, on fewer rows: a partial 256-wide N tile (gate_up N = 640 like
 # 5760), K = 320 against BLOCK_K = 128 (EVEN_K false, as 2880), a partial contraction tile in the transposed
 # kernel (N = 320 against 256), a partial 256-wide output-column tile, and the fixed small-kernel tiles.
@@ -459,14 +459,14 @@ _TILE_CASES: dict = {}
 
 def _tile_cases():
     if not _TILE_CASES:
-        path = Path(__file__).resolve().parents[1] / "scripts" / "check_moe_tiles_cpu.py"
-        spec = importlib.util.spec_from_file_location("check_moe_tiles_cpu", path)
+        path = Path(__file__).resolve().parents[1] / "scripts" / "check_moe_tiles.py"
+        spec = importlib.util.spec_from_file_location("check_moe_tiles", path)
         script = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(script)
         # 70 tokens for expert 0: two 64-row tiles; expert 1 exactly 64 rows; one with a single row; two idle
         for family, label, fn in script.cases(MT, problem=dict(T=140, big=70, E=7)):
             _TILE_CASES[label] = fn
-        _TILE_CASES["TOL"] = script.TOL
+        _TILE_CASES["TOL"] = script.TOL["cpu"]
     return _TILE_CASES
 
 
