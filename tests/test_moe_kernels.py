@@ -4,7 +4,8 @@ Each launcher in gptoss_kernels.moe_triton is checked against its *_reference in
 (float64 ground truth), then the whole layer (forward and every gradient) against
 moe_experts_reference, then a whole tiny model through MXFP4Experts with the backend forced to triton.
 Shapes are tiny and the interpreter's tiles are 16 x 32 x 32, so several tiles, ragged tails, experts
-without tokens and empty grid slots are all exercised. The interpreter computes tl.dot in fp32 (the
+without tokens and empty grid slots are all exercised; a subset of the GPU's own tile configs runs at the
+real shapes' tails too (all of them: scripts/check_moe_tiles.py). The interpreter computes tl.dot in fp32 (the
 launchers pass fp32 operands there, except fp16 ones for fp16 inputs, which it computes exactly), so the
 tolerances are fp32 ones; the GPU check with bf16 operands
 is scripts/check_moe_gpu.py (tests/test_moe_kernels_gpu.py runs it where CUDA exists).
