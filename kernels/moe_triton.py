@@ -202,7 +202,7 @@ def mxfp4_grouped_matmul(
     returns (h [P, N] or None when not store_pre, act [P, N/2]). Reference: grouped_mxfp4_matmul_reference.
     """
     _check_device(x, blocks)
-    x = _last_contiguous(x)
+    x, bias = _last_contiguous(x), _last_contiguous(bias)  # the kernel reads bias rows with unit stride
     N, Kdim = _mxfp4_dims(blocks, scales)
     P, E = d.num_rows, d.num_experts
     if swiglu is not None and N % 2:

@@ -241,6 +241,20 @@ def test_grouped_matmul_forward_other_tiles(config):
     assert rel(y, REF.grouped_mxfp4_matmul_reference(x, d.offsets, blocks, scales, bias, rows=d.row_token)) < 1e-6
 
 
+def test_grouped_matmul_takes_a_strided_bias():
+    """The kernel reads a bias row with unit stride; a column-major [E, N] bias (a transposed view) is
+    made contiguous by the launcher rather than read wrongly."""
+    gen = torch.Generator().manual_seed(31)
+    E, T, K, N = 3, 9, 64, 32
+    idx, _ = routing(gen, T, E, 1, idle=())
+    d = build_dispatch(idx, E)
+    blocks, scales = mxfp4(gen, E, N, K)
+    bias = torch.randn(N, E, generator=gen).t()
+    x = torch.randn(T, K, generator=gen)
+    y = MT.mxfp4_grouped_matmul(x, d, blocks, scales, bias, rows=d.row_token)
+    assert rel(y, REF.grouped_mxfp4_matmul_reference(x, d.offsets, blocks, scales, bias, rows=d.row_token)) < 1e-6
+
+
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("mode", ["swiglu_bwd", "scatter"])
 def test_grouped_matmul_transposed(mode, lora):
