@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -132,7 +133,13 @@ class MXFP4Experts(nn.Module):
         if choice not in BACKENDS:
             raise ExpertsBackendError(f"{where}: choose one of {', '.join(BACKENDS)}")
         if choice == "auto":
-            return "triton" if device.type == "cuda" and _triton_ops() is not None else "reference"
+            if device.type != "cuda":
+                return "reference"
+            ops = _triton_ops()
+            if ops is None or getattr(ops, "INTERPRET", False):
+                _warn_reference_on_cuda(ops)
+                return "reference"
+            return "triton"
         if choice == "triton":
             ops = _triton_ops()
             if ops is None:
@@ -147,7 +154,15 @@ class MXFP4Experts(nn.Module):
         backend = self.resolved_backend(hidden_states.device)
         args = (hidden_states, router_indices, routing_weights, self.packed_weights(), self.lora_factors())
         if backend == "triton":
-            return _triton_ops().moe_experts(*args, limit=self.limit, alpha=self.alpha)
+            try:
+                return _triton_ops().moe_experts(*args, limit=self.limit, alpha=self.alpha)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # a Triton compile or launch failure: say how to go on without the kernels
+                if hasattr(e, "add_note"):  # Python >= 3.11
+                    e.add_note(f"gptoss_tune: this came from the fused Triton expert kernels; {BACKEND_ENV}=reference "
+                               f"runs the experts in plain torch instead (slower, same results)")
+                raise
         return moe_experts_reference(*args, limit=self.limit, alpha=self.alpha)
 
     def extra_repr(self) -> str:
@@ -158,16 +173,33 @@ class MXFP4Experts(nn.Module):
 
 
 _TRITON_OPS = False
+_TRITON_IMPORT_ERROR = ""
+_WARNED_REFERENCE_ON_CUDA = False
 
 
 def _triton_ops():
     """The Triton MoE ops module, or None where Triton or the kernels are not available."""
-    global _TRITON_OPS
+    global _TRITON_OPS, _TRITON_IMPORT_ERROR
     if _TRITON_OPS is False:
         try:
             from gptoss_kernels import moe_triton  # type: ignore[attr-defined]
 
             _TRITON_OPS = moe_triton
-        except Exception:  # ImportError, or Triton without a usable backend
+        except Exception as e:  # ImportError, or Triton without a usable backend
             _TRITON_OPS = None
+            _TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
     return _TRITON_OPS
+
+
+def _warn_reference_on_cuda(ops) -> None:
+    """"auto" on CUDA without usable kernels runs the reference: correct, but several times slower and
+    with a dense bf16 copy of one expert at a time, so say so once rather than silently."""
+    global _WARNED_REFERENCE_ON_CUDA
+    if _WARNED_REFERENCE_ON_CUDA:
+        return
+    _WARNED_REFERENCE_ON_CUDA = True
+    why = ("Triton is running interpreted (TRITON_INTERPRET=1 was set when it was imported)" if ops is not None
+           else f"the kernels do not import ({_TRITON_IMPORT_ERROR or 'Triton missing'}; pip install -e '.[kernels]')")
+    warnings.warn(f"gptoss_tune: the fused Triton expert kernels are not used on CUDA: {why}. The experts run the "
+                  f"plain torch reference (much slower); set {BACKEND_ENV}=reference to choose it explicitly.",
+                  RuntimeWarning, stacklevel=3)

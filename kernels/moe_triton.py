@@ -19,6 +19,8 @@ it decorates a kernel), so set TRITON_INTERPRET=1 before importing this module.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -81,6 +83,15 @@ MATMUL_T_SWIGLU_CONFIGS = [
     _config(64, 64, 32, 4, 4),
     _config(128, 128, 32, 8, 4),
 ]
+# The small kernels run fixed tiles on the GPU (memory-bound, or few programs): not autotuned.
+# scripts/check_moe_tiles.py runs these and every config above (interpreted on the CPU, or on the GPU) at shapes with
+# the real tails; scripts/compile_check_moe.py compiles them.
+GPU_FIXED_CONFIGS = {
+    "lowrank": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+    "outer": dict(BLOCK_M=64, BLOCK_D1=128, num_warps=4, num_stages=3),
+    "combine": dict(BLOCK_H=1024),
+    "routing_grad": dict(BLOCK_H=512),
+}
 
 
 def _prune_block_m(configs, named_args, **kwargs):
@@ -123,6 +134,20 @@ def _check_device(*tensors: torch.Tensor | None) -> None:
                 "gptoss_kernels' Triton kernels need CUDA tensors; on the CPU run them interpreted by setting "
                 "TRITON_INTERPRET=1 before gptoss_kernels.moe_triton is imported"
             )
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the *current* CUDA device and stream. A model on cuda:1 (`--device cuda:1`) while
+    cuda:0 is current would have its kernels launched on device 0 with device-1 pointers (an illegal
+    memory access), so every launch of the layer runs under its tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _check_same_device(hidden_states: torch.Tensor, named: dict) -> None:
+    for name, t in named.items():
+        if t is not None and t.device != hidden_states.device:
+            raise ValueError(f"moe_experts: {name} is on {t.device} but hidden_states on {hidden_states.device}; "
+                             f"the experts' weights, LoRA factors and routing must be on the activations' device")
 
 
 def _pow2_at_least(n: int, floor: int) -> int:
@@ -177,7 +202,7 @@ def mxfp4_grouped_matmul(
     returns (h [P, N] or None when not store_pre, act [P, N/2]). Reference: grouped_mxfp4_matmul_reference.
     """
     _check_device(x, blocks)
-    x = _last_contiguous(x)
+    x, bias = _last_contiguous(x), _last_contiguous(bias)  # the kernel reads bias rows with unit stride
     N, Kdim = _mxfp4_dims(blocks, scales)
     P, E = d.num_rows, d.num_experts
     if swiglu is not None and N % 2:
@@ -313,7 +338,7 @@ def grouped_lowrank(
     out = torch.empty(P, R, dtype=torch.float32, device=x.device)
     if P == 0:
         return out
-    cfg = dict(BLOCK_M=16, BLOCK_K=32) if INTERPRET else dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3)
+    cfg = dict(BLOCK_M=16, BLOCK_K=32) if INTERPRET else dict(GPU_FIXED_CONFIGS["lowrank"])
     cfg.update(config or {})
     dummy = _dummy(d)
     grid = (triton.cdiv(P, cfg["BLOCK_M"]) + E,)
@@ -351,7 +376,7 @@ def grouped_outer(
     D2 = right.shape[1]
     out = torch.empty((E, D2, D1) if transpose else (E, D1, D2), dtype=torch.float32, device=left.device)
     o_e, o_1, o_2 = (out.stride(0), out.stride(2), out.stride(1)) if transpose else out.stride()
-    cfg = dict(BLOCK_M=16, BLOCK_D1=32) if INTERPRET else dict(BLOCK_M=64, BLOCK_D1=128, num_warps=4, num_stages=3)
+    cfg = dict(BLOCK_M=16, BLOCK_D1=32) if INTERPRET else dict(GPU_FIXED_CONFIGS["outer"])
     cfg["BLOCK_D2"] = _rank_pad(D2)
     cfg.update(config or {})
     dummy = _dummy(d)
@@ -367,7 +392,7 @@ def grouped_outer(
     return out
 
 
-def combine(y_pairs: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+def combine(y_pairs: torch.Tensor, routing_weights: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
     """out[t] = Σ_j w[t, j]·y[t·k + j] in fp32, returned in y's dtype. Reference: combine_reference."""
     _check_device(y_pairs)
     T, k = routing_weights.shape
@@ -376,22 +401,24 @@ def combine(y_pairs: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tenso
     out = torch.empty(T, H, dtype=y_pairs.dtype, device=y_pairs.device)
     if T == 0:
         return out
-    block_h = 64 if INTERPRET else 1024
-    K.combine_kernel[(T, triton.cdiv(H, block_h))](y_pairs, y_pairs.stride(0), w, out, out.stride(0), H,
-                                                   TOP_K=k, BLOCK_H=block_h)
+    cfg = dict(BLOCK_H=64) if INTERPRET else dict(GPU_FIXED_CONFIGS["combine"])
+    cfg.update(config or {})
+    K.combine_kernel[(T, triton.cdiv(H, cfg["BLOCK_H"]))](y_pairs, y_pairs.stride(0), w, out, out.stride(0), H,
+                                                          TOP_K=k, **cfg)
     return out
 
 
-def routing_grad(y_pairs: torch.Tensor, dout: torch.Tensor, top_k: int) -> torch.Tensor:
+def routing_grad(y_pairs: torch.Tensor, dout: torch.Tensor, top_k: int, *, config: dict | None = None) -> torch.Tensor:
     """dw[t, j] = <dout[t], y[t·k + j]> -> fp32 [T, k]. Reference: routing_grad_reference."""
     _check_device(y_pairs, dout)
     T, H = dout.shape
     dw = torch.empty(T, top_k, dtype=torch.float32, device=dout.device)
     if T == 0:
         return dw
-    block_h = 64 if INTERPRET else 512
+    cfg = dict(BLOCK_H=64) if INTERPRET else dict(GPU_FIXED_CONFIGS["routing_grad"])
+    cfg.update(config or {})
     K.routing_grad_kernel[(T,)](y_pairs, y_pairs.stride(0), dout, dout.stride(0), dw, H,
-                                TOP_K=top_k, K_PAD=_pow2_at_least(top_k, 1), BLOCK_H=block_h)
+                                TOP_K=top_k, K_PAD=_pow2_at_least(top_k, 1), **cfg)
     return dw
 
 
@@ -425,14 +452,20 @@ class MoEExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, rw, gu_A, gu_B, dn_A, dn_B, router_indices, weights: ExpertWeights, s, limit, alpha):
-        d = build_dispatch(router_indices, weights.gate_up_blocks.shape[0])
-        out, h, xa1, aa2, y = _layer_forward(x, rw, gu_A, gu_B, dn_A, dn_B, d, weights, s, limit, alpha, True)
+        with _on_device(x):
+            d = build_dispatch(router_indices, weights.gate_up_blocks.shape[0])
+            out, h, xa1, aa2, y = _layer_forward(x, rw, gu_A, gu_B, dn_A, dn_B, d, weights, s, limit, alpha, True)
         ctx.save_for_backward(x, rw, gu_A, gu_B, dn_A, dn_B, h, xa1, aa2, y, d.offsets, d.row_token, d.row_pair)
         ctx.weights, ctx.meta = weights, (d.num_experts, d.top_k, s, limit, alpha)
         return out
 
     @staticmethod
     def backward(ctx, dout):
+        with _on_device(dout):  # autograd's device threads set it already; explicit for any other caller
+            return MoEExpertsFunction._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         x, rw, gu_A, gu_B, dn_A, dn_B, h, xa1, aa2, y, offsets, row_token, row_pair = ctx.saved_tensors
         E, k, s, limit, alpha = ctx.meta
         w: ExpertWeights = ctx.weights
@@ -496,9 +529,14 @@ def moe_experts(
     _check_device(hidden_states)
     factors = (None, None, None, None, 0.0) if lora is None else tuple(lora)
     gu_A, gu_B, dn_A, dn_B, s = factors
+    _check_same_device(hidden_states, dict(
+        router_indices=router_indices, routing_weights=routing_weights, **weights._asdict(),
+        gate_up_lora_A=gu_A, gate_up_lora_B=gu_B, down_lora_A=dn_A, down_lora_B=dn_B,
+    ))
     tensors = (hidden_states, routing_weights, gu_A, gu_B, dn_A, dn_B)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return MoEExpertsFunction.apply(*tensors, router_indices, weights, float(s), float(limit), float(alpha))
-    d = build_dispatch(router_indices, weights.gate_up_blocks.shape[0])
-    return _layer_forward(hidden_states, routing_weights, gu_A, gu_B, dn_A, dn_B, d, weights, float(s),
-                          float(limit), float(alpha), False)[0]
+    with _on_device(hidden_states):
+        d = build_dispatch(router_indices, weights.gate_up_blocks.shape[0])
+        return _layer_forward(hidden_states, routing_weights, gu_A, gu_B, dn_A, dn_B, d, weights, float(s),
+                              float(limit), float(alpha), False)[0]

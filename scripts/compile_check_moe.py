@@ -8,6 +8,7 @@ and fit; it says nothing about speed (scripts/bench_moe.py on a GPU does).
 
     python scripts/compile_check_moe.py [--kernel NAME] [--json out.json]
     python scripts/compile_check_moe.py --dtype fp16      # the fp16-activation variants
+    python scripts/compile_check_moe.py --rank 64         # LoRA rank 64 (R_PAD 64; default 16)
 """
 
 from __future__ import annotations
@@ -63,6 +64,16 @@ SAMPLE_INTS = {  # values at the real shape: an int divisible by 16 is specialis
 
 
 ACTIVATIONS = "bf16"  # --dtype: the activation pointers' type and the tensor-core operand type
+
+
+def set_rank(rank: int) -> None:
+    """LoRA rank R (R_PAD = R here, a power of two >= 16) and the strides that depend on it."""
+    global R
+    R = rank
+    SAMPLE_INTS.update({
+        "stride_xam": R, "stride_lbe": 2 * I * R, "stride_lbn": R, "stride_um": R, "stride_lae": R * H, "stride_ae": R * H,
+        "stride_om": R, "stride_rm": R, "stride_oe": 2 * I * R, "stride_o1": R, "R": R, "D2": R,
+    })
 
 
 def signature(fn, constexprs):
@@ -130,7 +141,7 @@ def compile_one(fn, constexprs, num_warps, num_stages):
 
 
 def cases():
-    dot = {"bf16": tl.bfloat16, "fp16": tl.float16}[ACTIVATIONS]
+    dot = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[ACTIVATIONS]
     common = dict(E_PAD=32, R_PAD=R, DOT_DTYPE=dot)
     for cfg in MT.MATMUL_CONFIGS:
         for name, extra in (("gate_up+swiglu", dict(HAS_IN_ROWS=True, HAS_OUT_ROWS=False, SWIGLU=True, STORE_PRE=True)),
@@ -144,18 +155,22 @@ def cases():
         for cfg in configs:
             c = dict(common, HAS_LORA=True, **extra, **cfg.kwargs)
             yield f"mxfp4_grouped_matmul_t[{name}]", K.mxfp4_grouped_matmul_t_kernel, c, cfg
-    lr = triton.Config(dict(BLOCK_M=64, BLOCK_K=128), num_warps=4, num_stages=3)
+    fixed = {name: ({k: v for k, v in c.items() if k.startswith("BLOCK")}, c.get("num_warps", 4), c.get("num_stages", 3))
+             for name, c in MT.GPU_FIXED_CONFIGS.items()}
+    tiles, warps, stages = fixed["lowrank"]
+    lr = triton.Config(tiles, num_warps=warps, num_stages=stages)
     yield "grouped_lowrank", K.grouped_lowrank_kernel, dict(E_PAD=32, R_PAD=R, HAS_IN_ROWS=True, HAS_ROW_SCALE=True,
                                                             DOT_DTYPE=dot, **lr.kwargs), lr
     for name, c in (("dB_gather_scale", dict(HAS_L_ROWS=True, HAS_L_SCALE=True, L_SWIGLU=False)),
                     ("dA_swiglu", dict(HAS_L_ROWS=False, HAS_L_SCALE=False, L_SWIGLU=True)),
                     ("dA_gather", dict(HAS_L_ROWS=True, HAS_L_SCALE=False, L_SWIGLU=False))):
-        c = dict(BLOCK_M=64, BLOCK_D1=128, BLOCK_D2=R, **c)
-        cfg = triton.Config(c, num_warps=4, num_stages=3)
+        tiles, warps, stages = fixed["outer"]
+        c = dict(tiles, BLOCK_D2=R, **c)
+        cfg = triton.Config(c, num_warps=warps, num_stages=stages)
         yield f"grouped_outer[{name}]", K.grouped_outer_kernel, dict(c, DOT_DTYPE=dot), cfg
-    cfg = triton.Config(dict(TOP_K=4, BLOCK_H=1024), num_warps=4, num_stages=1)
+    cfg = triton.Config(dict(TOP_K=4, **fixed["combine"][0]), num_warps=4, num_stages=1)
     yield "combine", K.combine_kernel, dict(cfg.kwargs), cfg
-    cfg = triton.Config(dict(TOP_K=4, K_PAD=4, BLOCK_H=512), num_warps=4, num_stages=1)
+    cfg = triton.Config(dict(TOP_K=4, K_PAD=4, **fixed["routing_grad"][0]), num_warps=4, num_stages=1)
     yield "routing_grad", K.routing_grad_kernel, dict(cfg.kwargs), cfg
 
 
@@ -163,8 +178,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernel", default=None, help="only kernels whose name contains this")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="activation / tensor-core operand type")
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                    help="activation / tensor-core operand type (fp32: a model loaded in fp32 on CUDA, tf32 dots)")
+    ap.add_argument("--rank", type=int, default=16, choices=[16, 32, 64, 128], help="LoRA rank (padded rank)")
     args = ap.parse_args(argv)
+    set_rank(args.rank)
     global ACTIVATIONS
     ACTIVATIONS = args.dtype
     rows, failed = [], 0

@@ -3,13 +3,15 @@
 # install: the repo and a `gptoss_kernels` shim go on PYTHONPATH; only torch, transformers, peft,
 # safetensors and triton are needed, which the lent GPU machines have):
 #
-#   bash scripts/gpu_bench.sh                  # every stage, in the order below, within the time budget
+#   bash scripts/gpu_bench.sh                  # every stage, in the suggested order below, within the time budget
 #   bash scripts/gpu_bench.sh tests 20b        # some stages
 #
 # Stages (rough device time, not yet measured):
 #   tests     the gpu-marked tests of attention (compiled flex vs dense, 9 compiled variants of
 #             flex forward + backward) and the chunked loss (~4-7 min: run it in a call of its own)
 #   kernels   scripts/check_moe_gpu.py (E = 32 and 128, real shapes) and check_convergence_gpu.py (~3-5 min)
+#   tiles     scripts/check_moe_tiles.py --device cuda: every autotuning candidate and fixed tile of the MoE
+#             kernels at 2880 vs the float64 reference (the layer check only meets the ones autotuning picks) (~2 min)
 #   20b       bench_train 20b seq 2048, baseline in the same run, profile of ours (~4 min)
 #   120b      bench_train 120b seq 2048 (the baseline cannot fit: skipped by the script) (~3 min)
 #   131k      bench_train 20b, one 131,072-token sequence (~4 min; ~64 GiB expected, see docs/benchmarks.md)
@@ -22,7 +24,7 @@
 # Time: one device call may run 600 s. The whole invocation stays within BUDGET seconds (default 560);
 # each stage gets min(STAGE_TIMEOUT, what is left) and a stage that cannot get MIN_STAGE seconds is
 # skipped (and named), so a call always returns its results. Suggested calls for a 30-minute session:
-#   tests | 20b | 120b 131k | kernels | moe | 20b-attn 20b-4096
+#   kernels tiles | 20b | 120b 131k | moe | tests | 20b-attn 20b-4096   (131k-offload only if 131k ran out of memory)
 #
 # Output: $OUT (default ./bench-out) gets at most three files, whatever the stages (the device tool
 # returns at most 8): env.txt, gpu_bench.log (every stage's full output) and results.jsonl (one JSON line
@@ -108,13 +110,14 @@ bench() {
   run "$stage" "$TMP/$stage.json" 16 $PY scripts/bench_train.py "$@" --json-out "$TMP/$stage.json"
 }
 
-for stage in ${@:-tests kernels 20b 120b 131k moe 20b-attn 20b-4096}; do
+for stage in ${@:-kernels tiles 20b 120b 131k moe tests 20b-attn 20b-4096}; do
   case $stage in
     tests)
       run tests "" 25 $PY -m pytest -q -p no:xdist -p no:cacheprovider --maxfail=3 --durations=12 -m gpu tests/test_attention.py tests/test_chunked_ce.py ;;
     kernels)
       run kernels-check "$TMP/check.json" 24 $PY scripts/check_moe_gpu.py --experts 32 128 --tokens 2048 --json "$TMP/check.json"
       run kernels-convergence "$TMP/conv.json" 26 $PY scripts/check_convergence_gpu.py --steps 20 --json "$TMP/conv.json" ;;
+    tiles) run tiles "$TMP/tiles.json" 40 $PY scripts/check_moe_tiles.py --device cuda --json "$TMP/tiles.json" ;;
     moe) run moe "$TMP/moe.json" 45 $PY scripts/bench_moe.py --json "$TMP/moe.json" ;;
     20b) bench 20b_2048 --model 20b --seq 2048 --baseline --profile 1 ;;
     120b) bench 120b_2048 --model 120b --seq 2048 --profile 1 ;;
@@ -122,7 +125,7 @@ for stage in ${@:-tests kernels 20b 120b 131k moe 20b-attn 20b-4096}; do
     131k-offload) bench 20b_131072_offload --model 20b --seq 131072 --warmup 1 --steps 2 --offload ;;
     20b-attn) bench 20b_2048_attention --model 20b --seq 2048 --lora-on attention --baseline ;;
     20b-4096) bench 20b_4096 --model 20b --seq 4096 --baseline ;;
-    *) echo "unknown stage $stage (stages: tests kernels 20b 120b 131k 131k-offload moe 20b-attn 20b-4096)"; SUMMARY+=("$stage unknown") ;;
+    *) echo "unknown stage $stage (stages: tests kernels tiles 20b 120b 131k 131k-offload moe 20b-attn 20b-4096)"; SUMMARY+=("$stage unknown") ;;
   esac
 done
 rm -rf "$TMP"

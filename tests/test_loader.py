@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -187,3 +188,60 @@ def test_an_experts_backend_that_cannot_run_here_is_a_user_error(monkeypatch):
     monkeypatch.setenv(ex_mod.BACKEND_ENV, "gpu")
     with pytest.raises(UserError, match=r"GPTOSS_TUNE_EXPERTS_BACKEND='gpu': choose one of auto, reference, triton"):
         ex.resolved_backend(torch.device("cpu"))
+
+
+def test_auto_backend_on_cuda_without_usable_kernels_warns_once_and_runs_the_reference(monkeypatch):
+    """On CUDA "auto" means the fused kernels; when they cannot be used it falls back to the (much slower)
+    reference, saying why once instead of silently. Interpreted kernels (TRITON_INTERPRET=1 when triton
+    was imported, e.g. by the CPU kernel tests in the same process) are not used for CUDA tensors either."""
+    import types
+    import warnings
+
+    from gptoss_tune import experts as ex_mod
+    from gptoss_tune.loader import build_config
+    from gptoss_tune.model_config import tiny_config
+
+    ex = ex_mod.MXFP4Experts(build_config(tiny_config()), dtype=torch.float32)
+    monkeypatch.delenv(ex_mod.BACKEND_ENV, raising=False)
+    cuda = torch.device("cuda", 0)  # only the device type is looked at; no GPU needed
+    monkeypatch.setattr(ex_mod, "_triton_ops", lambda: types.SimpleNamespace(INTERPRET=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ex.resolved_backend(cuda) == "triton"
+    monkeypatch.setattr(ex_mod, "_WARNED_REFERENCE_ON_CUDA", False)
+    monkeypatch.setattr(ex_mod, "_TRITON_IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    monkeypatch.setattr(ex_mod, "_triton_ops", lambda: None)
+    with pytest.warns(RuntimeWarning, match=r"not used on CUDA: the kernels do not import \(ModuleNotFoundError: No module named 'triton'"):
+        assert ex.resolved_backend(cuda) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        assert ex.resolved_backend(cuda) == "reference"
+    monkeypatch.setattr(ex_mod, "_WARNED_REFERENCE_ON_CUDA", False)
+    monkeypatch.setattr(ex_mod, "_triton_ops", lambda: types.SimpleNamespace(INTERPRET=True))
+    with pytest.warns(RuntimeWarning, match="Triton is running interpreted"):
+        assert ex.resolved_backend(cuda) == "reference"
+    assert ex.resolved_backend(torch.device("cpu")) == "reference"
+
+
+def test_a_failing_triton_kernel_says_how_to_fall_back(monkeypatch):
+    """A Triton compile or launch error (first met on a GPU) keeps its type and traceback, with a note
+    naming the environment variable that runs the experts without the kernels."""
+    import types
+
+    from gptoss_tune import experts as ex_mod
+    from gptoss_tune.loader import build_config
+    from gptoss_tune.model_config import tiny_config
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("PTXASError: ptxas fatal")
+
+    ex = ex_mod.MXFP4Experts(build_config(tiny_config()), dtype=torch.float32)
+    ex.backend = "triton"
+    monkeypatch.delenv(ex_mod.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(ex_mod, "_triton_ops", lambda: types.SimpleNamespace(INTERPRET=True, moe_experts=failing))
+    x = torch.randn(3, ex.hidden_size)
+    idx = torch.zeros(3, 2, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="PTXASError") as info:
+        ex(x, idx, torch.ones(3, 2))
+    if sys.version_info >= (3, 11):
+        assert any(f"{ex_mod.BACKEND_ENV}=reference" in n for n in info.value.__notes__)
