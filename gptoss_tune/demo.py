@@ -41,12 +41,13 @@ def check_model(ctx: dict) -> str:
     from gptoss_tune.experts import MXFP4Experts
     from gptoss_tune.lora import lora_parameter_count
 
-    model = load_model(ctx["model"], lora={"rank": 8, "alpha": 16}, device="cpu")
+    model = load_model(ctx["model"], lora={"rank": 8, "alpha": 16})  # cuda if there is one, else cpu
+    device = next(model.parameters()).device
     experts = [m for m in model.modules() if isinstance(m, MXFP4Experts)]
     resident = sum(m.resident_bytes() for m in experts)
     dense = sum(m.num_experts * 3 * m.hidden_size * m.intermediate_size * 2 for m in experts)
     torch.manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (2, 32))
+    ids = torch.randint(0, model.config.vocab_size, (2, 32)).to(device)
     model.train()
     out = model(input_ids=ids, labels=ids, output_router_logits=True)
     out.loss.backward()
@@ -55,7 +56,7 @@ def check_model(ctx: dict) -> str:
     if frozen_with_grad:
         raise RuntimeError(f"frozen weights got gradients: {frozen_with_grad[:3]}")
     return (
-        f"loaded it with load_model: {len(experts)} MXFP4 expert layers, {resident:,} resident expert bytes "
+        f"loaded it with load_model on {device} (experts: {experts[0].resolved_backend(device)}): {len(experts)} MXFP4 expert layers, {resident:,} resident expert bytes "
         f"({dense / resident:.2f}x smaller than bf16), {lora_parameter_count(model):,} LoRA parameters on attention "
         f"and every expert; forward + backward: loss {out.loss.item():.3f}, gradients on {len(with_grad)} LoRA tensors only"
     )

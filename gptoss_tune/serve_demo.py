@@ -23,6 +23,7 @@ def export_serve_and_ask(
     max_tokens: int = 96,
     seed: int = 0,
     progress=print,
+    device: str | None = None,
 ):
     """Returns the openai ChatCompletion (greedy). The tiny demo model has learned the harmony structure of
     the sample conversations (analysis, then a final answer ending in <|return|>), not the facts: the
@@ -39,11 +40,11 @@ def export_serve_and_ask(
 
     t0 = time.time()
     export_run(run_dir, fmt, out_dir, checkpoint=checkpoint, force=True, progress=progress)
-    model, name = load_for_serving(out_dir, device="cpu")
+    model, name = load_for_serving(out_dir, device=device)
     server = ChatServer(ModelTokenSource(model), name, max_concurrency=1)
     running = start_in_thread(server.app)
     try:
-        progress(f"serving {name} at {running.base_url}")
+        progress(f"serving {name} on {next(model.parameters()).device} at {running.base_url}")
         client = openai.OpenAI(base_url=running.base_url, api_key="demo", max_retries=0, timeout=120)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
         reply = client.chat.completions.create(model=name, messages=messages, max_tokens=max_tokens, seed=seed, temperature=0)

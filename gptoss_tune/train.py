@@ -298,10 +298,13 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     device = accelerator.device if accelerator.device.type != "cpu" else torch.device("cpu")  # multi-CPU says cpu:0
     model = load_model(recipe.model.path, lora=recipe.lora.to_settings(), device=device, dtype=dtype,
                        attn_implementation=recipe.model.attn_implementation)
+    backends = set()
     for m in model.modules():
         if isinstance(m, MXFP4Experts):
             m.backend = recipe.model.experts_backend
-            m.resolved_backend(device)  # a backend that cannot run here is a one-line error now, not at the first step
+            backends.add(m.resolved_backend(device))  # a backend that cannot run here is a one-line error now, not at the first step
+    runs_on = (f"on {device} in {str(next(model.parameters()).dtype).replace('torch.', '')}; experts: "
+               f"{'/'.join(sorted(backends)) or 'none'}; attention: {model.config._attn_implementation}")
     if recipe.router.train:
         _train_routers(model)
     if state is not None and sharded and state.get("num_processes") != P:
@@ -459,7 +462,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         f"training {recipe.model.path} with LoRA r={recipe.lora.rank} on {', '.join(recipe.lora.attention + recipe.lora.experts) or 'nothing'}"
         f"{' + router' if recipe.router.train else ''}: {n_params:,} trainable parameters; {len(data.train)} train rows, "
         f"{len(data.validation)} validation rows; {P} process(es){_mode(accelerator)} x {G} accumulation x {cfg_t.micro_batch_size} rows per step; "
-        f"steps {start_step}->{total_steps}" + (f" (resumed from {plan.checkpoint})" if state else "") + f"; writing to {run_dir}"
+        f"steps {start_step}->{total_steps}" + (f" (resumed from {plan.checkpoint})" if state else "") + f"; {runs_on}; writing to {run_dir}"
     )
 
     stop = StopSignal().install()

@@ -10,6 +10,9 @@
 #   tests     the gpu-marked tests of attention (compiled flex vs dense, 9 compiled variants of
 #             flex forward + backward) and the chunked loss (~4-7 min: run it in a call of its own)
 #   kernels   scripts/check_moe_gpu.py (E = 32 and 128, real shapes) and check_convergence_gpu.py (~3-5 min)
+#   demo      `python -m gptoss_tune.demo` on the GPU: the training loop (accelerate, bf16, Triton experts, flex
+#             attention), evaluation, early stopping, export and the server, end to end (~2-4 min); needs the
+#             wheels the image lacks: `bash scripts/gpu_wheels.sh` here, then carry [".whl"] (15 MB)
 #   tiles     scripts/check_moe_tiles.py --device cuda: every autotuning candidate and fixed tile of the MoE
 #             kernels at 2880 vs the float64 reference (the layer check only meets the ones autotuning picks) (~2 min)
 #   20b       bench_train 20b seq 2048, baseline in the same run, profile of ours (~4 min)
@@ -24,7 +27,7 @@
 # Time: one device call may run 600 s. The whole invocation stays within BUDGET seconds (default 560);
 # each stage gets min(STAGE_TIMEOUT, what is left) and a stage that cannot get MIN_STAGE seconds is
 # skipped (and named), so a call always returns its results. Suggested calls for a 30-minute session:
-#   kernels tiles | 20b | 120b 131k | moe | tests | 20b-attn 20b-4096   (131k-offload only if 131k ran out of memory)
+#   kernels tiles | demo 20b | 120b 131k | moe | tests | 20b-attn 20b-4096   (131k-offload only if 131k ran out of memory)
 #
 # Output: $OUT (default ./bench-out) gets at most three files, whatever the stages (the device tool
 # returns at most 8): env.txt, gpu_bench.log (every stage's full output) and results.jsonl (one JSON line
@@ -67,7 +70,7 @@ result = None
 if path:
     try:
         text = open(path).read().strip()
-        result = json.loads(text) if text.startswith(("{", "[")) else text
+        result = json.loads(text) if text.startswith(("{", "[")) else text[-4000:]
     except (OSError, ValueError) as e:
         result = f"no report ({type(e).__name__})"
 print(json.dumps({"stage": stage, "rc": rc, "seconds": seconds, "result": result}))
@@ -110,13 +113,25 @@ bench() {
   run "$stage" "$TMP/$stage.json" 16 $PY scripts/bench_train.py "$@" --json-out "$TMP/$stage.json"
 }
 
-for stage in ${@:-kernels tiles 20b 120b 131k moe tests 20b-attn 20b-4096}; do
+for stage in ${@:-kernels tiles demo 20b 120b 131k moe tests 20b-attn 20b-4096}; do
   case $stage in
     tests)
       run tests "" 25 $PY -m pytest -q -p no:xdist -p no:cacheprovider --maxfail=3 --durations=12 -m gpu tests/test_attention.py tests/test_chunked_ce.py ;;
     kernels)
       run kernels-check "$TMP/check.json" 24 $PY scripts/check_moe_gpu.py --experts 32 128 --tokens 2048 --json "$TMP/check.json"
       run kernels-convergence "$TMP/conv.json" 26 $PY scripts/check_convergence_gpu.py --steps 20 --json "$TMP/conv.json" ;;
+    demo)
+      # The whole toolkit on the GPU (`make demo`: checkpoint, load, training loop with evaluation and early
+      # stopping, export, server, openai client), which needs the packages the image lacks: carried as
+      # wheels in .whl/ (bash scripts/gpu_wheels.sh here first, then carry [".whl"]).
+      if compgen -G ".whl/*.whl" > /dev/null; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$TMP/site" .whl/*.whl >> "$LOG" 2>&1
+        run demo "$TMP/stage.log" 12 env PYTHONPATH="$PYTHONPATH:$TMP/site" WANDB_MODE=disabled $PY -m gptoss_tune.demo
+      else
+        echo "== demo SKIPPED: no wheels in .whl/ (run bash scripts/gpu_wheels.sh where PyPI is reachable, then carry .whl)"
+        SUMMARY+=("demo skipped (no .whl)")
+        record demo -1 0
+      fi ;;
     tiles) run tiles "$TMP/tiles.json" 40 $PY scripts/check_moe_tiles.py --device cuda --json "$TMP/tiles.json" ;;
     moe) run moe "$TMP/moe.json" 45 $PY scripts/bench_moe.py --json "$TMP/moe.json" ;;
     20b) bench 20b_2048 --model 20b --seq 2048 --baseline --profile 1 ;;
@@ -125,7 +140,7 @@ for stage in ${@:-kernels tiles 20b 120b 131k moe tests 20b-attn 20b-4096}; do
     131k-offload) bench 20b_131072_offload --model 20b --seq 131072 --warmup 1 --steps 2 --offload ;;
     20b-attn) bench 20b_2048_attention --model 20b --seq 2048 --lora-on attention --baseline ;;
     20b-4096) bench 20b_4096 --model 20b --seq 4096 --baseline ;;
-    *) echo "unknown stage $stage (stages: tests kernels tiles 20b 120b 131k 131k-offload moe 20b-attn 20b-4096)"; SUMMARY+=("$stage unknown") ;;
+    *) echo "unknown stage $stage (stages: tests kernels tiles demo 20b 120b 131k 131k-offload moe 20b-attn 20b-4096)"; SUMMARY+=("$stage unknown") ;;
   esac
 done
 rm -rf "$TMP"

@@ -100,11 +100,13 @@ def test_gpu_bench_script_plumbing_without_a_gpu(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
         return proc.stdout
 
-    out = run(10, "nonsense", "120b", "kernels")
+    out = run(10, "nonsense", "120b", "kernels", "demo")
     assert "unknown stage nonsense" in out and "120b_2048 SKIPPED" in out and "== summary" in out
+    if not (ROOT / ".whl").is_dir():  # a clean checkout: the demo stage says where its wheels come from
+        assert "demo SKIPPED: no wheels in .whl/ (run bash scripts/gpu_wheels.sh" in out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["env.txt", "gpu_bench.log", "results.jsonl"]
     lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["rc"]) for r in lines] == [("120b_2048", -1), ("kernels-check", -1), ("kernels-convergence", -1)]
+    assert [(r["stage"], r["rc"]) for r in lines] == [("120b_2048", -1), ("kernels-check", -1), ("kernels-convergence", -1), ("demo", -1)]
 
 
 @pytest.mark.parametrize(
