@@ -63,6 +63,19 @@ def _expert_tile(pid_m, OFFSETS, E, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(row_start, row_end, IN_ROWS, BLOCK_M: tl.constexpr, HAS_IN_ROWS: tl.constexpr):
+    """The tile's rows in the grouped order, their mask, and the input rows they read: the dispatch's
+    gather (IN_ROWS) or the rows themselves, as int64 (rows x stride exceeds 2^31 at 131k tokens x top-4)."""
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    if HAS_IN_ROWS:
+        in_rows = tl.load(IN_ROWS + rows, mask=row_mask, other=0).to(tl.int64)
+    else:
+        in_rows = rows.to(tl.int64)
+    return rows, row_mask, in_rows
+
+
+@triton.jit
 def _mxfp4_tile(wb_ptrs, ws_ptrs, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                 DOT_DTYPE: tl.constexpr):
     """Load and dequantise W[n, k0:k0+BLOCK_K] for BLOCK_N rows n -> fp32 [BLOCK_N, BLOCK_K] * 2**-14
@@ -152,12 +165,7 @@ def mxfp4_grouped_matmul_kernel(
         return
     expert = expert.to(tl.int64)
 
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    if HAS_IN_ROWS:
-        in_rows = tl.load(IN_ROWS + rows, mask=row_mask, other=0).to(tl.int64)
-    else:
-        in_rows = rows.to(tl.int64)
+    rows, row_mask, in_rows = _tile_rows(row_start, row_end, IN_ROWS, BLOCK_M, HAS_IN_ROWS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -245,13 +253,8 @@ def mxfp4_grouped_matmul_t_kernel(
         return
     expert = expert.to(tl.int64)
 
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
+    rows, row_mask, in_rows = _tile_rows(row_start, row_end, IN_ROWS, BLOCK_M, HAS_IN_ROWS)
     rows64 = rows.to(tl.int64)
-    if HAS_IN_ROWS:
-        in_rows = tl.load(IN_ROWS + rows, mask=row_mask, other=0).to(tl.int64)
-    else:
-        in_rows = rows64
     k0 = pid_k * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
@@ -323,13 +326,8 @@ def grouped_lowrank_kernel(
     if expert >= E:
         return
     expert = expert.to(tl.int64)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
+    rows, row_mask, in_rows = _tile_rows(row_start, row_end, IN_ROWS, BLOCK_M, HAS_IN_ROWS)
     rows64 = rows.to(tl.int64)
-    if HAS_IN_ROWS:
-        in_rows = tl.load(IN_ROWS + rows, mask=row_mask, other=0).to(tl.int64)
-    else:
-        in_rows = rows64
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
