@@ -63,16 +63,20 @@ def _expert_tile(pid_m, OFFSETS, E, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _mapped_rows(INDEX, rows, row_mask, HAS_INDEX: tl.constexpr):
+    """The rows another tensor is addressed at: INDEX[rows] (the dispatch's gather or scatter) or the rows
+    themselves, as int64 (rows x stride exceeds 2^31 at 131k tokens x top-4)."""
+    if HAS_INDEX:
+        return tl.load(INDEX + rows, mask=row_mask, other=0).to(tl.int64)
+    return rows.to(tl.int64)
+
+
+@triton.jit
 def _tile_rows(row_start, row_end, IN_ROWS, BLOCK_M: tl.constexpr, HAS_IN_ROWS: tl.constexpr):
-    """The tile's rows in the grouped order, their mask, and the input rows they read: the dispatch's
-    gather (IN_ROWS) or the rows themselves, as int64 (rows x stride exceeds 2^31 at 131k tokens x top-4)."""
+    """The tile's rows in the grouped order, their mask, and the input rows they read."""
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
-    if HAS_IN_ROWS:
-        in_rows = tl.load(IN_ROWS + rows, mask=row_mask, other=0).to(tl.int64)
-    else:
-        in_rows = rows.to(tl.int64)
-    return rows, row_mask, in_rows
+    return rows, row_mask, _mapped_rows(IN_ROWS, rows, row_mask, HAS_IN_ROWS)
 
 
 @triton.jit
@@ -210,10 +214,7 @@ def mxfp4_grouped_matmul_kernel(
         tl.store(ACT + rows64[:, None] * stride_am + offs_a[None, :], act.to(ACT.dtype.element_ty),
                  mask=row_mask[:, None] & (offs_a < N // 2)[None, :])
     else:
-        if HAS_OUT_ROWS:
-            out_rows = tl.load(OUT_ROWS + rows, mask=row_mask, other=0).to(tl.int64)
-        else:
-            out_rows = rows64
+        out_rows = _mapped_rows(OUT_ROWS, rows, row_mask, HAS_OUT_ROWS)
         tl.store(Y + out_rows[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
                  mask=row_mask[:, None] & n_mask[None, :])
 
@@ -298,10 +299,7 @@ def mxfp4_grouped_matmul_t_kernel(
         tl.store(DX + rows64[:, None, None] * stride_dxm + offs_pair, tl.join(d_gate, d_up).to(DX.dtype.element_ty),
                  mask=hd_mask)
     else:
-        if HAS_OUT_ROWS:
-            out_rows = tl.load(OUT_ROWS + rows, mask=row_mask, other=0).to(tl.int64)
-        else:
-            out_rows = rows64
+        out_rows = _mapped_rows(OUT_ROWS, rows, row_mask, HAS_OUT_ROWS)
         tl.store(DX + out_rows[:, None] * stride_dxm + offs_k[None, :], acc.to(DX.dtype.element_ty),
                  mask=row_mask[:, None] & k_mask[None, :])
 
@@ -382,10 +380,7 @@ def grouped_outer_kernel(
         rows = start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_hi
         rows64 = rows.to(tl.int64)
-        if HAS_L_ROWS:
-            l_rows = tl.load(L_ROWS + rows, mask=row_mask, other=0).to(tl.int64)
-        else:
-            l_rows = rows64
+        l_rows = _mapped_rows(L_ROWS, rows, row_mask, HAS_L_ROWS)
         l_mask = row_mask[:, None] & mask_1[None, :]
         if L_SWIGLU:
             h_ptrs = L + l_rows[:, None] * stride_lm + 2 * offs_1[None, :]
