@@ -204,7 +204,10 @@ def test_tiny_model_loss_and_lora_grads_equal_transformers_loss(tiny_ckpt):
     torch.testing.assert_close(loss_sum / n, ref, rtol=1e-6, atol=1e-6)
     for k, p in m.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(ours[k], p.grad, rtol=1e-5, atol=1e-7, msg=lambda s: f"{k}: {s}")
+            # fp32 sums taken in another order differ by a few ulps of the tensor's largest entry (1.3e-7 on
+            # an entry near zero with transformers 5.24); a wrong or missing term is off by orders more.
+            atol = 1e-5 * float(p.grad.abs().max())
+            torch.testing.assert_close(ours[k], p.grad, rtol=1e-5, atol=atol, msg=lambda s: f"{k}: {s}")
 
 
 @pytest.mark.gpu
