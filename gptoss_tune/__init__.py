@@ -11,15 +11,15 @@ __all__ = ["load_model", "LoraSettings", "UserError", "__version__"]
 
 def __getattr__(name):
     if name == "load_model":
-        from .loader import load_model
+        from gptoss_tune.model.loader import load_model
 
         return load_model
     if name == "LoraSettings":
-        from .lora import LoraSettings
+        from gptoss_tune.model.lora import LoraSettings
 
         return LoraSettings
     if name == "UserError":
-        from .errors import UserError
+        from gptoss_tune.errors import UserError
 
         return UserError
     raise AttributeError(f"module 'gptoss_tune' has no attribute {name!r}")

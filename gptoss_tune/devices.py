@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UserError
+from gptoss_tune.errors import UserError
 
 
 def default_device() -> torch.device:

@@ -22,7 +22,7 @@ import triton.language as tl
 # (and fp32) operands it returns the tile scaled so, and the callers multiply their fp32 accumulators by
 # this exact power of two once per tile (free: the decode's SASS was measured this way). For fp16
 # operands that tile would be 2**14 too small: every block with scale below 2**-10 would fall into fp16's
-# subnormal range (a relative error of 0.18 in tests/test_moe_kernels.py), so there the 2**14 is folded
+# subnormal range (a relative error of 0.18 in tests/kernels/test_moe_kernels.py), so there the 2**14 is folded
 # into the E8M0 scale instead (exponent + 14; one integer add per 32 weights) and the tile is exact.
 DEQ_CORRECTION = tl.constexpr(16384.0)
 

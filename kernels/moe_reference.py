@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from gptoss_tune.mxfp4 import dequantize
+from .mxfp4 import dequantize
 
 
 class ExpertWeights(NamedTuple):

@@ -6,7 +6,7 @@ respect to the hidden states, the routing weights (hence the router) and the LoR
 weights and biases are frozen and never dequantised outside a kernel tile.
 
 Each launcher below has its torch reference in ``moe_reference.py`` (named ``<launcher>_reference``),
-against which tests/test_moe_kernels.py checks it. The layer is one ``autograd.Function``
+against which tests/kernels/test_moe_kernels.py checks it. The layer is one ``autograd.Function``
 (``MoEExpertsFunction``) rather than one per GEMM because the SwiGLU backward is fused into the down
 projection's backward epilogue and the routing weight into the down projection's backward loads; each
 fusion crosses what would be a Function boundary.

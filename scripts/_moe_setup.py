@@ -37,7 +37,7 @@ def random_mxfp4(E, out_f, in_f, device, *, realistic=True, generator=None):
     """
     import torch
 
-    from gptoss_tune.mxfp4 import quantize
+    from gptoss_kernels.mxfp4 import quantize
 
     if not realistic:
         blocks = torch.randint(0, 256, (E, out_f, in_f // 32, 16), dtype=torch.uint8, device=device, generator=generator)

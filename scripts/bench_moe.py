@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from gptoss_kernels import moe_triton
     from gptoss_kernels.moe_dispatch import build_dispatch
     from gptoss_kernels.moe_reference import ExpertLoRA, swiglu_reference
-    from gptoss_tune.mxfp4 import dequantize
+    from gptoss_kernels.mxfp4 import dequantize
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():

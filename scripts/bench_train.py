@@ -7,7 +7,7 @@
     python scripts/bench_train.py --model tiny --seq 64 --steps 1 --warmup 1 --baseline   # CPU smoke run
 
 Prints one line of JSON, then a short table (tokens/s, peak GiB, MFU; the FLOP formula is in the JSON
-and in gptoss_tune/bench.py). See docs/benchmarks.md.
+and in gptoss_tune/perf/bench.py). See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5.2x renames checkpointing APIs
     args = parse_args(argv)
-    from gptoss_tune.bench import format_table, run, to_json
+    from gptoss_tune.perf.bench import format_table, run, to_json
     from gptoss_tune.errors import UserError
 
     try:

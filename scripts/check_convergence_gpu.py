@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     import torch
 
     from gptoss_tune import load_model
-    from gptoss_tune.tiny import write_tiny_checkpoint
+    from gptoss_tune.model.tiny import write_tiny_checkpoint
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)

@@ -14,7 +14,7 @@ the rounding comes from the bf16 intermediates (SwiGLU output, saved pre-activat
 between the GEMMs, LoRA intermediates cast to bf16 for the tensor cores) and the bf16 outputs. One
 round-to-nearest bf16 rounding is at most 2**-8 relative per element, about 1.6e-3 RMS; the output
 passes three (act, y, out): 2.9e-3 measured (same distribution, hidden 64..256, under Triton's
-interpreter with compiled code's rounding: tests/test_moe_kernels.py::test_bf16_layer_has_headroom_...),
+interpreter with compiled code's rounding: tests/kernels/test_moe_kernels.py::test_bf16_layer_has_headroom_...),
 the gradients 1.5e-3..3.2e-3. The bounds leave about 3x (output) and 6x (gradients); NaN never passes.
 (Triton's interpreter itself truncates fp32 -> bf16, which gives 8.8e-3 on the output: do not use
 `--device cpu --dtype bf16` without that test's rounding fix to judge these tolerances.)

@@ -1,6 +1,6 @@
 """Every GPU tile config of the MoE kernels against the torch references, at the real shapes' tails.
 
-The layer checks (tests/test_moe_kernels.py on the CPU, scripts/check_moe_gpu.py on the GPU) run whatever
+The layer checks (tests/kernels/test_moe_kernels.py on the CPU, scripts/check_moe_gpu.py on the GPU) run whatever
 tiles they get: the interpreter's small INTERPRET_CONFIG, or on the GPU the one candidate the autotuner
 picks for that shape. The other autotuning candidates in moe_triton (MATMUL_CONFIGS, MATMUL_T_CONFIGS,
 MATMUL_T_SWIGLU_CONFIGS) would run unchecked whenever another shape or row count (8192 or 131k tokens)
@@ -83,7 +83,7 @@ def _problem(seed=0, T=330, E=10, k=2, big=260, hidden=320, device="cpu", dtype=
     import torch
 
     from gptoss_kernels.moe_dispatch import build_dispatch
-    from gptoss_tune.mxfp4 import quantize
+    from gptoss_kernels.mxfp4 import quantize
 
     H = I = hidden
     dtype = dtype or torch.float32

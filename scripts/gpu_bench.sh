@@ -55,7 +55,7 @@ SUMMARY=()
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1
   $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1
   $PY -c "import triton; print('triton', triton.__version__)" 2>&1
-  $PY -c "from gptoss_tune.experts import _triton_ops; print('experts triton ops importable:', _triton_ops() is not None)" 2>&1 | tail -1
+  $PY -c "from gptoss_tune.model.experts import _triton_ops; print('experts triton ops importable:', _triton_ops() is not None)" 2>&1 | tail -1
   $PY -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
   git log -1 --format='commit %H %s' 2>/dev/null
 } > "$OUT/env.txt" 2>&1
@@ -116,7 +116,7 @@ bench() {
 for stage in ${@:-kernels tiles demo 20b 120b 131k moe tests 20b-attn 20b-4096}; do
   case $stage in
     tests)
-      run tests "" 25 $PY -m pytest -q -p no:xdist -p no:cacheprovider --maxfail=3 --durations=12 -m gpu tests/test_attention.py tests/test_chunked_ce.py ;;
+      run tests "" 25 $PY -m pytest -q -p no:xdist -p no:cacheprovider --maxfail=3 --durations=12 -m gpu tests/model/test_attention.py tests/train/test_chunked_ce.py ;;
     kernels)
       run kernels-check "$TMP/check.json" 24 $PY scripts/check_moe_gpu.py --experts 32 128 --tokens 2048 --json "$TMP/check.json"
       run kernels-convergence "$TMP/conv.json" 26 $PY scripts/check_convergence_gpu.py --steps 20 --json "$TMP/conv.json" ;;

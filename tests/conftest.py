@@ -17,28 +17,16 @@ torch.set_num_threads(int(os.environ.get("GPTOSS_TEST_THREADS", "1")))
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """Default tiny model, but with a 4-token sliding window so short sequences exercise both layer types."""
-    from gptoss_tune.tiny import write_tiny_checkpoint
+    from gptoss_tune.model.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=1, sliding_window=4)
 
 
 @pytest.fixture(scope="session")
 def tiny_ckpt_topk4(tmp_path_factory):
-    from gptoss_tune.tiny import write_tiny_checkpoint
+    from gptoss_tune.model.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(
         tmp_path_factory.mktemp("tiny4") / "ckpt", seed=2, sliding_window=4, layers=3, experts=6, top_k=4,
         hidden=64, intermediate=96,
     )
-
-
-def stock_model(path, dtype=torch.float32):
-    """transformers' own GptOssForCausalLM loading the directory (it dequantises MXFP4 on the CPU)."""
-    import transformers
-    from transformers import GptOssForCausalLM
-
-    transformers.logging.set_verbosity_error()
-    model = GptOssForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
-    # transformers 5.17 leaves the dequantised experts in bf16 whatever dtype is asked for (5.23 honours it):
-    # the reference computes in the one dtype asked for, so that an fp32 comparison means fp32 on both sides.
-    return model.to(dtype)

@@ -1,0 +1,1 @@
+"""The data stage: data files -> harmony-rendered token rows with loss masks, packed."""

@@ -1,0 +1,1 @@
+"""`make demo`: every stage on the embedded tiny gpt-oss."""

@@ -1,0 +1,5 @@
+import sys
+
+from gptoss_tune.demo.steps import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The export stage: a run's checkpoint -> an adapter, a merged bf16 or a merged MXFP4 model."""

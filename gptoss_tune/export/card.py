@@ -1,0 +1,109 @@
+"""The model card (README.md) of an export: base model, LoRA settings, the run's final metrics, its data
+report and recipe, the MXFP4 re-quantisation report, and how to load and serve the export."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gptoss_tune import runs as rd
+
+if TYPE_CHECKING:
+    from gptoss_tune.export.exporter import AdapterSource
+
+
+def run_dir_of(ckpt: Path) -> Path | None:
+    """The training run a checkpoint belongs to (for its recipe, data report and metrics), if any."""
+    for cand in (ckpt.parent.parent, ckpt.parent, ckpt):
+        if (cand / rd.RECIPE).is_file() or (cand / rd.METRICS).is_file():
+            return cand
+    return None
+
+def _read_metrics(run: Path | None) -> dict:
+    out: dict = {}
+    if run is None:
+        return out
+    f = run / rd.METRICS
+    if f.is_file():
+        for line in f.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict):
+                continue
+            if "loss" in rec:
+                out["final train loss"] = (rec.get("step"), rec["loss"])
+            if "eval_loss" in rec:
+                out["final eval loss"] = (rec.get("step"), rec["eval_loss"])
+    if (run / rd.BEST).is_file():
+        try:
+            best = json.loads((run / rd.BEST).read_text())
+            out[f"best {best.get('metric', 'metric')}"] = (best.get("step"), best.get("value"))
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    return out
+
+def model_card(fmt: str, src: AdapterSource, report: dict, out_name: str) -> str:
+    run = run_dir_of(src.ckpt)
+    lib = "peft" if fmt == "adapter" else "transformers"
+    s = src.settings
+    lines = [
+        "---",
+        f"base_model: {src.base_name}",
+        f"library_name: {lib}",
+        "license: apache-2.0",
+        "tags: [gpt-oss, gptoss-tune, lora" + (", mxfp4" if fmt == "merged-mxfp4" else "") + "]",
+        "---",
+        "",
+        f"# {out_name}",
+        "",
+        f"A LoRA fine-tune of `{src.base_name}` made with gptoss_tune, exported as **{fmt}**.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| checkpoint | `{src.ckpt}` |",
+        f"| LoRA | rank {s.rank}, alpha {s.alpha:g}, attention {s.attention or 'none'}, experts {s.experts or 'none'}"
+        + (", router trained" if src.router_trained else "") + " |",
+        f"| exported | {time.strftime('%Y-%m-%d %H:%M:%S')} |",
+    ]
+    metrics = _read_metrics(run)
+    if metrics:
+        lines += ["", "## Final metrics", "", "| metric | step | value |", "|---|---|---|"]
+        lines += [f"| {k} | {st} | {v:.4f} |" if isinstance(v, (int, float)) else f"| {k} | {st} | {v} |" for k, (st, v) in metrics.items()]
+    if run is not None and (run / rd.DATA_REPORT).is_file():
+        try:
+            data = json.loads((run / rd.DATA_REPORT).read_text())
+            lines += ["", "## Data", "", "```json", json.dumps(data, indent=2), "```"]
+        except json.JSONDecodeError:
+            pass
+    if run is not None and (run / rd.RECIPE).is_file():
+        lines += ["", "## Recipe", "", "```yaml", (run / rd.RECIPE).read_text().rstrip(), "```"]
+    if fmt == "merged-mxfp4" and "requantization" in report:
+        lines += ["", "## MXFP4 re-quantisation", "", "```json", json.dumps({k: report[k] for k in ("requantization", "drift") if k in report}, indent=2), "```"]
+    lines += ["", "## Use", ""]
+    if fmt == "adapter":
+        lines += [
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "from peft import PeftModel",
+            f'base = AutoModelForCausalLM.from_pretrained("{src.base_name}", dtype="bfloat16")  # MXFP4 experts are dequantised',
+            f'model = PeftModel.from_pretrained(base, "{out_name}")',
+            "```",
+            "",
+            f"Serve: `gptoss-tune serve {src.base_name} --adapter {out_name}`, or see `gptoss-tune serve --print-vllm-command {src.base_name} --adapter {out_name}`.",
+        ]
+    else:
+        lines += [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f'model = AutoModelForCausalLM.from_pretrained("{out_name}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{out_name}")',
+            "```",
+            "",
+            f"Serve: `gptoss-tune serve {out_name}` or `vllm serve {out_name} --tool-call-parser openai --enable-auto-tool-choice`.",
+        ]
+    lines += ["", "Prompts use the harmony format (render them with openai-harmony; the chat template covers plain chat)."]
+    return "\n".join(lines) + "\n"

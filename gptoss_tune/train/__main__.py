@@ -1,0 +1,5 @@
+import sys
+
+from gptoss_tune.train.trainer import main
+
+sys.exit(main())

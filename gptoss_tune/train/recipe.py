@@ -1,0 +1,494 @@
+"""Training recipes: a YAML file validated by a pydantic schema, with `key.sub=value` overrides.
+
+Every key has a default and a description (docs/recipes.md documents them with the reasons). Unknown
+keys are refused with a did-you-mean; wrong types and out-of-range values are one-line errors naming the
+key path and the file. Paths written in the recipe are resolved relative to the recipe file; paths given
+as command-line overrides are resolved relative to the current directory (where the user typed them).
+
+    recipe = load_recipe("recipes/tiny-demo.yaml", ["train.lr=1e-3", "train.max_steps=20"])
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gptoss_tune.data.settings import DataSettings
+from gptoss_tune.errors import UserError
+from gptoss_tune.model.lora import ATTENTION_PROJECTIONS, EXPERT_PROJECTIONS, LoraSettings
+
+AttentionProj = Literal["q_proj", "k_proj", "v_proj", "o_proj"]
+ExpertProj = Literal["gate_up_proj", "down_proj"]
+assert set(AttentionProj.__args__) == set(ATTENTION_PROJECTIONS) and set(ExpertProj.__args__) == set(EXPERT_PROJECTIONS)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    path: str = Field(description="gpt-oss checkpoint directory (config.json + *.safetensors, MXFP4 or bf16 experts), or a hub id already in the local Hugging Face cache")
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="dtype of the non-expert weights and activations: auto = bf16 on GPU, fp32 on CPU")
+    attn_implementation: str | None = Field(None, description="attention implementation; null = gptoss_sink (sinks, sliding window, packed examples kept apart; flex attention on GPU)")
+    experts_backend: Literal["auto", "reference", "triton"] = Field("auto", description="MXFP4 expert compute: auto = Triton kernels on GPU when available, else the torch reference")
+
+
+class LoraSection(_Section):
+    rank: int = Field(LoraSettings.rank, gt=0, description="LoRA rank r of every adapted matrix")
+    alpha: float = Field(LoraSettings.alpha, gt=0, description="LoRA alpha; the update is scaled by alpha / rank")
+    dropout: float = Field(LoraSettings.dropout, ge=0, lt=1, description="dropout on the attention LoRA inputs (expert LoRA runs without, as in PEFT)")
+    attention: list[AttentionProj] = Field(default_factory=lambda: list(ATTENTION_PROJECTIONS), description="attention projections that get LoRA")
+    experts: list[ExpertProj] = Field(default_factory=lambda: list(EXPERT_PROJECTIONS), description="expert projections that get per-expert LoRA in every layer (may be empty)")
+
+    @model_validator(mode="after")
+    def _something_to_train(self):
+        if not self.attention and not self.experts:
+            raise ValueError("lora.attention and lora.experts are both empty: nothing would be trained")
+        return self
+
+    def to_settings(self) -> LoraSettings:
+        return LoraSettings(rank=self.rank, alpha=self.alpha, dropout=self.dropout, attention=list(self.attention), experts=list(self.experts)).validate()
+
+
+class RouterSection(_Section):
+    aux_loss_coef: float = Field(0.01, ge=0, description="weight of the expert load-balancing loss added to the LM loss (0 = off; see docs/recipes.md for why 0.01)")
+    train: bool = Field(False, description="train the router (weight and bias of every layer, saved in the adapter); frozen otherwise")
+
+
+class TrainSection(_Section):
+    epochs: float | None = Field(1.0, gt=0, description="passes over the training data (fractions allowed); null = run train.max_steps steps")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (the smaller of this and epochs wins)")
+    micro_batch_size: int = Field(1, ge=1, description="rows per forward pass per process")
+    grad_accum: int = Field(8, ge=1, description="micro-batches per optimizer step per process")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate of AdamW")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate decay after warmup")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of the steps spent warming the learning rate up linearly from 0")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/linear decay ends at lr * min_lr_ratio")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay on the trainable parameters")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    max_grad_norm: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = no clipping)")
+    seed: int = Field(42, description="seed for LoRA initialisation, data order, dropout")
+    gradient_checkpointing: bool = Field(True, description="recompute each decoder layer in the backward pass instead of storing its activations")
+    checkpoint_every_n_layers: int = Field(1, ge=1, description="with gradient_checkpointing: recompute every n-th decoder layer only (2 = half the recompute, more activation memory)")
+    offload_checkpoints: bool = Field(False, description="with gradient_checkpointing: keep each layer's saved input in (pinned) host memory; for very long sequences (131k tokens: 18 GB of layer inputs on 20b)")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw", description="adamw (fused on CUDA); the 8-bit variants keep AdamW's moments in 8 bits and need bitsandbytes")
+    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto = bf16 autocast on GPU, none on CPU")
+    loss_chunk_tokens: int = Field(512, ge=16, description="trained tokens projected onto the 201,088-token vocabulary at once (about 0.6 GB of logits and gradient at 512)")
+
+    @model_validator(mode="after")
+    def _some_length(self):
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set train.epochs or train.max_steps (both are null)")
+        if self.offload_checkpoints and not self.gradient_checkpointing:
+            raise ValueError("train.offload_checkpoints needs train.gradient_checkpointing: true")
+        return self
+
+    def memory_settings(self):
+        from gptoss_tune.train.memory import MemorySettings
+
+        return MemorySettings(
+            gradient_checkpointing=self.gradient_checkpointing,
+            checkpoint_every_n_layers=self.checkpoint_every_n_layers,
+            offload_checkpoints=self.offload_checkpoints,
+            optimizer=self.optimizer,
+            loss_chunk_tokens=self.loss_chunk_tokens,
+        )
+
+
+class EvalSection(_Section):
+    every_steps: int = Field(100, ge=0, description="evaluate every N optimizer steps (0 = only at the end); always also at the end")
+    at_start: bool = Field(False, description="also evaluate before the first step (the base model's validation loss, a baseline)")
+    micro_batch_size: int | None = Field(None, ge=1, description="rows per evaluation forward pass; null = train.micro_batch_size")
+    max_batches: int | None = Field(None, ge=1, description="evaluate on at most this many micro-batches (null = the whole validation set)")
+
+
+class EarlyStoppingSection(_Section):
+    enabled: bool = Field(True, description="stop when the validation loss has not improved for `patience` evaluations")
+    patience: int = Field(3, ge=0, description="evaluations without improvement before stopping (at least 1 when enabled)")
+    min_delta: float = Field(0.0, ge=0, description="an evaluation resets the patience count only if it lowers the best validation loss by more than this (the best adapter is always the lowest loss)")
+
+    @model_validator(mode="after")
+    def _patience(self):
+        if self.enabled and self.patience < 1:
+            raise ValueError(f"early_stopping.patience must be at least 1 when early_stopping.enabled is true (got {self.patience})")
+        return self
+
+
+class CheckpointSection(_Section):
+    every_steps: int = Field(100, ge=0, description="write a checkpoint every N optimizer steps (0 = only the best, on interruption and at the end)")
+    keep: int = Field(2, ge=1, description="keep the newest N checkpoints, plus the best one")
+
+
+class WandbSection(_Section):
+    project: str = Field("gptoss-tune", min_length=1, description="Weights & Biases project")
+    mode: Literal["offline", "online", "disabled"] = Field("offline", description="offline writes to output_dir/wandb (sync later with `wandb sync`), online needs `wandb login`")
+    entity: str | None = Field(None, description="W&B entity (team or user); null = your default")
+    name: str | None = Field(None, description="run name; null = the output directory's name")
+    tags: list[str] = Field(default_factory=list, description="run tags")
+
+
+class LoggingSection(_Section):
+    every_steps: int = Field(1, ge=1, description="print a progress line / update the bar and W&B every N steps (metrics.jsonl gets every step)")
+    progress: Literal["auto", "bar", "lines", "none"] = Field("auto", description="auto = a progress bar on a terminal, plain lines otherwise")
+    expert_share_every_steps: int = Field(10, ge=0, description="add every layer's per-expert token share to metrics.jsonl every N steps (0 = never)")
+    wandb: WandbSection = Field(default_factory=WandbSection, description="Weights & Biases tracking")
+
+
+class Recipe(_Section):
+    model: ModelSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    router: RouterSection = Field(default_factory=RouterSection)
+    data: DataSettings
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    early_stopping: EarlyStoppingSection = Field(default_factory=EarlyStoppingSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    resume: str = Field("auto", min_length=1, description="auto = continue from the newest checkpoint in output_dir if there is one; never = start fresh; or a checkpoint directory")
+    output_dir: str | None = Field(None, description="run directory; null = runs/<recipe file name> under the current directory")
+    overwrite: bool = Field(False, description="allow starting fresh in an output_dir that holds another run (its contents are deleted)")
+
+    @model_validator(mode="after")
+    def _validation_for_early_stopping(self):
+        if self.early_stopping.enabled and not self.has_validation:
+            raise ValueError(
+                "early_stopping is enabled but there is no validation data: set data.validation or data.val_fraction, "
+                "or early_stopping.enabled=false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _packing_needs_our_attention(self):
+        from gptoss_tune.model.attention import ROUTES
+
+        attn = self.model.attn_implementation
+        if self.data.packing and attn is not None and attn not in ROUTES:
+            # transformers' implementations take no example boundaries from position_ids: a packed row
+            # would attend across its examples (tests/data/test_packing.py shows it for eager).
+            raise ValueError(
+                f"model.attn_implementation {attn!r} lets the examples packed into one row attend to each other; "
+                f"use {', '.join(ROUTES)} (null = gptoss_sink), or set data.packing: false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tools_are_function_schemas(self):
+        from gptoss_tune.data.harmony import parse_tools
+
+        try:
+            parse_tools(self.data.tools, where="data.")
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.data.validation) or self.data.val_fraction > 0
+
+    # Where this recipe came from (set by load_recipe; not part of the schema): the file, and the line of
+    # each key written in it (keys set on the command line have none).
+    _source: str = "recipe"
+    _lines: dict = {}
+
+    def where(self, *key: str) -> str:
+        """'file:line' of a key as written in the recipe file (or of its section), else 'file'."""
+        return _at(self._source, self._lines, key)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def fingerprint(self) -> dict:
+        """The settings that define a run: another run in the same output_dir must match these to resume it.
+
+        Length (epochs, max_steps), evaluation, early stopping, checkpointing and logging may change
+        between an interrupted run and its continuation."""
+        d = self.model_dump(mode="json")
+        t = d["train"]
+        return {
+            "model": d["model"]["path"],
+            "lora": d["lora"],
+            "router": d["router"],
+            "data": d["data"],
+            "train": {k: t[k] for k in ("micro_batch_size", "grad_accum", "lr", "scheduler", "warmup_ratio", "min_lr_ratio", "weight_decay", "seed")},
+        }
+
+    def fingerprint_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+
+def _section_class(loc: tuple) -> type[BaseModel] | None:
+    cls: Any = Recipe
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        cls = ann
+    return cls
+
+
+def _did_you_mean(key: str, loc: tuple) -> str:
+    cls = _section_class(loc)
+    if cls is None:
+        return ""
+    known = list(cls.model_fields)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    prefix = ".".join(str(p) for p in loc)
+    if close:
+        return f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
+    return f"; known keys{' under ' + prefix if prefix else ''}: {', '.join(known)}"
+
+
+def _short(value: Any) -> str:
+    s = repr(value)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _format_error(err: dict, source: str) -> str:
+    loc = tuple(err.get("loc", ()))
+    path = ".".join(str(p) for p in loc)
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return f"{source}: unknown key '{path}'{_did_you_mean(str(loc[-1]), loc[:-1])}"
+    if kind == "missing":
+        return f"{source}: '{path}' is required{_describe(loc)}"
+    msg = err.get("msg", "invalid")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+        return f"{source}: {msg}" if not path or msg.startswith(path.split(".")[0]) else f"{source}: {path}: {msg}"
+    msg = msg[0].lower() + msg[1:]
+    got = f" (got {_short(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
+    return f"{source}: {path}: {msg}{got}"
+
+
+def _describe(loc: tuple) -> str:
+    cls = _section_class(loc[:-1])
+    if cls is not None and loc and loc[-1] in cls.model_fields:
+        desc = cls.model_fields[loc[-1]].description
+        if desc:
+            return f" ({desc})"
+    return ""
+
+
+def validate_dict(raw: Any, source: str = "recipe", lines: dict | None = None) -> Recipe:
+    """Validate a recipe mapping; `lines` (key path -> line in the file) puts the line into errors."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: a recipe is a YAML mapping of sections (model:, data:, train:, ...), got {type(raw).__name__}")
+    lines = lines or {}
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        errors = e.errors()
+        first = _format_error(errors[0], _at(source, lines, tuple(errors[0].get("loc", ()))))
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise UserError(first + more) from None
+    recipe._source = source
+    recipe._lines = lines
+    return recipe
+
+
+def _at(source: str, lines: dict, key: tuple) -> str:
+    """'source:line' for the deepest part of `key` whose line is known."""
+    for n in range(len(key), 0, -1):
+        k = tuple(key[:n])
+        if k in lines:
+            return source if lines[k] is None else f"{source}:{lines[k]}"  # None: set on the command line
+    return source
+
+
+def yaml_key_lines(text: str) -> dict[tuple, int]:
+    """Line (1-based) of every mapping key and sequence item of a YAML document, by key path."""
+    out: dict[tuple, int] = {}
+
+    def walk(node, prefix: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = prefix + (k.value,)
+                out[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                out[prefix + (i,)] = v.start_mark.line + 1
+                walk(v, prefix + (i,))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return out
+
+
+# ---- overrides -----------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override '{text}' must look like key.sub=value (e.g. train.lr=1e-4)")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise UserError(f"override '{text}': empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"override '{text}': the value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return key.split("."), parsed
+
+
+def apply_override(raw: dict, parts: list[str], value: Any, source: str) -> None:
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        cls = _section_class(tuple(parts[:i]))
+        if cls is not None and part not in cls.model_fields:
+            raise UserError(f"override {'.'.join(parts)}: unknown key '{'.'.join(parts[: i + 1])}'{_did_you_mean(part, tuple(parts[:i]))}")
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"override {'.'.join(parts)}: '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+# ---- paths ---------------------------------------------------------------------------------------
+
+_PATH_KEYS = (("model", "path"), ("data", "train"), ("data", "validation"), ("output_dir",), ("resume",))
+
+
+def _get(raw: dict, key: tuple):
+    node = raw
+    for k in key:
+        if not isinstance(node, dict) or k not in node:
+            return None
+        node = node[k]
+    return node
+
+
+def _set(raw: dict, key: tuple, value) -> None:
+    node = raw
+    for k in key[:-1]:
+        node = node[k]
+    node[key[-1]] = value
+
+
+def _resolve(value: str, base: Path, key: tuple) -> str:
+    if key == ("resume",) and value in ("auto", "never"):
+        return value
+    p = Path(value).expanduser()
+    if key == ("model", "path") and not p.is_absolute() and not str(value).startswith((".", "~")):
+        # 'openai/gpt-oss-20b' is a hub id unless such a directory exists next to the recipe.
+        from gptoss_tune.model.checkpoint import _HUB_ID
+
+        if _HUB_ID.match(str(value)) and not (base / p).exists():
+            return str(value)
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"recipe '{path}' does not exist" if not p.exists() else f"recipe '{path}' is not a file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}{where}: not valid YAML ({problem})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file") from None
+    return {} if raw is None else raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_paths: bool = True, cwd: Path | None = None) -> Recipe:
+    """Read, override, resolve and validate a recipe. Raises UserError with a one-line message."""
+    path = Path(path)
+    raw = read_recipe_file(path)
+    lines = yaml_key_lines(path.read_text())
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping of sections (model:, data:, train:, ...), got {type(raw).__name__}")
+    base = path.resolve().parent
+    here = (cwd or Path.cwd()).resolve()
+    for key in _PATH_KEYS:
+        v = _get(raw, key)
+        if isinstance(v, str) and v:
+            _set(raw, key, _resolve(v, base, key))
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(raw, parts, value, str(path))
+        # the value now comes from the command line: no line of the file describes it or anything under it
+        lines = {k: v for k, v in lines.items() if tuple(k[: len(parts)]) != tuple(parts)}
+        lines[tuple(parts)] = None
+        if tuple(parts) in _PATH_KEYS and isinstance(value, str) and value:
+            _set(raw, tuple(parts), _resolve(value, here, tuple(parts)))
+    if _get(raw, ("output_dir",)) is None:
+        raw["output_dir"] = str(here / "runs" / path.stem)
+    recipe = validate_dict(raw, str(path), lines)
+    if check_paths:
+        check_recipe_paths(recipe)
+    return recipe
+
+
+def check_recipe_paths(recipe: Recipe) -> None:
+    from gptoss_tune.model.checkpoint import read_config, resolve_model_dir
+    from gptoss_tune.errors import CheckpointError
+
+    try:
+        read_config(resolve_model_dir(recipe.model.path))
+    except CheckpointError as e:
+        raise UserError(f"{recipe.where('model', 'path')}: model.path: {e}") from None
+    for key in ("train", "validation"):
+        v = getattr(recipe.data, key)
+        if v and not Path(v).exists():
+            raise UserError(f"{recipe.where('data', key)}: data.{key}: '{v}' does not exist")
+    if recipe.resume not in ("auto", "never"):
+        p = Path(recipe.resume)
+        if not (p / "adapter.json").is_file() or not (p / "trainer_state.json").is_file():
+            raise UserError(f"{recipe.where('resume')}: resume: '{p}' is not a training checkpoint (expected adapter.json and trainer_state.json); use auto, never or a checkpoints/step-* directory")
+    out = Path(recipe.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{recipe.where('output_dir')}: output_dir: '{out}' is a file")
+    parent = next((p for p in (out, *out.parents) if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{recipe.where('output_dir')}: output_dir: '{out}' cannot be written ({parent} is not a writable directory)")
+
+
+# ---- CLI: gptoss-tune validate ---------------------------------------------------------------------
+
+
+def run_validate(args) -> int:
+    from gptoss_tune.train.resume import check_output_dir
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan = check_output_dir(recipe)
+    if plan.mode == "resume":
+        from gptoss_tune.train.checkpoint import read_trainer_state
+
+        try:
+            state = read_trainer_state(plan.checkpoint)
+        except (OSError, ValueError):
+            state = {}
+        if state.get("finished"):
+            plan = (f"{plan} (the run finished at step {state.get('step')}, {state.get('stop_reason')}: training continues "
+                    f"only if train.max_steps / train.epochs (or early_stopping.patience) now ask for more; resume=never overwrite=true starts over)")
+    if args.print:
+        print(recipe.to_yaml(), end="")
+    print(f"{args.recipe}: valid; {plan}")
+    return 0

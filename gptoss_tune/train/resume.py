@@ -1,0 +1,208 @@
+"""What to do with the output directory: start fresh, resume, or refuse (and say why).
+
+    resume: auto   continue from the newest complete checkpoint of the SAME run in output_dir, if any
+    resume: never  start fresh; output_dir must be empty or new (or overwrite: true to replace a run)
+    resume: PATH   continue from that checkpoint (e.g. another run's checkpoints/step-N)
+
+"The same run" means the settings in Recipe.fingerprint() match those in output_dir/recipe.yaml:
+length, evaluation, checkpointing and logging may change on resume, the model, LoRA, data and optimiser
+may not (that would be a different run; pass overwrite=true or choose another output_dir).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from gptoss_tune.errors import UserError
+from gptoss_tune.runs import CHECKPOINTS, METRICS, RECIPE, list_checkpoints
+
+
+@dataclass
+class ResumePlan:
+    mode: str  # "fresh" or "resume"
+    checkpoint: Path | None = None
+    wipe: bool = False  # delete output_dir's contents first (overwrite)
+    # resume from a checkpoint of another run directory: a new run starting from its weights, optimizer
+    # and data position, whose best checkpoint and early stopping start afresh (the old best is not here)
+    branch: bool = False
+
+    def __str__(self) -> str:
+        if self.mode == "resume":
+            what = "will continue from" if not self.branch else "will start a new run from"
+            return f"{what} {self.checkpoint}" + (" (replacing the run in the output directory)" if self.wipe else "")
+        return "will replace the run in the output directory and start fresh" if self.wipe else "will start a fresh run"
+
+
+def _flatten(d, prefix=""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), d
+
+
+def _first_difference(a: dict, b: dict) -> str | None:
+    fa, fb = dict(_flatten(a)), dict(_flatten(b))
+    for k in sorted(set(fa) | set(fb)):
+        if fa.get(k) != fb.get(k):
+            return f"{k} is {fa.get(k)!r} there, {fb.get(k)!r} here"
+    return None
+
+
+def stored_fingerprint(out: Path) -> dict | None:
+    from gptoss_tune.train.recipe import Recipe
+
+    try:
+        raw = yaml.safe_load((out / RECIPE).read_text())
+        return Recipe.model_validate(raw).fingerprint()
+    except Exception:
+        return None
+
+
+def holds_run(out: Path) -> bool:
+    return any((out / n).exists() for n in (RECIPE, METRICS, CHECKPOINTS))
+
+
+def trained(out: Path) -> bool:
+    """Whether the run in `out` got anywhere: a checkpoint, or a line in metrics.jsonl."""
+    metrics = out / METRICS
+    return bool(list_checkpoints(out)) or (metrics.is_file() and metrics.stat().st_size > 0)
+
+
+def check_output_dir(recipe) -> ResumePlan:
+    """Decide fresh / resume / refuse; raises UserError naming output_dir and the way out."""
+    src = recipe.where("output_dir")
+    out = Path(recipe.output_dir)
+    exists = out.is_dir() and any(out.iterdir())
+    if recipe.resume not in ("auto", "never"):
+        return _resume_from_path(recipe, out, exists, src)
+    if not exists:
+        return ResumePlan("fresh")
+    if not holds_run(out):
+        raise UserError(f"{src}: output_dir '{out}' is not empty and holds no gptoss-tune run; choose a new or empty directory")
+    ckpts = list_checkpoints(out)
+    if not trained(out):
+        # A run that stopped before its first step (a mistake in its data, model or settings): nothing in it
+        # is worth keeping, and the corrected recipe must not be refused as "a different run".
+        return ResumePlan("fresh", wipe=True)
+    if recipe.resume == "never":
+        if recipe.overwrite:
+            return ResumePlan("fresh", wipe=True)
+        raise UserError(
+            f"{src}: output_dir '{out}' already holds a run ({len(ckpts)} checkpoint(s)); pass resume=auto to continue it, "
+            f"overwrite=true to replace it, or choose another output_dir"
+        )
+    fp = stored_fingerprint(out)
+    if fp is None or fp != recipe.fingerprint():
+        if recipe.overwrite:
+            return ResumePlan("fresh", wipe=True)
+        why = "its recipe.yaml is missing or unreadable" if fp is None else _first_difference(fp, recipe.fingerprint())
+        raise UserError(f"{src}: output_dir '{out}' holds a different run ({why}); choose another output_dir or pass overwrite=true to replace it")
+    if ckpts:
+        return ResumePlan("resume", ckpts[-1][1])
+    return ResumePlan("fresh", wipe=True)  # the same run, interrupted before its first checkpoint
+
+
+def _resume_from_path(recipe, out: Path, exists: bool, src: str) -> ResumePlan:
+    """resume: PATH. Inside output_dir it continues that run (from its newest checkpoint, or from an earlier
+    one if nothing newer is left); from elsewhere it starts a new run in output_dir (new, empty, or holding a
+    run that overwrite replaces)."""
+    ckpt = Path(recipe.resume)
+    inside = _is_inside(ckpt, out)
+    if not exists:
+        return ResumePlan("resume", ckpt, branch=not inside)
+    if not holds_run(out):
+        raise UserError(f"{src}: output_dir '{out}' is not empty and holds no gptoss-tune run; choose a new or empty directory")
+    if not trained(out) and not inside:
+        return ResumePlan("resume", ckpt, wipe=True, branch=True)
+    fp = stored_fingerprint(out)
+    if fp is not None and fp != recipe.fingerprint():
+        why = _first_difference(fp, recipe.fingerprint())
+        if not recipe.overwrite:
+            raise UserError(f"{src}: output_dir '{out}' holds a different run ({why}); choose another output_dir or pass overwrite=true")
+        if inside:
+            raise UserError(f"{src}: output_dir '{out}' holds a different run ({why}) and resume={ckpt} lies inside it, so "
+                            f"replacing that run would delete the checkpoint; choose another output_dir")
+        return ResumePlan("resume", ckpt, wipe=True, branch=True)
+    if inside:
+        step = _step_of(ckpt)
+        newer = [p.name for s, p in list_checkpoints(out) if step is not None and s > step]
+        if newer:
+            raise UserError(
+                f"{src}: resume={ckpt} is older than {', '.join(newer)} in the same run: continuing from it in place would "
+                f"mix two histories; continue from the newest (resume=auto), or branch it into another output_dir"
+            )
+    elif recipe.overwrite:
+        return ResumePlan("resume", ckpt, wipe=True, branch=True)
+    else:
+        raise UserError(f"{src}: output_dir '{out}' already holds a run with checkpoints; continue it with resume=auto, "
+                        f"replace it with overwrite=true, or choose another output_dir to start a new run from {ckpt}")
+    return ResumePlan("resume", ckpt)
+
+
+def _is_inside(path: Path, directory: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(Path(directory).resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _step_of(ckpt: Path) -> int | None:
+    try:
+        return int(json.loads((Path(ckpt) / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def lock_run_dir(out: Path, source: str) -> int | None:
+    """Main process: create output_dir and hold an exclusive lock on it for the whole run, so a second
+    training in the same directory is refused instead of interleaving checkpoints. Returns the fd (the
+    lock lasts until it is closed or the process ends); None where the filesystem has no flock."""
+    import errno
+    import fcntl
+    import os
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{source}: output_dir '{out}' cannot be created ({e.strerror}); choose a writable directory") from None
+    fd = os.open(str(out), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            raise UserError(f"{source}: output_dir '{out}' is in use by another training process; wait for it to finish or choose another output_dir") from None
+        return None
+    return fd
+
+
+def wipe(out: Path) -> None:
+    for p in Path(out).iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl lines after `step` (a resumed run writes them again) and any torn last line."""
+    from gptoss_tune.atomic_io import atomic_write_text
+
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
