@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-oldest install clean
+.PHONY: demo test lint test-oldest install clean
 
 install: $(STAMP)
 
@@ -25,7 +25,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: $(STAMP)
 	$(PY) -m gptoss_tune.demo
 
-test: $(STAMP)
+# `make test` lints first (ruff: pyproject.toml [tool.ruff]), then runs the suite.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gptoss_tune kernels tests scripts
+	$(VENV)/bin/ruff format --check gptoss_tune kernels tests scripts
+
+test: lint
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests
 
 # The suite against the oldest transformers/PEFT/Triton we admit (constraints-oldest.txt), in its own venv.

@@ -27,9 +27,13 @@ def resolve_device(device: str | torch.device | None, flag: str = "device") -> t
     if d.type != "cuda":
         raise UserError(f"{flag} {str(device)!r}: only cuda and cpu are supported")
     if not torch.cuda.is_available():
-        raise UserError(f"{flag} {str(device)!r}: no CUDA device is available here (torch {torch.__version__}); use cpu")
+        raise UserError(
+            f"{flag} {str(device)!r}: no CUDA device is available here (torch {torch.__version__}); use cpu"
+        )
     if d.index is not None and d.index >= torch.cuda.device_count():
-        raise UserError(f"{flag} {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+        raise UserError(
+            f"{flag} {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+        )
     return d
 
 

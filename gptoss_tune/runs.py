@@ -1,13 +1,13 @@
 """Layout of a training run directory (written by training, read by export and serve).
 
-    RUN_DIR/
-      recipe.yaml                  the resolved recipe (all defaults filled in, paths absolute)
-      metrics.jsonl                one JSON object per line: {"step", "loss", ...} or {"step", "eval_loss", ...}
-      data_report.json             counts from the data stage (examples, tokens, truncated, dropped, skipped)
-      checkpoints/step-00000040/   a checkpoint: adapter.json + adapter.safetensors (gptoss_tune.model.adapter),
-                                   plus trainer state (optimizer, scheduler, RNG, data position)
-      best.json                    {"checkpoint": "checkpoints/step-00000040", "step": 40, "metric": "eval_loss", "value": ...}
-      final/                       the adapter at the end of training (also a gptoss_tune.model.adapter directory)
+RUN_DIR/
+  recipe.yaml                  the resolved recipe (all defaults filled in, paths absolute)
+  metrics.jsonl                one JSON object per line: {"step", "loss", ...} or {"step", "eval_loss", ...}
+  data_report.json             counts from the data stage (examples, tokens, truncated, dropped, skipped)
+  checkpoints/step-00000040/   a checkpoint: adapter.json + adapter.safetensors (gptoss_tune.model.adapter),
+                               plus trainer state (optimizer, scheduler, RNG, data position)
+  best.json                    {"checkpoint": "checkpoints/step-00000040", "step": 40, "metric": "eval_loss", "value": ...}
+  final/                       the adapter at the end of training (also a gptoss_tune.model.adapter directory)
 """
 
 from __future__ import annotations

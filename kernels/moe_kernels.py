@@ -80,8 +80,17 @@ def _tile_rows(row_start, row_end, IN_ROWS, BLOCK_M: tl.constexpr, HAS_IN_ROWS: 
 
 
 @triton.jit
-def _mxfp4_tile(wb_ptrs, ws_ptrs, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                DOT_DTYPE: tl.constexpr):
+def _mxfp4_tile(
+    wb_ptrs,
+    ws_ptrs,
+    n_mask,
+    k0,
+    K,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
     """Load and dequantise W[n, k0:k0+BLOCK_K] for BLOCK_N rows n -> fp32 [BLOCK_N, BLOCK_K] * 2**-14
     (exact, without the 2**-14, when DOT_DTYPE is fp16: see DEQ_CORRECTION).
 
@@ -141,16 +150,51 @@ def _swiglu_bwd(gate, up, dact, limit, alpha):
 
 @triton.jit
 def mxfp4_grouped_matmul_kernel(
-    X, stride_xm, IN_ROWS, OUT_ROWS,
-    WB, stride_wbe, stride_wbn, WS, stride_wse, stride_wsn,
-    BIAS, stride_be,
-    XA, stride_xam, LB, stride_lbe, stride_lbn, stride_lbr, lora_scale,
-    Y, stride_ym, ACT, stride_am,
-    OFFSETS, num_rows, E, N, K, R, limit, alpha, m_hint,
-    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    R_PAD: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_IN_ROWS: tl.constexpr, HAS_OUT_ROWS: tl.constexpr, HAS_LORA: tl.constexpr,
-    SWIGLU: tl.constexpr, STORE_PRE: tl.constexpr, DOT_DTYPE: tl.constexpr, EVEN_K: tl.constexpr,
+    X,
+    stride_xm,
+    IN_ROWS,
+    OUT_ROWS,
+    WB,
+    stride_wbe,
+    stride_wbn,
+    WS,
+    stride_wse,
+    stride_wsn,
+    BIAS,
+    stride_be,
+    XA,
+    stride_xam,
+    LB,
+    stride_lbe,
+    stride_lbn,
+    stride_lbr,
+    lora_scale,
+    Y,
+    stride_ym,
+    ACT,
+    stride_am,
+    OFFSETS,
+    num_rows,
+    E,
+    N,
+    K,
+    R,
+    limit,
+    alpha,
+    m_hint,
+    E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    R_PAD: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    HAS_IN_ROWS: tl.constexpr,
+    HAS_OUT_ROWS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """Y[p] = X[in_row(p)] @ W[e]ᵀ + bias[e] + lora_scale * XA[p] @ LB[e]ᵀ for the rows p of expert e.
 
@@ -176,7 +220,9 @@ def mxfp4_grouped_matmul_kernel(
 
     x_ptrs = X + in_rows[:, None] * stride_xm + offs_k[None, :]
     wb_ptrs = WB + expert * stride_wbe + offs_n[:, None].to(tl.int64) * stride_wbn + tl.arange(0, BLOCK_K // 2)[None, :]
-    ws_ptrs = WS + expert * stride_wse + offs_n[:, None].to(tl.int64) * stride_wsn + tl.arange(0, BLOCK_K // 32)[None, :]
+    ws_ptrs = (
+        WS + expert * stride_wse + offs_n[:, None].to(tl.int64) * stride_wsn + tl.arange(0, BLOCK_K // 32)[None, :]
+    )
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -197,40 +243,88 @@ def mxfp4_grouped_matmul_kernel(
     if HAS_LORA:
         offs_r = tl.arange(0, R_PAD)
         r_mask = offs_r < R
-        xa = tl.load(XA + rows[:, None].to(tl.int64) * stride_xam + offs_r[None, :],
-                     mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-        lb = tl.load(LB + expert * stride_lbe + offs_n[:, None] * stride_lbn + offs_r[None, :] * stride_lbr,
-                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        xa = tl.load(
+            XA + rows[:, None].to(tl.int64) * stride_xam + offs_r[None, :],
+            mask=row_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        lb = tl.load(
+            LB + expert * stride_lbe + offs_n[:, None] * stride_lbn + offs_r[None, :] * stride_lbr,
+            mask=n_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
         acc += lora_scale * tl.dot(xa.to(DOT_DTYPE), tl.trans(lb.to(DOT_DTYPE)))
 
     rows64 = rows.to(tl.int64)
     if SWIGLU:
         if STORE_PRE:
-            tl.store(Y + rows64[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
-                     mask=row_mask[:, None] & n_mask[None, :])
+            tl.store(
+                Y + rows64[:, None] * stride_ym + offs_n[None, :],
+                acc.to(Y.dtype.element_ty),
+                mask=row_mask[:, None] & n_mask[None, :],
+            )
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
         act = _swiglu(gate, up, limit, alpha)
         offs_a = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(ACT + rows64[:, None] * stride_am + offs_a[None, :], act.to(ACT.dtype.element_ty),
-                 mask=row_mask[:, None] & (offs_a < N // 2)[None, :])
+        tl.store(
+            ACT + rows64[:, None] * stride_am + offs_a[None, :],
+            act.to(ACT.dtype.element_ty),
+            mask=row_mask[:, None] & (offs_a < N // 2)[None, :],
+        )
     else:
         out_rows = _mapped_rows(OUT_ROWS, rows, row_mask, HAS_OUT_ROWS)
-        tl.store(Y + out_rows[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
-                 mask=row_mask[:, None] & n_mask[None, :])
+        tl.store(
+            Y + out_rows[:, None] * stride_ym + offs_n[None, :],
+            acc.to(Y.dtype.element_ty),
+            mask=row_mask[:, None] & n_mask[None, :],
+        )
 
 
 @triton.jit
 def mxfp4_grouped_matmul_t_kernel(
-    DY, stride_dym, IN_ROWS, ROW_SCALE, OUT_ROWS,
-    WB, stride_wbe, stride_wbn, WS, stride_wse, stride_wsn,
-    U, stride_um, LA, stride_lae, stride_lar, stride_lak, lora_scale,
-    HPRE, stride_hm,
-    DX, stride_dxm,
-    OFFSETS, num_rows, E, N, K, R, limit, alpha, m_hint,
-    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    R_PAD: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_IN_ROWS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_OUT_ROWS: tl.constexpr,
-    HAS_LORA: tl.constexpr, SWIGLU_BWD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DY,
+    stride_dym,
+    IN_ROWS,
+    ROW_SCALE,
+    OUT_ROWS,
+    WB,
+    stride_wbe,
+    stride_wbn,
+    WS,
+    stride_wse,
+    stride_wsn,
+    U,
+    stride_um,
+    LA,
+    stride_lae,
+    stride_lar,
+    stride_lak,
+    lora_scale,
+    HPRE,
+    stride_hm,
+    DX,
+    stride_dxm,
+    OFFSETS,
+    num_rows,
+    E,
+    N,
+    K,
+    R,
+    limit,
+    alpha,
+    m_hint,
+    E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    R_PAD: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    HAS_IN_ROWS: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    HAS_OUT_ROWS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    SWIGLU_BWD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """The backward through an MXFP4 projection: DX[p] = s_p * DY[in_row(p)] @ W[e] + lora_scale * U[p] @ LA[e].
 
@@ -262,8 +356,18 @@ def mxfp4_grouped_matmul_t_kernel(
     offs_n = tl.arange(0, BLOCK_N)
 
     dy_ptrs = DY + in_rows[:, None] * stride_dym + offs_n[None, :]
-    wb_ptrs = WB + expert * stride_wbe + offs_n[:, None].to(tl.int64) * stride_wbn + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
-    ws_ptrs = WS + expert * stride_wse + offs_n[:, None].to(tl.int64) * stride_wsn + (k0 // 32 + tl.arange(0, BLOCK_K // 32))[None, :]
+    wb_ptrs = (
+        WB
+        + expert * stride_wbe
+        + offs_n[:, None].to(tl.int64) * stride_wbn
+        + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
+    )
+    ws_ptrs = (
+        WS
+        + expert * stride_wse
+        + offs_n[:, None].to(tl.int64) * stride_wsn
+        + (k0 // 32 + tl.arange(0, BLOCK_K // 32))[None, :]
+    )
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -282,10 +386,14 @@ def mxfp4_grouped_matmul_t_kernel(
     if HAS_LORA:
         offs_r = tl.arange(0, R_PAD)
         r_mask = offs_r < R
-        u = tl.load(U + rows64[:, None] * stride_um + offs_r[None, :],
-                    mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-        la = tl.load(LA + expert * stride_lae + offs_r[:, None] * stride_lar + offs_k[None, :] * stride_lak,
-                     mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        u = tl.load(
+            U + rows64[:, None] * stride_um + offs_r[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0
+        )
+        la = tl.load(
+            LA + expert * stride_lae + offs_r[:, None] * stride_lar + offs_k[None, :] * stride_lak,
+            mask=r_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
         acc += lora_scale * tl.dot(u.to(DOT_DTYPE), la.to(DOT_DTYPE))
 
     if SWIGLU_BWD:
@@ -296,22 +404,44 @@ def mxfp4_grouped_matmul_t_kernel(
         h = tl.load(HPRE + rows64[:, None, None] * stride_hm + offs_pair, mask=hd_mask, other=0.0)
         gate, up = tl.split(h.to(tl.float32))
         d_gate, d_up = _swiglu_bwd(gate, up, acc, limit, alpha)
-        tl.store(DX + rows64[:, None, None] * stride_dxm + offs_pair, tl.join(d_gate, d_up).to(DX.dtype.element_ty),
-                 mask=hd_mask)
+        tl.store(
+            DX + rows64[:, None, None] * stride_dxm + offs_pair,
+            tl.join(d_gate, d_up).to(DX.dtype.element_ty),
+            mask=hd_mask,
+        )
     else:
         out_rows = _mapped_rows(OUT_ROWS, rows, row_mask, HAS_OUT_ROWS)
-        tl.store(DX + out_rows[:, None] * stride_dxm + offs_k[None, :], acc.to(DX.dtype.element_ty),
-                 mask=row_mask[:, None] & k_mask[None, :])
+        tl.store(
+            DX + out_rows[:, None] * stride_dxm + offs_k[None, :],
+            acc.to(DX.dtype.element_ty),
+            mask=row_mask[:, None] & k_mask[None, :],
+        )
 
 
 @triton.jit
 def grouped_lowrank_kernel(
-    X, stride_xm, IN_ROWS, ROW_SCALE,
-    A, stride_ae, stride_ar, stride_ak,
-    OUT, stride_om,
-    OFFSETS, num_rows, E, K, R,
-    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-    HAS_IN_ROWS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    X,
+    stride_xm,
+    IN_ROWS,
+    ROW_SCALE,
+    A,
+    stride_ae,
+    stride_ar,
+    stride_ak,
+    OUT,
+    stride_om,
+    OFFSETS,
+    num_rows,
+    E,
+    K,
+    R,
+    E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    R_PAD: tl.constexpr,
+    HAS_IN_ROWS: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """OUT[p] = s_p * X[in_row(p)] @ A[e]ᵀ -> fp32 [rows, R]: LoRA's x·Aᵀ once per (token, expert).
 
@@ -342,18 +472,35 @@ def grouped_lowrank_kernel(
     if HAS_ROW_SCALE:
         row_scale = tl.load(ROW_SCALE + rows, mask=row_mask, other=0.0).to(tl.float32)
         acc = acc * row_scale[:, None]
-    tl.store(OUT + rows64[:, None] * stride_om + offs_r[None, :], acc,
-             mask=row_mask[:, None] & r_mask[None, :])
+    tl.store(OUT + rows64[:, None] * stride_om + offs_r[None, :], acc, mask=row_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
 def grouped_outer_kernel(
-    L, stride_lm, L_ROWS, L_SCALE,
-    RT, stride_rm,
-    OUT, stride_oe, stride_o1, stride_o2,
-    OFFSETS, E, D1, D2, scale, limit, alpha,
-    BLOCK_M: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
-    HAS_L_ROWS: tl.constexpr, HAS_L_SCALE: tl.constexpr, L_SWIGLU: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    L,
+    stride_lm,
+    L_ROWS,
+    L_SCALE,
+    RT,
+    stride_rm,
+    OUT,
+    stride_oe,
+    stride_o1,
+    stride_o2,
+    OFFSETS,
+    E,
+    D1,
+    D2,
+    scale,
+    limit,
+    alpha,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
+    HAS_L_ROWS: tl.constexpr,
+    HAS_L_SCALE: tl.constexpr,
+    L_SWIGLU: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """OUT[e] = scale * sum over the rows p of expert e of (s_p L[l_row(p)])ᵀ RT[p] -> fp32 [E, D1, D2].
 
@@ -391,8 +538,9 @@ def grouped_outer_kernel(
             left = tl.load(L + l_rows[:, None] * stride_lm + offs_1[None, :], mask=l_mask, other=0.0)
         if HAS_L_SCALE:
             left = left.to(tl.float32) * tl.load(L_SCALE + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-        right = tl.load(RT + rows64[:, None] * stride_rm + offs_2[None, :],
-                        mask=row_mask[:, None] & mask_2[None, :], other=0.0)
+        right = tl.load(
+            RT + rows64[:, None] * stride_rm + offs_2[None, :], mask=row_mask[:, None] & mask_2[None, :], other=0.0
+        )
         acc = tl.dot(tl.trans(left.to(DOT_DTYPE)), right.to(DOT_DTYPE), acc)
     out_ptrs = OUT + expert.to(tl.int64) * stride_oe + offs_1[:, None] * stride_o1 + offs_2[None, :] * stride_o2
     tl.store(out_ptrs, acc * scale, mask=mask_1[:, None] & mask_2[None, :])
@@ -413,8 +561,9 @@ def combine_kernel(Y, stride_ym, W, OUT, stride_om, H, TOP_K: tl.constexpr, BLOC
 
 
 @triton.jit
-def routing_grad_kernel(Y, stride_ym, DOUT, stride_dm, DW, H,
-                        TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+def routing_grad_kernel(
+    Y, stride_ym, DOUT, stride_dm, DW, H, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_H: tl.constexpr
+):
     """DW[t, j] = <DOUT[t], Y[t * TOP_K + j]> in fp32: the gradient of the routing weights."""
     t = tl.program_id(0).to(tl.int64)
     offs_j = tl.arange(0, K_PAD)
@@ -424,7 +573,10 @@ def routing_grad_kernel(Y, stride_ym, DOUT, stride_dm, DW, H,
     for h0 in range(0, H, BLOCK_H):
         h_mask = (h0 + offs_h) < H
         d = tl.load(DOUT + t * stride_dm + h0 + offs_h, mask=h_mask, other=0.0).to(tl.float32)
-        y = tl.load(Y + (t * TOP_K + offs_j)[:, None] * stride_ym + (h0 + offs_h)[None, :],
-                    mask=j_mask[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+        y = tl.load(
+            Y + (t * TOP_K + offs_j)[:, None] * stride_ym + (h0 + offs_h)[None, :],
+            mask=j_mask[:, None] & h_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += y * d[None, :]
     tl.store(DW + t * TOP_K + offs_j, tl.sum(acc, 1), mask=j_mask)

@@ -157,12 +157,23 @@ def _expert_slices(offsets: torch.Tensor):
 
 
 def _rows(x: torch.Tensor, rows: torch.Tensor | None, num: int, dtype: torch.dtype) -> torch.Tensor:
-    return (x[: num] if rows is None else x[rows.long()]).to(dtype)
+    return (x[:num] if rows is None else x[rows.long()]).to(dtype)
 
 
 def grouped_mxfp4_matmul_reference(
-    x, offsets, blocks, scales, bias, *, rows=None, xa=None, lora_B=None, lora_scale=0.0,
-    swiglu: tuple[float, float] | None = None, out_rows=None, dtype=torch.float64,
+    x,
+    offsets,
+    blocks,
+    scales,
+    bias,
+    *,
+    rows=None,
+    xa=None,
+    lora_B=None,
+    lora_scale=0.0,
+    swiglu: tuple[float, float] | None = None,
+    out_rows=None,
+    dtype=torch.float64,
 ):
     """Reference of `mxfp4_grouped_matmul`: y[p] = x[rows[p]] @ W[e]ᵀ + bias[e] + s·xa[p] @ B[e]ᵀ.
 
@@ -193,8 +204,21 @@ def swiglu_backward_reference(h, dact, limit=7.0, alpha=1.702):
 
 
 def grouped_mxfp4_matmul_t_reference(
-    dy, offsets, blocks, scales, *, rows=None, row_scale=None, u=None, lora_A=None, lora_scale=0.0,
-    swiglu_h=None, limit=7.0, alpha=1.702, out_rows=None, dtype=torch.float64,
+    dy,
+    offsets,
+    blocks,
+    scales,
+    *,
+    rows=None,
+    row_scale=None,
+    u=None,
+    lora_A=None,
+    lora_scale=0.0,
+    swiglu_h=None,
+    limit=7.0,
+    alpha=1.702,
+    out_rows=None,
+    dtype=torch.float64,
 ):
     """Reference of `mxfp4_grouped_matmul_t`: dx[p] = s_p·dy[rows[p]] @ W[e] + lora_scale·u[p] @ A[e].
 
@@ -231,7 +255,15 @@ def grouped_lowrank_reference(x, offsets, a, *, rows=None, row_scale=None, dtype
 
 
 def grouped_outer_reference(
-    left, right, offsets, *, left_rows=None, left_scale=None, left_swiglu=None, scale=1.0, transpose=False,
+    left,
+    right,
+    offsets,
+    *,
+    left_rows=None,
+    left_scale=None,
+    left_swiglu=None,
+    scale=1.0,
+    transpose=False,
     dtype=torch.float64,
 ):
     """Reference of `grouped_outer`: out[e] = scale·Σ_p (s_p·left[lrow])ᵀ right[p] -> [E, D1, D2]

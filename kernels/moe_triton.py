@@ -42,8 +42,9 @@ INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 
 
 def _config(block_m, block_n, block_k, warps, stages, group_m=8):
-    return triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m),
-                         num_warps=warps, num_stages=stages)
+    return triton.Config(
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m), num_warps=warps, num_stages=stages
+    )
 
 
 # Hopper (H100/H200) candidates. Each compiles for sm_90 within shared memory and WITHOUT register spills
@@ -102,8 +103,11 @@ def _prune_block_m(configs, named_args, **kwargs):
 
 
 def _autotuned(kernel, configs, keys):
-    return triton.autotune(configs, key=["N", "K", "E", "m_hint", "R_PAD", "HAS_LORA", *keys],
-                           prune_configs_by={"early_config_prune": _prune_block_m})(kernel)
+    return triton.autotune(
+        configs,
+        key=["N", "K", "E", "m_hint", "R_PAD", "HAS_LORA", *keys],
+        prune_configs_by={"early_config_prune": _prune_block_m},
+    )(kernel)
 
 
 def _even_k(meta) -> bool:
@@ -112,8 +116,9 @@ def _even_k(meta) -> bool:
 
 
 if not INTERPRET:
-    _matmul_kernel = _autotuned(triton.heuristics({"EVEN_K": _even_k})(K.mxfp4_grouped_matmul_kernel),
-                                MATMUL_CONFIGS, ["SWIGLU", "STORE_PRE"])
+    _matmul_kernel = _autotuned(
+        triton.heuristics({"EVEN_K": _even_k})(K.mxfp4_grouped_matmul_kernel), MATMUL_CONFIGS, ["SWIGLU", "STORE_PRE"]
+    )
     _matmul_t_kernel = _autotuned(K.mxfp4_grouped_matmul_t_kernel, MATMUL_T_CONFIGS, ["HAS_ROW_SCALE"])
     _matmul_t_swiglu_kernel = _autotuned(K.mxfp4_grouped_matmul_t_kernel, MATMUL_T_SWIGLU_CONFIGS, ["HAS_ROW_SCALE"])
 
@@ -146,8 +151,10 @@ def _on_device(t: torch.Tensor):
 def _check_same_device(hidden_states: torch.Tensor, named: dict) -> None:
     for name, t in named.items():
         if t is not None and t.device != hidden_states.device:
-            raise ValueError(f"moe_experts: {name} is on {t.device} but hidden_states on {hidden_states.device}; "
-                             f"the experts' weights, LoRA factors and routing must be on the activations' device")
+            raise ValueError(
+                f"moe_experts: {name} is on {t.device} but hidden_states on {hidden_states.device}; "
+                f"the experts' weights, LoRA factors and routing must be on the activations' device"
+            )
 
 
 def _pow2_at_least(n: int, floor: int) -> int:
@@ -166,7 +173,9 @@ def _m_hint(d: Dispatch) -> int:
 def _mxfp4_dims(blocks: torch.Tensor, scales: torch.Tensor) -> tuple[int, int]:
     E, N, G, B = blocks.shape
     if B != 16 or scales.shape != (E, N, G) or blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
-        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} / scales {tuple(scales.shape)} are not [E, N, K/32, 16] / [E, N, K/32] uint8")
+        raise ValueError(
+            f"MXFP4 blocks {tuple(blocks.shape)} / scales {tuple(scales.shape)} are not [E, N, K/32, 16] / [E, N, K/32] uint8"
+        )
     if blocks.stride(3) != 1 or blocks.stride(2) != 16 or scales.stride(2) != 1:
         raise ValueError("MXFP4 blocks and scales must be contiguous along the input dimension")
     return N, G * 32
@@ -224,19 +233,46 @@ def mxfp4_grouped_matmul(
         return (h, act) if swiglu is not None else y
     dummy = _dummy(d)
     args = (
-        x, x.stride(0), rows if rows is not None else dummy, out_rows if out_rows is not None else dummy,
-        blocks, blocks.stride(0), blocks.stride(1), scales, scales.stride(0), scales.stride(1),
-        bias, bias.stride(0),
-        xa if xa is not None else x, xa.stride(0) if xa is not None else 0,
+        x,
+        x.stride(0),
+        rows if rows is not None else dummy,
+        out_rows if out_rows is not None else dummy,
+        blocks,
+        blocks.stride(0),
+        blocks.stride(1),
+        scales,
+        scales.stride(0),
+        scales.stride(1),
+        bias,
+        bias.stride(0),
+        xa if xa is not None else x,
+        xa.stride(0) if xa is not None else 0,
         lora_B if lora_B is not None else x,
-        *(lora_B.stride() if lora_B is not None else (0, 0, 0)), float(lora_scale),
-        y, y.stride(0), act, act.stride(0),
-        d.offsets, P, E, N, Kdim, R, float(limit), float(alpha), _m_hint(d),
+        *(lora_B.stride() if lora_B is not None else (0, 0, 0)),
+        float(lora_scale),
+        y,
+        y.stride(0),
+        act,
+        act.stride(0),
+        d.offsets,
+        P,
+        E,
+        N,
+        Kdim,
+        R,
+        float(limit),
+        float(alpha),
+        _m_hint(d),
     )
     flags = dict(
-        E_PAD=_pow2_at_least(E, 16), R_PAD=_rank_pad(R), HAS_IN_ROWS=rows is not None,
-        HAS_OUT_ROWS=out_rows is not None, HAS_LORA=lora is not None, SWIGLU=swiglu is not None,
-        STORE_PRE=swiglu is not None and store_pre, DOT_DTYPE=_dot_dtype(x),
+        E_PAD=_pow2_at_least(E, 16),
+        R_PAD=_rank_pad(R),
+        HAS_IN_ROWS=rows is not None,
+        HAS_OUT_ROWS=out_rows is not None,
+        HAS_LORA=lora is not None,
+        SWIGLU=swiglu is not None,
+        STORE_PRE=swiglu is not None and store_pre,
+        DOT_DTYPE=_dot_dtype(x),
     )
 
     def grid(meta):
@@ -290,20 +326,45 @@ def mxfp4_grouped_matmul_t(
         return dx
     dummy = _dummy(d)
     args = (
-        dy, dy.stride(0), rows if rows is not None else dummy, row_scale if row_scale is not None else dummy,
+        dy,
+        dy.stride(0),
+        rows if rows is not None else dummy,
+        row_scale if row_scale is not None else dummy,
         out_rows if out_rows is not None else dummy,
-        blocks, blocks.stride(0), blocks.stride(1), scales, scales.stride(0), scales.stride(1),
-        u if u is not None else dy, u.stride(0) if u is not None else 0,
-        lora_A if lora_A is not None else dy, *(lora_A.stride() if lora_A is not None else (0, 0, 0)),
+        blocks,
+        blocks.stride(0),
+        blocks.stride(1),
+        scales,
+        scales.stride(0),
+        scales.stride(1),
+        u if u is not None else dy,
+        u.stride(0) if u is not None else 0,
+        lora_A if lora_A is not None else dy,
+        *(lora_A.stride() if lora_A is not None else (0, 0, 0)),
         float(lora_scale),
-        swiglu_h if swiglu_h is not None else dy, swiglu_h.stride(0) if swiglu_h is not None else 0,
-        dx, dx.stride(0),
-        d.offsets, P, E, N, Kdim, R, float(limit), float(alpha), _m_hint(d),
+        swiglu_h if swiglu_h is not None else dy,
+        swiglu_h.stride(0) if swiglu_h is not None else 0,
+        dx,
+        dx.stride(0),
+        d.offsets,
+        P,
+        E,
+        N,
+        Kdim,
+        R,
+        float(limit),
+        float(alpha),
+        _m_hint(d),
     )
     flags = dict(
-        E_PAD=_pow2_at_least(E, 16), R_PAD=_rank_pad(R), HAS_IN_ROWS=rows is not None,
-        HAS_ROW_SCALE=row_scale is not None, HAS_OUT_ROWS=out_rows is not None, HAS_LORA=lora is not None,
-        SWIGLU_BWD=swiglu_h is not None, DOT_DTYPE=_dot_dtype(dy),
+        E_PAD=_pow2_at_least(E, 16),
+        R_PAD=_rank_pad(R),
+        HAS_IN_ROWS=rows is not None,
+        HAS_ROW_SCALE=row_scale is not None,
+        HAS_OUT_ROWS=out_rows is not None,
+        HAS_LORA=lora is not None,
+        SWIGLU_BWD=swiglu_h is not None,
+        DOT_DTYPE=_dot_dtype(dy),
     )
 
     def grid(meta):
@@ -343,10 +404,25 @@ def grouped_lowrank(
     dummy = _dummy(d)
     grid = (triton.cdiv(P, cfg["BLOCK_M"]) + E,)
     K.grouped_lowrank_kernel[grid](
-        x, x.stride(0), rows if rows is not None else dummy, row_scale if row_scale is not None else dummy,
-        a, *a.stride(), out, out.stride(0), d.offsets, P, E, Kdim, R,
-        E_PAD=_pow2_at_least(E, 16), R_PAD=_rank_pad(R), HAS_IN_ROWS=rows is not None,
-        HAS_ROW_SCALE=row_scale is not None, DOT_DTYPE=_dot_dtype(x), **cfg,
+        x,
+        x.stride(0),
+        rows if rows is not None else dummy,
+        row_scale if row_scale is not None else dummy,
+        a,
+        *a.stride(),
+        out,
+        out.stride(0),
+        d.offsets,
+        P,
+        E,
+        Kdim,
+        R,
+        E_PAD=_pow2_at_least(E, 16),
+        R_PAD=_rank_pad(R),
+        HAS_IN_ROWS=rows is not None,
+        HAS_ROW_SCALE=row_scale is not None,
+        DOT_DTYPE=_dot_dtype(x),
+        **cfg,
     )
     return out
 
@@ -383,11 +459,28 @@ def grouped_outer(
     limit, alpha = left_swiglu if left_swiglu is not None else (0.0, 0.0)
     grid = (E * triton.cdiv(D1, cfg["BLOCK_D1"]) * triton.cdiv(D2, cfg["BLOCK_D2"]),)
     K.grouped_outer_kernel[grid](
-        left, left.stride(0), left_rows if left_rows is not None else dummy,
+        left,
+        left.stride(0),
+        left_rows if left_rows is not None else dummy,
         left_scale if left_scale is not None else dummy,
-        right, right.stride(0), out, o_e, o_1, o_2, d.offsets, E, D1, D2, float(scale), float(limit), float(alpha),
-        HAS_L_ROWS=left_rows is not None, HAS_L_SCALE=left_scale is not None, L_SWIGLU=left_swiglu is not None,
-        DOT_DTYPE=_dot_dtype(left if left.dtype != torch.float32 else right), **cfg,
+        right,
+        right.stride(0),
+        out,
+        o_e,
+        o_1,
+        o_2,
+        d.offsets,
+        E,
+        D1,
+        D2,
+        float(scale),
+        float(limit),
+        float(alpha),
+        HAS_L_ROWS=left_rows is not None,
+        HAS_L_SCALE=left_scale is not None,
+        L_SWIGLU=left_swiglu is not None,
+        DOT_DTYPE=_dot_dtype(left if left.dtype != torch.float32 else right),
+        **cfg,
     )
     return out
 
@@ -403,8 +496,9 @@ def combine(y_pairs: torch.Tensor, routing_weights: torch.Tensor, *, config: dic
         return out
     cfg = dict(BLOCK_H=64) if INTERPRET else dict(GPU_FIXED_CONFIGS["combine"])
     cfg.update(config or {})
-    K.combine_kernel[(T, triton.cdiv(H, cfg["BLOCK_H"]))](y_pairs, y_pairs.stride(0), w, out, out.stride(0), H,
-                                                          TOP_K=k, **cfg)
+    K.combine_kernel[(T, triton.cdiv(H, cfg["BLOCK_H"]))](
+        y_pairs, y_pairs.stride(0), w, out, out.stride(0), H, TOP_K=k, **cfg
+    )
     return out
 
 
@@ -417,8 +511,9 @@ def routing_grad(y_pairs: torch.Tensor, dout: torch.Tensor, top_k: int, *, confi
         return dw
     cfg = dict(BLOCK_H=64) if INTERPRET else dict(GPU_FIXED_CONFIGS["routing_grad"])
     cfg.update(config or {})
-    K.routing_grad_kernel[(T,)](y_pairs, y_pairs.stride(0), dout, dout.stride(0), dw, H,
-                                TOP_K=top_k, K_PAD=_pow2_at_least(top_k, 1), **cfg)
+    K.routing_grad_kernel[(T,)](
+        y_pairs, y_pairs.stride(0), dout, dout.stride(0), dw, H, TOP_K=top_k, K_PAD=_pow2_at_least(top_k, 1), **cfg
+    )
     return dw
 
 
@@ -431,13 +526,25 @@ def _layer_forward(x, rw, gu_A, gu_B, dn_A, dn_B, d: Dispatch, w: ExpertWeights,
     """Forward of the layer; returns (out, h, xa1, aa2, y) (the last four kept for the backward)."""
     xa1 = grouped_lowrank(x, d, gu_A, rows=d.row_token) if _has(gu_A, gu_B) else None
     h, act = mxfp4_grouped_matmul(
-        x, d, w.gate_up_blocks, w.gate_up_scales, w.gate_up_bias, rows=d.row_token,
-        lora=(xa1, gu_B, s) if xa1 is not None else None, swiglu=(limit, alpha), store_pre=need_bwd,
+        x,
+        d,
+        w.gate_up_blocks,
+        w.gate_up_scales,
+        w.gate_up_bias,
+        rows=d.row_token,
+        lora=(xa1, gu_B, s) if xa1 is not None else None,
+        swiglu=(limit, alpha),
+        store_pre=need_bwd,
     )
     aa2 = grouped_lowrank(act, d, dn_A) if _has(dn_A, dn_B) else None
     y = mxfp4_grouped_matmul(
-        act, d, w.down_blocks, w.down_scales, w.down_bias,
-        lora=(aa2, dn_B, s) if aa2 is not None else None, out_rows=d.row_pair,
+        act,
+        d,
+        w.down_blocks,
+        w.down_scales,
+        w.down_bias,
+        lora=(aa2, dn_B, s) if aa2 is not None else None,
+        out_rows=d.row_pair,
     )
     return combine(y, rw), h, xa1, aa2, y
 
@@ -486,8 +593,16 @@ class MoEExpertsFunction(torch.autograd.Function):
             if need_dnA:
                 grads[4] = grouped_outer(h, u2, d, left_swiglu=(limit, alpha), scale=s, transpose=True).to(dn_A.dtype)
         dh = mxfp4_grouped_matmul_t(
-            dout, d, w.down_blocks, w.down_scales, rows=row_token, row_scale=w_rows,
-            lora=(u2, dn_A, s) if u2 is not None else None, swiglu_h=h, limit=limit, alpha=alpha,
+            dout,
+            d,
+            w.down_blocks,
+            w.down_scales,
+            rows=row_token,
+            row_scale=w_rows,
+            lora=(u2, dn_A, s) if u2 is not None else None,
+            swiglu_h=h,
+            limit=limit,
+            alpha=alpha,
         )
         # gate_up projection
         u1 = None
@@ -499,7 +614,11 @@ class MoEExpertsFunction(torch.autograd.Function):
                 grads[2] = grouped_outer(x, u1, d, left_rows=row_token, scale=s, transpose=True).to(gu_A.dtype)
         if need_x:
             dx_pairs = mxfp4_grouped_matmul_t(
-                dh, d, w.gate_up_blocks, w.gate_up_scales, lora=(u1, gu_A, s) if u1 is not None else None,
+                dh,
+                d,
+                w.gate_up_blocks,
+                w.gate_up_scales,
+                lora=(u1, gu_A, s) if u1 is not None else None,
                 out_rows=row_pair,
             )
             grads[0] = combine_pairs(dx_pairs, k)
@@ -529,14 +648,34 @@ def moe_experts(
     _check_device(hidden_states)
     factors = (None, None, None, None, 0.0) if lora is None else tuple(lora)
     gu_A, gu_B, dn_A, dn_B, s = factors
-    _check_same_device(hidden_states, dict(
-        router_indices=router_indices, routing_weights=routing_weights, **weights._asdict(),
-        gate_up_lora_A=gu_A, gate_up_lora_B=gu_B, down_lora_A=dn_A, down_lora_B=dn_B,
-    ))
+    _check_same_device(
+        hidden_states,
+        dict(
+            router_indices=router_indices,
+            routing_weights=routing_weights,
+            **weights._asdict(),
+            gate_up_lora_A=gu_A,
+            gate_up_lora_B=gu_B,
+            down_lora_A=dn_A,
+            down_lora_B=dn_B,
+        ),
+    )
     tensors = (hidden_states, routing_weights, gu_A, gu_B, dn_A, dn_B)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return MoEExpertsFunction.apply(*tensors, router_indices, weights, float(s), float(limit), float(alpha))
     with _on_device(hidden_states):
         d = build_dispatch(router_indices, weights.gate_up_blocks.shape[0])
-        return _layer_forward(hidden_states, routing_weights, gu_A, gu_B, dn_A, dn_B, d, weights, float(s),
-                              float(limit), float(alpha), False)[0]
+        return _layer_forward(
+            hidden_states,
+            routing_weights,
+            gu_A,
+            gu_B,
+            dn_A,
+            dn_B,
+            d,
+            weights,
+            float(s),
+            float(limit),
+            float(alpha),
+            False,
+        )[0]

@@ -40,7 +40,9 @@ def random_mxfp4(E, out_f, in_f, device, *, realistic=True, generator=None):
     from gptoss_kernels.mxfp4 import quantize
 
     if not realistic:
-        blocks = torch.randint(0, 256, (E, out_f, in_f // 32, 16), dtype=torch.uint8, device=device, generator=generator)
+        blocks = torch.randint(
+            0, 256, (E, out_f, in_f // 32, 16), dtype=torch.uint8, device=device, generator=generator
+        )
         scales = torch.randint(118, 124, (E, out_f, in_f // 32), dtype=torch.uint8, device=device, generator=generator)
         return blocks, scales
     blocks = torch.empty(E, out_f, in_f // 32, 16, dtype=torch.uint8, device=device)
@@ -61,8 +63,12 @@ def random_layer(E, H, I, device, *, dtype, rank=16, realistic=True, seed=0, lor
     gub, gus = random_mxfp4(E, 2 * I, H, device, realistic=realistic, generator=g)
     dnb, dns = random_mxfp4(E, H, I, device, realistic=realistic, generator=g)
     w = ExpertWeights(
-        gub, gus, (torch.randn(E, 2 * I, device=device, generator=g) * 0.5).to(dtype),
-        dnb, dns, (torch.randn(E, H, device=device, generator=g) * 0.02).to(dtype),
+        gub,
+        gus,
+        (torch.randn(E, 2 * I, device=device, generator=g) * 0.5).to(dtype),
+        dnb,
+        dns,
+        (torch.randn(E, H, device=device, generator=g) * 0.02).to(dtype),
     )
     if not lora:
         return w, None

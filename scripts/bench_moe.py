@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -103,8 +102,14 @@ def main(argv=None) -> int:
         return (torch.cuda.max_memory_allocated() - base) / 1e9
 
     env = dict(
-        device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, triton=triton.__version__,
-        interpret=moe_triton.INTERPRET, hidden=H, intermediate=I, top_k=k, lora_rank=args.rank,
+        device=torch.cuda.get_device_name() if cuda else "cpu",
+        torch=torch.__version__,
+        triton=triton.__version__,
+        interpret=moe_triton.INTERPRET,
+        hidden=H,
+        intermediate=I,
+        top_k=k,
+        lora_rank=args.rank,
     )
     try:
         import peft
@@ -142,8 +147,17 @@ def main(argv=None) -> int:
             try:
                 ms = bench(fn)
                 pk = peak_gb(fn)
-                row = dict(shape=shape, experts=E, tokens=T, name=name, ms=ms, tflops=flops / ms / 1e9,
-                           expert_gb=expert_bytes / 1e9, peak_gb=pk, note=note)
+                row = dict(
+                    shape=shape,
+                    experts=E,
+                    tokens=T,
+                    name=name,
+                    ms=ms,
+                    tflops=flops / ms / 1e9,
+                    expert_gb=expert_bytes / 1e9,
+                    peak_gb=pk,
+                    note=note,
+                )
             except Exception as exc:  # noqa: BLE001 - a failing baseline is reported, not fatal
                 traceback.print_exc()
                 row = dict(shape=shape, experts=E, tokens=T, name=name, error=f"{type(exc).__name__}: {exc}"[:300])
@@ -200,7 +214,9 @@ def main(argv=None) -> int:
 
         def torch_layer(x, idx, rw):
             d, e_rows, dest, offs, rows_pad = padded_layout(idx)
-            xs = torch.zeros(rows_pad, H, dtype=W1.dtype, device=dev).index_copy(0, dest, x[d.row_token.long()].to(W1.dtype))
+            xs = torch.zeros(rows_pad, H, dtype=W1.dtype, device=dev).index_copy(
+                0, dest, x[d.row_token.long()].to(W1.dtype)
+            )
             h = torch._grouped_mm(xs, W1t, offs=offs)[dest] + b1[e_rows]
             act = swiglu_reference(h)
             acts = torch.zeros(rows_pad, I, dtype=W1.dtype, device=dev).index_copy(0, dest, act)
@@ -210,9 +226,11 @@ def main(argv=None) -> int:
 
         try:
             gemm_inputs = []
-            for x, idx, rw, _ in sets:
+            for x, idx, _rw, _ in sets:
                 d, e_rows, dest, offs, rows_pad = padded_layout(idx)
-                xs = torch.zeros(rows_pad, H, dtype=W1.dtype, device=dev).index_copy(0, dest, x[d.row_token.long()].to(W1.dtype))
+                xs = torch.zeros(rows_pad, H, dtype=W1.dtype, device=dev).index_copy(
+                    0, dest, x[d.row_token.long()].to(W1.dtype)
+                )
                 acts = torch.randn(rows_pad, I, device=dev).to(W1.dtype)
                 gemm_inputs.append((xs, acts, offs))
             gturn = [0]
@@ -263,7 +281,9 @@ def main(argv=None) -> int:
                     holder = peft_experts(E, H, I, k, W1t, b1, W2t, b2, args.rank, impl, dev)
                 except Exception as exc:  # noqa: BLE001
                     traceback.print_exc()
-                    rows.append(dict(shape=shape, experts=E, tokens=T, name=f"transformers+PEFT {impl}", error=str(exc)[:300]))
+                    rows.append(
+                        dict(shape=shape, experts=E, tokens=T, name=f"transformers+PEFT {impl}", error=str(exc)[:300])
+                    )
                     continue
 
                 def peft_train(holder=holder):
@@ -279,8 +299,10 @@ def main(argv=None) -> int:
                     with torch.no_grad():
                         holder.experts(x.to(W1.dtype), idx, rw.to(W1.dtype))
 
-                agreement(f"transformers+PEFT {impl} (B = 0)",
-                          lambda x, idx, rw, holder=holder: holder.experts(x.to(W1.dtype), idx, rw.to(W1.dtype)))
+                agreement(
+                    f"transformers+PEFT {impl} (B = 0)",
+                    lambda x, idx, rw, holder=holder: holder.experts(x.to(W1.dtype), idx, rw.to(W1.dtype)),
+                )
                 record(f"transformers+PEFT {impl} fwd", peft_fwd, flops_fwd, bf16_bytes, "LoRA on, dense delta")
                 record(f"transformers+PEFT {impl} fwd+bwd LoRA r{args.rank}", peft_train, 3 * flops_fwd, bf16_bytes)
                 del holder
@@ -294,7 +316,11 @@ def main(argv=None) -> int:
 
     summary = []
     for shape in args.shapes:
-        gem, tfwd, tbwd = find(shape, "bf16 grouped_mm GEMMs"), find(shape, "bf16 grouped_mm fwd"), find(shape, "bf16 grouped_mm fwd+bwd")
+        gem, tfwd, tbwd = (
+            find(shape, "bf16 grouped_mm GEMMs"),
+            find(shape, "bf16 grouped_mm fwd"),
+            find(shape, "bf16 grouped_mm fwd+bwd"),
+        )
         ofwd, obwd = find(shape, "ours fwd"), find(shape, "ours fwd+bwd")
         s = dict(shape=shape)
         if ofwd and gem:
@@ -310,7 +336,9 @@ def main(argv=None) -> int:
     for r in rows:
         if "ms" in r:
             pk = "" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
-            print(f"{r['shape']:<10} {r['name']:<48} {r['ms']:>9.3f} {r['tflops']:>8.1f} {r['expert_gb']:>10.2f} {pk:>8}")
+            print(
+                f"{r['shape']:<10} {r['name']:<48} {r['ms']:>9.3f} {r['tflops']:>8.1f} {r['expert_gb']:>10.2f} {pk:>8}"
+            )
         elif "rel_err" in r:
             print(f"{r['shape']:<10} {r['name']:<48} rel err {r['rel_err']:.1e}")
         else:
@@ -328,7 +356,9 @@ def peft_experts(E, H, I, k, W1t, b1, W2t, b2, rank, impl, dev):
     from transformers import GptOssConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-    cfg = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k, num_hidden_layers=1)
+    cfg = GptOssConfig(
+        hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k, num_hidden_layers=1
+    )
     cfg._experts_implementation = impl
     with torch.device("meta"):
         experts = GptOssExperts(cfg)
@@ -338,8 +368,9 @@ def peft_experts(E, H, I, k, W1t, b1, W2t, b2, rank, impl, dev):
     experts.down_proj_bias = torch.nn.Parameter(b2, requires_grad=False)
     holder = torch.nn.Module()
     holder.experts = experts
-    lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[],
-                      target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    lcfg = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"]
+    )
     inject_adapter_in_model(lcfg, holder)
     holder.to(dev)
     return holder

@@ -41,7 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=None, help="default 2 x rank")
-    p.add_argument("--lora-on", choices=["all", "attention"], default="all", help="attention + every expert, or attention only")
+    p.add_argument(
+        "--lora-on", choices=["all", "attention"], default="all", help="attention + every expert, or attention only"
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--baseline", action="store_true", help="also run the official recipe's approach in this process")
@@ -54,8 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--attn", default=None, help="attention implementation (default gptoss_sink)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default bf16 on CUDA, fp32 on the CPU")
-    p.add_argument("--mixed-precision", choices=["bf16", "no"], default=None,
-                   help="autocast of the forward, as train.mixed_precision (default bf16 on CUDA, no on the CPU)")
+    p.add_argument(
+        "--mixed-precision",
+        choices=["bf16", "no"],
+        default=None,
+        help="autocast of the forward, as train.mixed_precision (default bf16 on CUDA, no on the CPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak dense bf16 TFLOP/s for MFU")
     p.add_argument("--profile", type=int, default=0, help="profile this many extra steps of ours; prints top ops")
@@ -69,8 +75,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5.2x renames checkpointing APIs
     args = parse_args(argv)
-    from gptoss_tune.perf.bench import format_table, run, to_json
     from gptoss_tune.errors import UserError
+    from gptoss_tune.perf.bench import format_table, run, to_json
 
     try:
         result = run(args)

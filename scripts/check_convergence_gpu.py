@@ -96,8 +96,20 @@ def main(argv=None) -> int:
         print(f"{i:>4} {a:>10.5f} {b:>10.5f} {r:>9.2e}")
     print(f"max rel diff {max(rel):.2e} (tol {tol:.0e}); loss fell: {fell}")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(sizes=sizes, device=args.device, tol=tol, reference=ref, triton=tri,
-                                                   max_rel_diff=max(rel), passed=ok), indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                dict(
+                    sizes=sizes,
+                    device=args.device,
+                    tol=tol,
+                    reference=ref,
+                    triton=tri,
+                    max_rel_diff=max(rel),
+                    passed=ok,
+                ),
+                indent=1,
+            )
+        )
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

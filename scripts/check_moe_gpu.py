@@ -58,12 +58,20 @@ def parse(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="hidden = intermediate = 64 (for --device cpu)")
     ap.add_argument("--hidden", type=int, default=None, help="hidden = intermediate (default 2880, 64 with --small)")
-    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                    help="activations (default bf16 on cuda, fp32 on cpu; bf16 on the CPU runs the GPU's roundings "
-                         "of the intermediates, with fp32 dots)")
+    ap.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default=None,
+        help="activations (default bf16 on cuda, fp32 on cpu; bf16 on the CPU runs the GPU's roundings "
+        "of the intermediates, with fp32 dots)",
+    )
     ap.add_argument("--json", default=None)
-    ap.add_argument("--no-behaviour", dest="behaviour", action="store_false",
-                    help="skip the behaviour checks (BEHAVIOUR below) run at the first --experts value")
+    ap.add_argument(
+        "--no-behaviour",
+        dest="behaviour",
+        action="store_false",
+        help="skip the behaviour checks (BEHAVIOUR below) run at the first --experts value",
+    )
     return ap.parse_args(argv)
 
 
@@ -114,7 +122,9 @@ def main(argv=None) -> int:
                     errs.append(0.0 if torch.equal(a, b) else 1.0)
                 else:
                     a, b = a.double(), b.double()
-                    errs.append(((a - b).norm() / b.norm().clamp_min(1e-30)).item() if torch.isfinite(a).all() else float("nan"))
+                    errs.append(
+                        ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if torch.isfinite(a).all() else float("nan")
+                    )
             err = max(errs)
             passed = err <= tol
             results.append(dict(experts=E, tensor=name, rel_err=err, tolerance=tol, passed=passed, dtype=""))
@@ -142,10 +152,14 @@ def main(argv=None) -> int:
         w, lora = random_layer(E, H, I, args.device, dtype=dtype, rank=args.rank, seed=seed + E)
         idle = (0, E // 2, E - 1)
         idx, rw = random_routing(args.tokens, E, args.top_k, args.device, dtype=dtype, idle=idle, seed=seed + 1)
-        x = torch.randn(args.tokens, H, device=args.device, generator=torch.Generator(args.device).manual_seed(seed + 2)).to(dtype)
-        gout = torch.randn(args.tokens, H, device=args.device, generator=torch.Generator(args.device).manual_seed(seed + 3)).to(dtype)
+        x = torch.randn(
+            args.tokens, H, device=args.device, generator=torch.Generator(args.device).manual_seed(seed + 2)
+        ).to(dtype)
+        gout = torch.randn(
+            args.tokens, H, device=args.device, generator=torch.Generator(args.device).manual_seed(seed + 3)
+        ).to(dtype)
 
-        def run(fn, x, rw, w, lora, grad=None, autocast=False):
+        def run(fn, x, rw, w, lora, grad=None, autocast=False, idx=idx, gout=gout):
             x = x.detach().clone().requires_grad_(True)
             rw = rw.detach().clone().requires_grad_(True)
             lora = ExpertLoRA(*[t.detach().clone().requires_grad_(True) for t in lora[:4]], lora.scaling)
@@ -162,8 +176,14 @@ def main(argv=None) -> int:
         if args.device == "cuda":
             torch.cuda.synchronize()
         t_ours = time.perf_counter() - t0
-        w32 = ExpertWeights(w.gate_up_blocks, w.gate_up_scales, w.gate_up_bias.float(), w.down_blocks, w.down_scales,
-                            w.down_bias.float())
+        w32 = ExpertWeights(
+            w.gate_up_blocks,
+            w.gate_up_scales,
+            w.gate_up_bias.float(),
+            w.down_blocks,
+            w.down_scales,
+            w.down_bias.float(),
+        )
         ref = run(moe_experts_reference, x.float(), rw.float(), w32, lora)
         for name, tol in TOLERANCES.items():
             a, b = ours[name].double(), ref[name].double()
@@ -171,20 +191,31 @@ def main(argv=None) -> int:
             err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if finite else float("nan")
             passed = finite and err <= tol
             ok &= passed
-            results.append(dict(experts=E, tensor=name, rel_err=err, tolerance=tol, passed=passed, dtype=str(ours[name].dtype)))
+            results.append(
+                dict(experts=E, tensor=name, rel_err=err, tolerance=tol, passed=passed, dtype=str(ours[name].dtype))
+            )
         for e in idle:  # the idle experts' LoRA factors get exactly zero gradient
             zero = all(torch.count_nonzero(ours[f"grad_{n}"][e]) == 0 for n in names)
             ok &= zero
-            results.append(dict(experts=E, tensor=f"grad_lora[idle expert {e}] == 0", rel_err=0.0 if zero else 1.0,
-                                tolerance=0.0, passed=zero, dtype=""))
+            results.append(
+                dict(
+                    experts=E,
+                    tensor=f"grad_lora[idle expert {e}] == 0",
+                    rel_err=0.0 if zero else 1.0,
+                    tolerance=0.0,
+                    passed=zero,
+                    dtype="",
+                )
+            )
         print(f"E={E}: first call (compile/autotune included) {t_ours:.1f} s")
         if args.behaviour and E == args.experts[0]:
             ok &= behaviour(E, run, ours, ref, x, rw, w, w32, lora, idx, gout, results)
 
-
     print(f"\n{'E':>4}  {'tensor':<34} {'rel err':>10}  {'tol':>7}  ok")
     for r in results:
-        print(f"{r['experts']:>4}  {r['tensor']:<34} {r['rel_err']:>10.2e}  {r['tolerance']:>7.0e}  {'yes' if r['passed'] else 'NO'}")
+        print(
+            f"{r['experts']:>4}  {r['tensor']:<34} {r['rel_err']:>10.2e}  {r['tolerance']:>7.0e}  {'yes' if r['passed'] else 'NO'}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(dict(seed=seed, tokens=args.tokens, hidden=H, results=results), indent=1))
     print("PASS" if ok else "FAIL")

@@ -140,43 +140,103 @@ def cases(MT, problem: dict | None = None):
 
     def fwd_gate_up(cfg):
         p, c = prob()
-        h, act = MT.mxfp4_grouped_matmul(p["x"], p["d"], *p["gu"], p["gu_bias"], rows=p["d"].row_token,
-                                         lora=(p["xa"], p["gu_B"], 0.7), swiglu=(7.0, 1.702), config=kw(cfg))
+        h, act = MT.mxfp4_grouped_matmul(
+            p["x"],
+            p["d"],
+            *p["gu"],
+            p["gu_bias"],
+            rows=p["d"].row_token,
+            lora=(p["xa"], p["gu_B"], 0.7),
+            swiglu=(7.0, 1.702),
+            config=kw(cfg),
+        )
         d = c["d"]
-        h_ref, act_ref = reference("gate_up", lambda: REF.grouped_mxfp4_matmul_reference(
-            c["x"], d.offsets, *c["gu"], c["gu_bias"], rows=d.row_token, xa=c["xa"], lora_B=c["gu_B"], lora_scale=0.7,
-            swiglu=(7.0, 1.702)))
+        h_ref, act_ref = reference(
+            "gate_up",
+            lambda: REF.grouped_mxfp4_matmul_reference(
+                c["x"],
+                d.offsets,
+                *c["gu"],
+                c["gu_bias"],
+                rows=d.row_token,
+                xa=c["xa"],
+                lora_B=c["gu_B"],
+                lora_scale=0.7,
+                swiglu=(7.0, 1.702),
+            ),
+        )
         return max(_rel(h, h_ref), _rel(act, act_ref))
 
     def fwd_down(cfg):
         p, c = prob()
         I, H = c["I"], c["H"]
-        y = MT.mxfp4_grouped_matmul(p["h"][:, :I].contiguous(), p["d"], *p["dn"], p["dn_bias"],
-                                    lora=(p["xa"], p["gu_B"][:, :H], 1.3), out_rows=p["d"].row_pair, config=kw(cfg))
+        y = MT.mxfp4_grouped_matmul(
+            p["h"][:, :I].contiguous(),
+            p["d"],
+            *p["dn"],
+            p["dn_bias"],
+            lora=(p["xa"], p["gu_B"][:, :H], 1.3),
+            out_rows=p["d"].row_pair,
+            config=kw(cfg),
+        )
         d = c["d"]
-        ref = reference("down", lambda: REF.grouped_mxfp4_matmul_reference(
-            c["h"][:, :I], d.offsets, *c["dn"], c["dn_bias"], xa=c["xa"], lora_B=c["gu_B"][:, :H], lora_scale=1.3,
-            out_rows=d.row_pair))
+        ref = reference(
+            "down",
+            lambda: REF.grouped_mxfp4_matmul_reference(
+                c["h"][:, :I],
+                d.offsets,
+                *c["dn"],
+                c["dn_bias"],
+                xa=c["xa"],
+                lora_B=c["gu_B"][:, :H],
+                lora_scale=1.3,
+                out_rows=d.row_pair,
+            ),
+        )
         return _rel(y, ref)
 
     def bwd_down_swiglu(cfg):
         p, c = prob()
         I = c["I"]
-        dh = MT.mxfp4_grouped_matmul_t(p["dout"], p["d"], *p["dn"], rows=p["d"].row_token, row_scale=p["w_rows"],
-                                       lora=(p["u"], p["gu_A"][:, :, :I], 0.9), swiglu_h=p["h"], config=kw(cfg))
+        dh = MT.mxfp4_grouped_matmul_t(
+            p["dout"],
+            p["d"],
+            *p["dn"],
+            rows=p["d"].row_token,
+            row_scale=p["w_rows"],
+            lora=(p["u"], p["gu_A"][:, :, :I], 0.9),
+            swiglu_h=p["h"],
+            config=kw(cfg),
+        )
         d = c["d"]
-        ref = reference("down_bwd", lambda: REF.grouped_mxfp4_matmul_t_reference(
-            c["dout"], d.offsets, *c["dn"], rows=d.row_token, row_scale=c["w_rows"], u=c["u"], lora_A=c["gu_A"][:, :, :I],
-            lora_scale=0.9, swiglu_h=c["h"]))
+        ref = reference(
+            "down_bwd",
+            lambda: REF.grouped_mxfp4_matmul_t_reference(
+                c["dout"],
+                d.offsets,
+                *c["dn"],
+                rows=d.row_token,
+                row_scale=c["w_rows"],
+                u=c["u"],
+                lora_A=c["gu_A"][:, :, :I],
+                lora_scale=0.9,
+                swiglu_h=c["h"],
+            ),
+        )
         return _rel(dh, ref)
 
     def bwd_gate_up(cfg):
         p, c = prob()
-        dx = MT.mxfp4_grouped_matmul_t(p["dh"], p["d"], *p["gu"], lora=(p["u"], p["gu_A"], 0.9), out_rows=p["d"].row_pair,
-                                       config=kw(cfg))
+        dx = MT.mxfp4_grouped_matmul_t(
+            p["dh"], p["d"], *p["gu"], lora=(p["u"], p["gu_A"], 0.9), out_rows=p["d"].row_pair, config=kw(cfg)
+        )
         d = c["d"]
-        ref = reference("gate_up_bwd", lambda: REF.grouped_mxfp4_matmul_t_reference(
-            c["dh"], d.offsets, *c["gu"], u=c["u"], lora_A=c["gu_A"], lora_scale=0.9, out_rows=d.row_pair))
+        ref = reference(
+            "gate_up_bwd",
+            lambda: REF.grouped_mxfp4_matmul_t_reference(
+                c["dh"], d.offsets, *c["gu"], u=c["u"], lora_A=c["gu_A"], lora_scale=0.9, out_rows=d.row_pair
+            ),
+        )
         return _rel(dx, ref)
 
     for cfg in MT.MATMUL_CONFIGS:
@@ -187,7 +247,9 @@ def cases(MT, problem: dict | None = None):
     for cfg in MT.MATMUL_T_CONFIGS:
         yield "matmul_t", f"gate_up_bwd {_label(cfg)}", lambda cfg=cfg: bwd_gate_up(cfg)
 
-    lr_cfg, outer_cfg, combine_cfg, rg_cfg = (MT.GPU_FIXED_CONFIGS[n] for n in ("lowrank", "outer", "combine", "routing_grad"))
+    lr_cfg, outer_cfg, combine_cfg, rg_cfg = (
+        MT.GPU_FIXED_CONFIGS[n] for n in ("lowrank", "outer", "combine", "routing_grad")
+    )
 
     def lowrank():
         p, c = prob()
@@ -207,8 +269,10 @@ def cases(MT, problem: dict | None = None):
         }[variant]
 
         def resolve(q):
-            return {k: (getattr(q["d"], v) if v == "row_token" else q[v]) if isinstance(v, str) else v
-                    for k, v in kwargs.items()}
+            return {
+                k: (getattr(q["d"], v) if v == "row_token" else q[v]) if isinstance(v, str) else v
+                for k, v in kwargs.items()
+            }
 
         out = MT.grouped_outer(p[left], p["u"], p["d"], scale=0.5, config=outer_cfg, **resolve(p))
         ref = REF.grouped_outer_reference(c[left], c["u"], c["d"].offsets, scale=0.5, **resolve(c))
@@ -218,10 +282,14 @@ def cases(MT, problem: dict | None = None):
     def combine_and_routing_grad():
         p, c = prob()
         H = c["H"]
-        e1 = _rel(MT.combine(p["dh"][:, :H].contiguous(), p["rw"], config=combine_cfg),
-                  REF.combine_reference(c["dh"][:, :H], c["rw"]))
-        e2 = _rel(MT.routing_grad(p["dh"][:, :H].contiguous(), p["dout"], c["k"], config=rg_cfg),
-                  REF.routing_grad_reference(c["dh"][:, :H], c["dout"], c["k"]))
+        e1 = _rel(
+            MT.combine(p["dh"][:, :H].contiguous(), p["rw"], config=combine_cfg),
+            REF.combine_reference(c["dh"][:, :H], c["rw"]),
+        )
+        e2 = _rel(
+            MT.routing_grad(p["dh"][:, :H].contiguous(), p["dout"], c["k"], config=rg_cfg),
+            REF.routing_grad_reference(c["dh"][:, :H], c["dout"], c["k"]),
+        )
         return max(e1, e2)
 
     yield "lowrank", f"grouped_lowrank {lr_cfg}", lowrank
@@ -248,8 +316,9 @@ def main(argv=None) -> int:
         print("no CUDA device", file=sys.stderr)
         return 2
     tol = TOL[args.device]
-    problem = dict(hidden=HIDDEN[args.device], device=args.device,
-                   dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
+    problem = dict(
+        hidden=HIDDEN[args.device], device=args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32
+    )
     rows, failed = [], 0
     for family, label, fn in cases(MT, problem):
         if args.only and family != args.only:
@@ -262,7 +331,9 @@ def main(argv=None) -> int:
         ok = err <= tol
         failed += not ok
         rows.append(dict(family=family, config=label, rel_err=err, tolerance=tol, passed=ok))
-        print(f"{'OK  ' if ok else 'FAIL'} {label:<70} rel err {err:.2e}  {time.perf_counter() - t0:5.1f} s", flush=True)
+        print(
+            f"{'OK  ' if ok else 'FAIL'} {label:<70} rel err {err:.2e}  {time.perf_counter() - t0:5.1f} s", flush=True
+        )
     print(f"{len(rows) - failed}/{len(rows)} configs match the references (tol {tol:g})")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=args.device, hidden=problem["hidden"], rows=rows), indent=1))

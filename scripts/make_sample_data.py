@@ -30,19 +30,39 @@ N_TRAIN, N_VALIDATION = 240, 60
 SYSTEM = "You are Velora's e-bike support assistant. Answer briefly, from Velora's documentation."
 
 BIKES = {
-    "Velora City": dict(range_km=60, battery_wh=418, charge_h="4.5", weight_kg=21, motor_w=250, price=1890, use="commuting in town"),
-    "Velora Trail": dict(range_km=90, battery_wh=625, charge_h="6", weight_kg=24, motor_w=250, price=2690, use="gravel paths and hills"),
-    "Velora Fold": dict(range_km=40, battery_wh=300, charge_h="3.5", weight_kg=16, motor_w=250, price=1490, use="trains and small flats"),
-    "Velora Cargo": dict(range_km=75, battery_wh=750, charge_h="7", weight_kg=32, motor_w=250, price=3290, use="children and shopping"),
+    "Velora City": dict(
+        range_km=60, battery_wh=418, charge_h="4.5", weight_kg=21, motor_w=250, price=1890, use="commuting in town"
+    ),
+    "Velora Trail": dict(
+        range_km=90, battery_wh=625, charge_h="6", weight_kg=24, motor_w=250, price=2690, use="gravel paths and hills"
+    ),
+    "Velora Fold": dict(
+        range_km=40, battery_wh=300, charge_h="3.5", weight_kg=16, motor_w=250, price=1490, use="trains and small flats"
+    ),
+    "Velora Cargo": dict(
+        range_km=75, battery_wh=750, charge_h="7", weight_kg=32, motor_w=250, price=3290, use="children and shopping"
+    ),
 }
 
 ERRORS = {
-    "E01": ("the battery is not detected", "switch the bike off, take the battery out, check that the contacts are clean and dry, and lock it back in until it clicks"),
+    "E01": (
+        "the battery is not detected",
+        "switch the bike off, take the battery out, check that the contacts are clean and dry, and lock it back in until it clicks",
+    ),
     "E02": ("the motor is overheating", "stop riding and let the motor cool down for 15 minutes before you ride on"),
-    "E03": ("the speed sensor gets no signal", "check that the spoke magnet sits within 5 mm of the sensor on the rear frame"),
-    "E04": ("the display lost contact with the controller", "switch the bike off for 30 seconds and back on; if it comes back, book a service check"),
+    "E03": (
+        "the speed sensor gets no signal",
+        "check that the spoke magnet sits within 5 mm of the sensor on the rear frame",
+    ),
+    "E04": (
+        "the display lost contact with the controller",
+        "switch the bike off for 30 seconds and back on; if it comes back, book a service check",
+    ),
     "E05": ("the battery voltage is too low", "charge the battery fully before the next ride"),
-    "E06": ("the torque sensor needs calibration", "switch the bike on without touching the pedals and wait 10 seconds"),
+    "E06": (
+        "the torque sensor needs calibration",
+        "switch the bike on without touching the pedals and wait 10 seconds",
+    ),
 }
 
 POLICIES = {
@@ -55,17 +75,49 @@ POLICIES = {
 }
 
 POLICY_QUESTIONS = {
-    "warranty": ["What does the Velora warranty cover?", "How long is the warranty on a Velora bike?", "Is the battery covered by the warranty, and for how long?"],
-    "returns": ["Can I return my Velora bike?", "What is Velora's return policy?", "I changed my mind about my bike. Can I send it back?"],
-    "service": ["How often should my Velora bike be serviced?", "When is the first service due?", "Do I need to service my e-bike every year?"],
-    "battery care": ["How should I store the battery over the winter?", "What is the best way to store a Velora battery?", "I will not ride for months. What do I do with the battery?"],
-    "app pairing": ["How do I connect my bike to the VeloraLink app?", "How do I pair the app with my bike?", "The app does not find my bike. How do I pair it?"],
-    "shipping": ["How long does delivery take?", "When will my new bike be shipped?", "Does the bike arrive assembled?"],
+    "warranty": [
+        "What does the Velora warranty cover?",
+        "How long is the warranty on a Velora bike?",
+        "Is the battery covered by the warranty, and for how long?",
+    ],
+    "returns": [
+        "Can I return my Velora bike?",
+        "What is Velora's return policy?",
+        "I changed my mind about my bike. Can I send it back?",
+    ],
+    "service": [
+        "How often should my Velora bike be serviced?",
+        "When is the first service due?",
+        "Do I need to service my e-bike every year?",
+    ],
+    "battery care": [
+        "How should I store the battery over the winter?",
+        "What is the best way to store a Velora battery?",
+        "I will not ride for months. What do I do with the battery?",
+    ],
+    "app pairing": [
+        "How do I connect my bike to the VeloraLink app?",
+        "How do I pair the app with my bike?",
+        "The app does not find my bike. How do I pair it?",
+    ],
+    "shipping": [
+        "How long does delivery take?",
+        "When will my new bike be shipped?",
+        "Does the bike arrive assembled?",
+    ],
 }
 
 SPEC_QUESTIONS = {
-    "range_km": ["How far can the {bike} go on one charge?", "What is the range of the {bike}?", "How many kilometres does the {bike} do per charge?"],
-    "charge_h": ["How long does the {bike} take to charge?", "What is the charging time of the {bike} battery?", "How many hours to charge the {bike} fully?"],
+    "range_km": [
+        "How far can the {bike} go on one charge?",
+        "What is the range of the {bike}?",
+        "How many kilometres does the {bike} do per charge?",
+    ],
+    "charge_h": [
+        "How long does the {bike} take to charge?",
+        "What is the charging time of the {bike} battery?",
+        "How many hours to charge the {bike} fully?",
+    ],
     "weight_kg": ["How heavy is the {bike}?", "What does the {bike} weigh?", "What is the weight of the {bike}?"],
     "price": ["How much does the {bike} cost?", "What is the price of the {bike}?", "What does a new {bike} cost?"],
 }
@@ -84,8 +136,17 @@ ORDER_STATUSES = [
     dict(status="shipped", eta_days=2, carrier="UPS"),
     dict(status="out for delivery", eta_days=0, carrier="UPS"),
 ]
-ORDER_QUESTIONS = ["Where is my order {order}?", "What is the status of order {order}?", "Has my order {order} shipped yet?", "When will order {order} arrive?"]
-WARRANTY_QUESTIONS = ["Is my bike with serial {serial} still under warranty?", "Can you check the warranty of frame number {serial}?", "Does the warranty still cover my bike, serial {serial}?"]
+ORDER_QUESTIONS = [
+    "Where is my order {order}?",
+    "What is the status of order {order}?",
+    "Has my order {order} shipped yet?",
+    "When will order {order} arrive?",
+]
+WARRANTY_QUESTIONS = [
+    "Is my bike with serial {serial} still under warranty?",
+    "Can you check the warranty of frame number {serial}?",
+    "Does the warranty still cover my bike, serial {serial}?",
+]
 
 TOOLS = [
     {
@@ -128,8 +189,15 @@ def spec_answer(bike: str, key: str) -> str:
 def spec_thinking(bike: str, key: str) -> str:
     b = BIKES[bike]
     what = {"range_km": "range", "charge_h": "charging time", "weight_kg": "weight", "price": "price"}[key]
-    value = {"range_km": f"{b['range_km']} km", "charge_h": f"{b['charge_h']} hours", "weight_kg": f"{b['weight_kg']} kg", "price": f"{b['price']} euros"}[key]
-    return f"The user asks about the {what} of the {bike}. From the specs: {value}. Give the number and one useful detail."
+    value = {
+        "range_km": f"{b['range_km']} km",
+        "charge_h": f"{b['charge_h']} hours",
+        "weight_kg": f"{b['weight_kg']} kg",
+        "price": f"{b['price']} euros",
+    }[key]
+    return (
+        f"The user asks about the {what} of the {bike}. From the specs: {value}. Give the number and one useful detail."
+    )
 
 
 def make_spec(rng: random.Random, style: str) -> dict:
@@ -155,10 +223,17 @@ def make_error(rng: random.Random, style: str) -> dict:
     q = rng.choice(ERROR_QUESTIONS).format(bike=bike, code=code)
     a = f"Error {code} means that {meaning}. To fix it, {fix}. If {code} keeps coming back, contact Velora support."
     if style == "pc_messages":
-        return {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+        return {
+            "prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+            "completion": [{"role": "assistant", "content": a}],
+        }
     thinking = f"Error {code} on a Velora bike: {meaning}. The fix: {fix}. Explain it in two sentences."
     return {
-        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}, {"role": "assistant", "thinking": thinking, "content": a}],
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": q},
+            {"role": "assistant", "thinking": thinking, "content": a},
+        ],
         "reasoning_effort": rng.choice(["low", "medium"]),
     }
 
@@ -173,7 +248,11 @@ def make_policy(rng: random.Random, style: str) -> dict:
         "messages": [
             {"role": "system", "content": SYSTEM},
             {"role": "user", "content": q},
-            {"role": "assistant", "thinking": f"This is about Velora's {topic} policy. Quote the documented policy.", "content": a},
+            {
+                "role": "assistant",
+                "thinking": f"This is about Velora's {topic} policy. Quote the documented policy.",
+                "content": a,
+            },
         ]
     }
 
@@ -199,7 +278,13 @@ def make_order(rng: random.Random) -> dict:
             {
                 "role": "assistant",
                 "thinking": f"The user asks about order {order}. Look it up with lookup_order.",
-                "tool_calls": [{"id": call_id, "type": "function", "function": {"name": "lookup_order", "arguments": json.dumps({"order_id": order})}}],
+                "tool_calls": [
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": "lookup_order", "arguments": json.dumps({"order_id": order})},
+                    }
+                ],
             },
             {"role": "tool", "tool_call_id": call_id, "content": json.dumps(result)},
             {"role": "assistant", "thinking": f"The order is {s['status']}. Tell the user.", "content": a},
@@ -214,7 +299,12 @@ def make_warranty(rng: random.Random) -> dict:
     year = 2000 + int(serial[2:4])
     covered = {"frame": year + 5 >= 2026, "motor": year + 3 >= 2026, "battery": year + 2 >= 2026}
     q = rng.choice(WARRANTY_QUESTIONS).format(serial=serial)
-    result = {"serial": serial, "model": bike, "purchased": f"{year}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}", "covered": covered}
+    result = {
+        "serial": serial,
+        "model": bike,
+        "purchased": f"{year}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}",
+        "covered": covered,
+    }
     yes = [part for part, ok in covered.items() if ok]
     no = [part for part, ok in covered.items() if not ok]
     a = f"Your {bike} ({serial}) was bought in {year}. "
@@ -226,9 +316,22 @@ def make_warranty(rng: random.Random) -> dict:
         "messages": [
             {"role": "system", "content": SYSTEM},
             {"role": "user", "content": q},
-            {"role": "assistant", "tool_calls": [{"id": "w1", "type": "function", "function": {"name": "check_warranty", "arguments": {"serial": serial}}}]},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": "w1",
+                        "type": "function",
+                        "function": {"name": "check_warranty", "arguments": {"serial": serial}},
+                    }
+                ],
+            },
             {"role": "tool", **match, "content": json.dumps(result)},
-            {"role": "assistant", "thinking": "Compare the parts with the warranty periods: frame 5, motor 3, battery 2 years.", "content": a},
+            {
+                "role": "assistant",
+                "thinking": "Compare the parts with the warranty periods: frame 5, motor 3, battery 2 years.",
+                "content": a,
+            },
         ],
         "tools": TOOLS,
     }
@@ -242,7 +345,17 @@ def make_two_turn(rng: random.Random) -> dict:
             {"role": "system", "content": SYSTEM},
             {"role": "user", "content": rng.choice(SPEC_QUESTIONS[k1]).format(bike=bike)},
             {"role": "assistant", "thinking": spec_thinking(bike, k1), "content": spec_answer(bike, k1)},
-            {"role": "user", "content": rng.choice(["And {what}?", "What about {what}?"]).format(what={"range_km": "the range", "charge_h": "charging", "weight_kg": "the weight", "price": "the price"}[k2])},
+            {
+                "role": "user",
+                "content": rng.choice(["And {what}?", "What about {what}?"]).format(
+                    what={
+                        "range_km": "the range",
+                        "charge_h": "charging",
+                        "weight_kg": "the weight",
+                        "price": "the price",
+                    }[k2]
+                ),
+            },
             {"role": "assistant", "thinking": spec_thinking(bike, k2), "content": spec_answer(bike, k2)},
         ]
     }

@@ -27,6 +27,12 @@ def tiny_ckpt_topk4(tmp_path_factory):
     from gptoss_tune.model.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(
-        tmp_path_factory.mktemp("tiny4") / "ckpt", seed=2, sliding_window=4, layers=3, experts=6, top_k=4,
-        hidden=64, intermediate=96,
+        tmp_path_factory.mktemp("tiny4") / "ckpt",
+        seed=2,
+        sliding_window=4,
+        layers=3,
+        experts=6,
+        top_k=4,
+        hidden=64,
+        intermediate=96,
     )

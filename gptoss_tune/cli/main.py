@@ -124,12 +124,23 @@ def _add_render(sub) -> None:
     p.add_argument("data", help="data file or saved Hugging Face dataset directory")
     p.add_argument("--n", type=int, default=None, help="examples to print (default: 3; with --json all)")
     p.add_argument("--json", action="store_true", help="print one JSON object per example (input_ids, loss_mask)")
-    p.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default=None, help="for examples without their own")
-    p.add_argument("--train-on", choices=["last", "all"], default="last", help="train the last assistant turn or all (default: last)")
+    p.add_argument(
+        "--reasoning-effort", choices=["low", "medium", "high"], default=None, help="for examples without their own"
+    )
+    p.add_argument(
+        "--train-on",
+        choices=["last", "all"],
+        default="last",
+        help="train the last assistant turn or all (default: last)",
+    )
     p.add_argument("--max-seq-len", type=int, default=2048, help="truncate or drop longer examples (default: 2048)")
-    p.add_argument("--overlong", choices=["truncate", "drop"], default="truncate", help="what to do with longer examples")
+    p.add_argument(
+        "--overlong", choices=["truncate", "drop"], default="truncate", help="what to do with longer examples"
+    )
     p.add_argument("--tools", default=None, metavar="FILE", help="JSON file with a list of OpenAI function schemas")
-    p.add_argument("--skip-bad-lines", action="store_true", help="skip bad records and list them (default: stop at the first)")
+    p.add_argument(
+        "--skip-bad-lines", action="store_true", help="skip bad records and list them (default: stop at the first)"
+    )
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="mark trained tokens in color")
     p.set_defaults(handler="gptoss_tune.cli.render:run")
 
@@ -172,12 +183,16 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("GPTOSS_TUNE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $GPTOSS_TUNE_API_KEY)")  # fmt: skip
-    p.add_argument("--max-concurrency", type=int, default=4, help="requests generating at once; more get 429 (default 4)")
+    p.add_argument(
+        "--max-concurrency", type=int, default=4, help="requests generating at once; more get 429 (default 4)"
+    )
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory name)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
     p.add_argument("--device", default=None, help="cuda or cpu (default cuda if available)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--print-vllm-command", action="store_true", help="print the `vllm serve` command for MODEL_DIR and exit")
+    p.add_argument(
+        "--print-vllm-command", action="store_true", help="print the `vllm serve` command for MODEL_DIR and exit"
+    )
     p.set_defaults(handler="gptoss_tune.serve.app:run_cli")
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import sys
 
+from gptoss_tune.data.packing import FitStats, fit
 from gptoss_tune.data.settings import DataSettings
 from gptoss_tune.data.sources import read_examples
 from gptoss_tune.errors import UserError
-from gptoss_tune.data.packing import FitStats, fit
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
 

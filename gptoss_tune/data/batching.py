@@ -23,7 +23,9 @@ from gptoss_tune.model.config import PAD_ID
 IGNORE = -100
 
 
-def collate(rows: list[dict], packing: bool, pad_id: int = PAD_ID, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    rows: list[dict], packing: bool, pad_id: int = PAD_ID, pad_to: int | None = None
+) -> dict[str, torch.Tensor]:
     length = max(len(r["input_ids"]) for r in rows)
     if pad_to is not None:
         length = max(length, pad_to)

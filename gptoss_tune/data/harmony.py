@@ -96,7 +96,11 @@ def to_harmony_conversation(
     message starts with `where` and names the field.
     """
     hms = convert_messages(
-        messages, tools=tools, reasoning_effort=reasoning_effort, where=where, keep_analysis_from=last_turn_start(messages)
+        messages,
+        tools=tools,
+        reasoning_effort=reasoning_effort,
+        where=where,
+        keep_analysis_from=last_turn_start(messages),
     )
     return Conversation.from_messages([h.message for h in hms])
 
@@ -150,7 +154,11 @@ def convert_messages(
     # Instructions: the system/developer messages before the first user/assistant message.
     n_head = 0
     instructions = []
-    while n_head < len(messages) and isinstance(messages[n_head], dict) and messages[n_head].get("role") in ("system", "developer"):
+    while (
+        n_head < len(messages)
+        and isinstance(messages[n_head], dict)
+        and messages[n_head].get("role") in ("system", "developer")
+    ):
         instructions.append(_text(messages[n_head], f"{where}{names[n_head]}.content", required=True))
         n_head += 1
     if instructions or functions:
@@ -174,9 +182,15 @@ def convert_messages(
         if role in ("system", "developer"):
             # Later instructions stay where they are, as a developer message.
             text = _text(m, f"{at}.content", required=True)
-            out.append(HarmonyMessage(Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(text)), i))
+            out.append(
+                HarmonyMessage(
+                    Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(text)), i
+                )
+            )
         elif role == "user":
-            out.append(HarmonyMessage(Message.from_role_and_content(Role.USER, _text(m, f"{at}.content", required=True)), i))
+            out.append(
+                HarmonyMessage(Message.from_role_and_content(Role.USER, _text(m, f"{at}.content", required=True)), i)
+            )
         elif role == "assistant":
             out.extend(HarmonyMessage(msg, i) for msg in _assistant(m, at, calls, called))
         else:
@@ -353,7 +367,9 @@ def _parts_text(content: Any, field: str, *, allow_json: bool) -> str:
             return "".join(texts)
     if allow_json and isinstance(content, (dict, list, int, float, bool)):
         return json.dumps(content, ensure_ascii=False, separators=(",", ":"))
-    raise UserError(f"{field}: expected a string or a list of text parts ({{'type': 'text', 'text': ...}}), got {_kind(content)}")
+    raise UserError(
+        f"{field}: expected a string or a list of text parts ({{'type': 'text', 'text': ...}}), got {_kind(content)}"
+    )
 
 
 def _drop_history_analysis(hms: list[HarmonyMessage], keep_from: int) -> list[HarmonyMessage]:
@@ -377,4 +393,6 @@ def _drop_history_analysis(hms: list[HarmonyMessage], keep_from: int) -> list[Ha
 
 
 def _kind(x: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(type(x), type(x).__name__)
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(
+        type(x), type(x).__name__
+    )

@@ -30,12 +30,16 @@ class FitStats:
         return self.dropped_overlong + self.dropped_no_target
 
 
-def fit(ids: list[int], mask: list[int], max_seq_len: int, overlong: str, stats: FitStats, where: str = "") -> tuple[list[int], list[int]] | None:
+def fit(
+    ids: list[int], mask: list[int], max_seq_len: int, overlong: str, stats: FitStats, where: str = ""
+) -> tuple[list[int], list[int]] | None:
     """The example as it will be trained, or None when it is left out (counted in stats)."""
     if len(ids) > max_seq_len:
         if overlong == "drop":
             stats.dropped_overlong += 1
-            stats.dropped_where.append(f"{where}{len(ids)} tokens, longer than max_seq_len {max_seq_len} (overlong: drop)")
+            stats.dropped_where.append(
+                f"{where}{len(ids)} tokens, longer than max_seq_len {max_seq_len} (overlong: drop)"
+            )
             return None
         ids, mask = ids[:max_seq_len], mask[:max_seq_len]
         if not any(mask):

@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptoss_tune.data.packing import FitStats, fit, pack
+from gptoss_tune.data.rendering import RenderedExample, render_example  # noqa: F401  (one example, unpacked: `render --json`)
 from gptoss_tune.data.settings import DataSettings
 from gptoss_tune.data.sources import Example, SourceExamples, read_examples
 from gptoss_tune.errors import UserError
-from gptoss_tune.data.packing import FitStats, fit, pack
-from gptoss_tune.data.rendering import RenderedExample, render_example  # noqa: F401  (one example, unpacked: `render --json`)
 
 MAX_LISTED = 20  # reasons listed per split in the report; the counts are always complete
 
@@ -39,11 +39,16 @@ def resolve_path(value: str, base_dir: Path | None, key: str) -> Path:
     if not p.is_absolute() and base_dir is not None:
         p = Path(base_dir) / p
     if not p.exists():
-        raise UserError(f"data.{key}: {p} does not exist" + (f" (relative paths are taken from {base_dir})" if base_dir and not Path(value).is_absolute() else ""))
+        raise UserError(
+            f"data.{key}: {p} does not exist"
+            + (f" (relative paths are taken from {base_dir})" if base_dir and not Path(value).is_absolute() else "")
+        )
     return p
 
 
-def load_data(settings: DataSettings, *, seed: int, base_dir: Path | None = None, cache_dir: Path | None = None) -> DataBundle:
+def load_data(
+    settings: DataSettings, *, seed: int, base_dir: Path | None = None, cache_dir: Path | None = None
+) -> DataBundle:
     """Read, render, split, fit and pack the data of a recipe. Raises UserError on bad input."""
     t0 = time.perf_counter()
     from gptoss_tune.data.harmony import parse_tools
@@ -75,7 +80,9 @@ def load_data(settings: DataSettings, *, seed: int, base_dir: Path | None = None
     else:
         report["validation"] = None
     if not train_rows:
-        raise UserError(f"{train_src.path}: no training example is left after applying max_seq_len {settings.max_seq_len} (overlong: {settings.overlong})")
+        raise UserError(
+            f"{train_src.path}: no training example is left after applying max_seq_len {settings.max_seq_len} (overlong: {settings.overlong})"
+        )
     report.update(
         validation_from=val_from,
         max_seq_len=settings.max_seq_len,
@@ -90,7 +97,9 @@ def hold_out(examples: list[Example], fraction: float, seed: int, path: Path) ->
     """Split off `fraction` of the examples (at least one), chosen by the seed; order kept in both."""
     n_val = max(1, math.floor(fraction * len(examples) + 0.5))
     if n_val >= len(examples):
-        raise UserError(f"{path}: {len(examples)} examples are too few to hold out val_fraction {fraction:g} and keep any for training")
+        raise UserError(
+            f"{path}: {len(examples)} examples are too few to hold out val_fraction {fraction:g} and keep any for training"
+        )
     val_idx = set(random.Random(seed).sample(range(len(examples)), n_val))
     return [e for i, e in enumerate(examples) if i not in val_idx], [e for i, e in enumerate(examples) if i in val_idx]
 
@@ -142,7 +151,10 @@ def format_report(report: dict, listed: int = MAX_LISTED) -> str:
             f"({r['dropped_overlong']} overlong, {r['dropped_no_target']} no trained token left); "
             f"{r['rows']} rows of at most {report['max_seq_len']} tokens, {100 * r['fill']:.1f}% full"
         )
-        for kind, count, reasons in (("skipped", r["skipped"], r["skipped_reasons"]), ("dropped", r["dropped"], r["dropped_reasons"])):
+        for kind, count, reasons in (
+            ("skipped", r["skipped"], r["skipped_reasons"]),
+            ("dropped", r["dropped"], r["dropped_reasons"]),
+        ):
             lines += [f"  {kind} {why}" for why in reasons[:listed]]
             if count > min(len(reasons), listed):
                 lines.append(f"  ... and {count - min(len(reasons), listed)} more {kind}")

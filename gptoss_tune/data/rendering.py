@@ -35,9 +35,9 @@ from typing import Any, Literal
 
 from openai_harmony import Conversation, HarmonyError, RenderConversationConfig
 
-from gptoss_tune.errors import UserError
 from gptoss_tune.data.harmony import ROLES, HarmonyMessage, _kind, convert_messages, last_turn_start
 from gptoss_tune.data.tokenizer import harmony_encoding
+from gptoss_tune.errors import UserError
 
 START, END, MESSAGE, RETURN, CALL = 200006, 200007, 200008, 200002, 200012
 ASSISTANT = 173781  # "assistant" after <|start|>: one token in o200k_harmony
@@ -64,7 +64,9 @@ class ParsedExample:
     prompt_completion: bool
 
 
-def parse_example(example: Any, *, reasoning_effort: str | None = None, tools: list | None = None, where: str = "") -> ParsedExample:
+def parse_example(
+    example: Any, *, reasoning_effort: str | None = None, tools: list | None = None, where: str = ""
+) -> ParsedExample:
     """Recognise the format of one example and return its messages and where its target starts."""
     if not isinstance(example, dict):
         raise UserError(f"{where}expected a JSON object with messages, or prompt and completion; got {_kind(example)}")
@@ -81,13 +83,20 @@ def parse_example(example: Any, *, reasoning_effort: str | None = None, tools: l
         if not isinstance(last, dict) or last.get("role") != "assistant":
             role = last.get("role") if isinstance(last, dict) else None
             if isinstance(last, dict) and role not in ROLES:
-                raise UserError(f"{where}messages[{len(messages) - 1}].role: unknown role {role!r}; expected one of {', '.join(ROLES)}")
+                raise UserError(
+                    f"{where}messages[{len(messages) - 1}].role: unknown role {role!r}; expected one of {', '.join(ROLES)}"
+                )
             raise UserError(
                 f"{where}messages[{len(messages) - 1}]: the last message is {_what(role)}; "
                 f"a training example must end with an assistant message (its target)"
             )
         return ParsedExample(
-            messages, [f"messages[{i}]" for i in range(len(messages))], ex_tools, effort, last_turn_start(messages), False
+            messages,
+            [f"messages[{i}]" for i in range(len(messages))],
+            ex_tools,
+            effort,
+            last_turn_start(messages),
+            False,
         )
     if has_pc:
         for key in ("prompt", "completion"):
@@ -97,13 +106,21 @@ def parse_example(example: Any, *, reasoning_effort: str | None = None, tools: l
         completion = _side(example["completion"], "assistant", "completion", where)
         first, last = completion[0], completion[-1]
         if not isinstance(first, dict) or first.get("role") != "assistant":
-            raise UserError(f"{where}completion[0]: a completion must start with an assistant message, not {_what(_role(first))}")
+            raise UserError(
+                f"{where}completion[0]: a completion must start with an assistant message, not {_what(_role(first))}"
+            )
         if not isinstance(last, dict) or last.get("role") != "assistant":
-            raise UserError(f"{where}completion[{len(completion) - 1}]: a completion must end with an assistant message, not {_what(_role(last))}")
-        names = _names(example["prompt"], "prompt", len(prompt)) + _names(example["completion"], "completion", len(completion))
+            raise UserError(
+                f"{where}completion[{len(completion) - 1}]: a completion must end with an assistant message, not {_what(_role(last))}"
+            )
+        names = _names(example["prompt"], "prompt", len(prompt)) + _names(
+            example["completion"], "completion", len(completion)
+        )
         return ParsedExample(prompt + completion, names, ex_tools, effort, len(prompt), True)
     keys = ", ".join(sorted(map(str, example))) or "none"
-    raise UserError(f'{where}expected {{"messages": [...]}} or {{"prompt": ..., "completion": ...}}; the keys are {keys}')
+    raise UserError(
+        f'{where}expected {{"messages": [...]}} or {{"prompt": ..., "completion": ...}}; the keys are {keys}'
+    )
 
 
 def render_example(
@@ -117,7 +134,12 @@ def render_example(
     """Render one example (any accepted format) to token ids and its loss mask, unpacked and untruncated."""
     p = parse_example(example, reasoning_effort=reasoning_effort, tools=tools, where=where)
     hms = convert_messages(
-        p.messages, tools=p.tools, reasoning_effort=p.reasoning_effort, where=where, keep_analysis_from=p.trained_from, names=p.names
+        p.messages,
+        tools=p.tools,
+        reasoning_effort=p.reasoning_effort,
+        where=where,
+        keep_analysis_from=p.trained_from,
+        names=p.names,
     )
     trained_from = 0 if (train_on == "all" and not p.prompt_completion) else p.trained_from
     return render_with_mask(hms, trained_from=trained_from, where=where)
@@ -144,9 +166,11 @@ def render_with_mask(hms: list[HarmonyMessage], *, trained_from: int, where: str
             continue
         s, e = bounds[k], bounds[k + 1]
         if ids[s + 1] != ASSISTANT:
-            raise RuntimeError(f"{where}an assistant message renders as {ids[s:s + 3]}; expected <|start|>assistant")
+            raise RuntimeError(f"{where}an assistant message renders as {ids[s : s + 3]}; expected <|start|>assistant")
         prev = hms[k - 1]
-        model_continues = prev.is_assistant and (prev.channel == "analysis" or (prev.channel == "commentary" and not prev.is_tool_call))
+        model_continues = prev.is_assistant and (
+            prev.channel == "analysis" or (prev.channel == "commentary" and not prev.is_tool_call)
+        )
         first = s if model_continues else s + 2  # <|start|>assistant: the model's own only after its own <|end|>
         if h.after_dropped_analysis:
             first = ids.index(MESSAGE, s, e) + 1  # the header shown is not what the model wrote there

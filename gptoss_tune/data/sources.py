@@ -77,7 +77,9 @@ def read_examples(
             batched=True,
             with_indices=True,
             remove_columns=ds.column_names,
-            fn_kwargs=dict(kind=kind, display=str(path), reasoning_effort=reasoning_effort, tools=tools, train_on=train_on),
+            fn_kwargs=dict(
+                kind=kind, display=str(path), reasoning_effort=reasoning_effort, tools=tools, train_on=train_on
+            ),
             new_fingerprint=key,
             num_proc=min(8, os.cpu_count() or 1) if big and (os.cpu_count() or 1) > 1 else None,
             desc=f"rendering {path.name}",
@@ -89,7 +91,9 @@ def read_examples(
     out = SourceExamples(path)
     cols = rendered.to_dict()
     errors = []
-    for status, where, ids, mask, err in zip(cols["status"], cols["where"], cols["input_ids"], cols["loss_mask"], cols["error"]):
+    for status, where, ids, mask, err in zip(
+        cols["status"], cols["where"], cols["input_ids"], cols["loss_mask"], cols["error"]
+    ):
         if status == "blank":
             continue
         out.records += 1
@@ -127,13 +131,17 @@ def load_source(path: Path, *, role: str = "train", cache_dir: Path | None = Non
         if suffix == ".json" and _first_char(path) == "[":
             return datasets.load_dataset("json", data_files=files, split="train", cache_dir=cache), "records"
         if suffix in JSONL_SUFFIXES + (".json",):
-            return datasets.load_dataset("text", data_files=files, split="train", cache_dir=cache, encoding="utf-8-sig"), "lines"
+            return datasets.load_dataset(
+                "text", data_files=files, split="train", cache_dir=cache, encoding="utf-8-sig"
+            ), "lines"
     except UserError:
         raise
     except Exception as e:  # datasets/pyarrow errors: report them as what they are, without a traceback
         cause = e.__cause__ or e
         raise UserError(f"{path}: could not be read as a dataset: {type(cause).__name__}: {_one_line(cause)}") from None
-    raise UserError(f"{path}: unknown data format {path.suffix!r}; use .jsonl, .json, .parquet or a saved Hugging Face dataset directory")
+    raise UserError(
+        f"{path}: unknown data format {path.suffix!r}; use .jsonl, .json, .parquet or a saved Hugging Face dataset directory"
+    )
 
 
 def _load_saved(path: Path, role: str):
@@ -148,7 +156,9 @@ def _load_saved(path: Path, role: str):
             return d[role]
         if len(d) == 1:
             return next(iter(d.values()))
-        raise UserError(f"{path}: a dataset with splits {', '.join(d)}; none is named {role!r}: point to one split's directory")
+        raise UserError(
+            f"{path}: a dataset with splits {', '.join(d)}; none is named {role!r}: point to one split's directory"
+        )
     return d
 
 
@@ -174,7 +184,9 @@ def _render_batch(batch: dict, indices: list[int], *, kind, display, reasoning_e
             example = _strip_nulls({c: batch[c][j] for c in columns})
         if status == "ok":
             try:
-                r = render_example(example, reasoning_effort=reasoning_effort, tools=tools, train_on=train_on, where=where)
+                r = render_example(
+                    example, reasoning_effort=reasoning_effort, tools=tools, train_on=train_on, where=where
+                )
                 ids, mask = r.input_ids, r.loss_mask
             except UserError as e:
                 status, err = "error", str(e)
@@ -205,7 +217,21 @@ def _render_key(ds, kind: str, reasoning_effort, tools, train_on) -> str:
     here = Path(__file__).parent
     for name in _CODE_FILES:
         h.update((here / name).read_bytes())
-    h.update(json.dumps([ds._fingerprint, kind, reasoning_effort, tools, train_on, getattr(openai_harmony, "__version__", ""), tokenizer.O200K_SHA256], sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            [
+                ds._fingerprint,
+                kind,
+                reasoning_effort,
+                tools,
+                train_on,
+                getattr(openai_harmony, "__version__", ""),
+                tokenizer.O200K_SHA256,
+            ],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     return h.hexdigest()[:32]
 
 

@@ -53,7 +53,9 @@ def quicktok_vocab_path() -> Path:
     try:
         import quicktok
     except ImportError:
-        raise UserError("the package quicktok-v1 is not installed; `pip install quicktok-v1` (it ships the o200k vocabulary)") from None
+        raise UserError(
+            "the package quicktok-v1 is not installed; `pip install quicktok-v1` (it ships the o200k vocabulary)"
+        ) from None
     return Path(quicktok.__file__).parent / "data" / "o200k.vocab"
 
 

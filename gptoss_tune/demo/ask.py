@@ -33,10 +33,12 @@ def export_serve_and_ask(
     except ImportError:
         from gptoss_tune.errors import UserError
 
-        raise UserError("the demo asks through the `openai` client: pip install openai (it is in the [dev] extra)") from None
+        raise UserError(
+            "the demo asks through the `openai` client: pip install openai (it is in the [dev] extra)"
+        ) from None
     from gptoss_tune.export.exporter import export_run
-    from gptoss_tune.serve.generate import ModelTokenSource
     from gptoss_tune.serve.app import ChatServer, load_for_serving, start_in_thread
+    from gptoss_tune.serve.generate import ModelTokenSource
 
     t0 = time.time()
     export_run(run_dir, fmt, out_dir, checkpoint=checkpoint, force=True, progress=progress)
@@ -47,7 +49,9 @@ def export_serve_and_ask(
         progress(f"serving {name} on {next(model.parameters()).device} at {running.base_url}")
         client = openai.OpenAI(base_url=running.base_url, api_key="demo", max_retries=0, timeout=120)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-        reply = client.chat.completions.create(model=name, messages=messages, max_tokens=max_tokens, seed=seed, temperature=0)
+        reply = client.chat.completions.create(
+            model=name, messages=messages, max_tokens=max_tokens, seed=seed, temperature=0
+        )
     finally:
         running.stop()
     choice = reply.choices[0]

@@ -67,9 +67,14 @@ def train_model(ctx: dict) -> str:
     from gptoss_tune.train.trainer import train
 
     recipe_path = _repo_file(RECIPE)
-    print(f"      training {recipe_path} (LoRA on the sample support conversations; evaluation and early stopping)", flush=True)
+    print(
+        f"      training {recipe_path} (LoRA on the sample support conversations; evaluation and early stopping)",
+        flush=True,
+    )
     run = (DEMO_DIR / "train").resolve()
-    recipe = load_recipe(recipe_path, [f"model.path={ctx['model']}", f"output_dir={run}", "resume=never", "overwrite=true"])
+    recipe = load_recipe(
+        recipe_path, [f"model.path={ctx['model']}", f"output_dir={run}", "resume=never", "overwrite=true"]
+    )
     result = train(recipe)
     ctx["run"], ctx["result"] = run, result
     evals = result.evals

@@ -21,6 +21,7 @@ def run_dir_of(ckpt: Path) -> Path | None:
             return cand
     return None
 
+
 def _read_metrics(run: Path | None) -> dict:
     out: dict = {}
     if run is None:
@@ -46,6 +47,7 @@ def _read_metrics(run: Path | None) -> dict:
             pass
     return out
 
+
 def model_card(fmt: str, src: AdapterSource, report: dict, out_name: str) -> str:
     run = run_dir_of(src.ckpt)
     lib = "peft" if fmt == "adapter" else "transformers"
@@ -66,13 +68,17 @@ def model_card(fmt: str, src: AdapterSource, report: dict, out_name: str) -> str
         "|---|---|",
         f"| checkpoint | `{src.ckpt}` |",
         f"| LoRA | rank {s.rank}, alpha {s.alpha:g}, attention {s.attention or 'none'}, experts {s.experts or 'none'}"
-        + (", router trained" if src.router_trained else "") + " |",
+        + (", router trained" if src.router_trained else "")
+        + " |",
         f"| exported | {time.strftime('%Y-%m-%d %H:%M:%S')} |",
     ]
     metrics = _read_metrics(run)
     if metrics:
         lines += ["", "## Final metrics", "", "| metric | step | value |", "|---|---|---|"]
-        lines += [f"| {k} | {st} | {v:.4f} |" if isinstance(v, (int, float)) else f"| {k} | {st} | {v} |" for k, (st, v) in metrics.items()]
+        lines += [
+            f"| {k} | {st} | {v:.4f} |" if isinstance(v, (int, float)) else f"| {k} | {st} | {v} |"
+            for k, (st, v) in metrics.items()
+        ]
     if run is not None and (run / rd.DATA_REPORT).is_file():
         try:
             data = json.loads((run / rd.DATA_REPORT).read_text())
@@ -82,7 +88,14 @@ def model_card(fmt: str, src: AdapterSource, report: dict, out_name: str) -> str
     if run is not None and (run / rd.RECIPE).is_file():
         lines += ["", "## Recipe", "", "```yaml", (run / rd.RECIPE).read_text().rstrip(), "```"]
     if fmt == "merged-mxfp4" and "requantization" in report:
-        lines += ["", "## MXFP4 re-quantisation", "", "```json", json.dumps({k: report[k] for k in ("requantization", "drift") if k in report}, indent=2), "```"]
+        lines += [
+            "",
+            "## MXFP4 re-quantisation",
+            "",
+            "```json",
+            json.dumps({k: report[k] for k in ("requantization", "drift") if k in report}, indent=2),
+            "```",
+        ]
     lines += ["", "## Use", ""]
     if fmt == "adapter":
         lines += [
@@ -105,5 +118,8 @@ def model_card(fmt: str, src: AdapterSource, report: dict, out_name: str) -> str
             "",
             f"Serve: `gptoss-tune serve {out_name}` or `vllm serve {out_name} --tool-call-parser openai --enable-auto-tool-choice`.",
         ]
-    lines += ["", "Prompts use the harmony format (render them with openai-harmony; the chat template covers plain chat)."]
+    lines += [
+        "",
+        "Prompts use the harmony format (render them with openai-harmony; the chat template covers plain chat).",
+    ]
     return "\n".join(lines) + "\n"

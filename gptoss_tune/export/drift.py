@@ -21,6 +21,7 @@ DRIFT_PROMPTS = (
     "List three prime numbers.",
 )
 
+
 def drift_prompt_ids(prompts=DRIFT_PROMPTS) -> list[list[int]]:
     from openai_harmony import Conversation, Message, Role, SystemContent
 
@@ -30,10 +31,14 @@ def drift_prompt_ids(prompts=DRIFT_PROMPTS) -> list[list[int]]:
     out = []
     for p in prompts:
         conv = Conversation.from_messages(
-            [Message.from_role_and_content(Role.SYSTEM, SystemContent.new()), Message.from_role_and_content(Role.USER, p)]
+            [
+                Message.from_role_and_content(Role.SYSTEM, SystemContent.new()),
+                Message.from_role_and_content(Role.USER, p),
+            ]
         )
         out.append(list(enc.render_conversation_for_completion(conv, Role.ASSISTANT)))
     return out
+
 
 def _compare(ref: list[torch.Tensor], other: list[torch.Tensor]) -> dict:
     max_abs, kl_sum, agree, n = 0.0, 0.0, 0, 0
@@ -44,6 +49,7 @@ def _compare(ref: list[torch.Tensor], other: list[torch.Tensor]) -> dict:
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         n += a.shape[0]
     return {"max_abs_logit_diff": max_abs, "mean_kl": kl_sum / n, "top1_agreement": agree / n, "positions": n}
+
 
 @torch.no_grad()
 def logit_drift(src: AdapterSource, export_dir: Path, device: str | None = None, prompts=DRIFT_PROMPTS) -> dict:

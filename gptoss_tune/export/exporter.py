@@ -35,15 +35,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from gptoss_kernels.mxfp4 import dequantize, quantize
 from gptoss_tune import runs as rd
-from gptoss_tune.model.adapter import CONFIG_FILE as OUR_CONFIG, WEIGHTS_FILE as OUR_WEIGHTS, read_adapter_config
-from gptoss_tune.model.checkpoint import index_checkpoint, read_config, resolve_model_dir
 from gptoss_tune.errors import UserError
 from gptoss_tune.export.card import model_card, run_dir_of  # noqa: F401  (public from here too)
 from gptoss_tune.export.drift import DRIFT_PROMPTS, drift_prompt_ids, logit_drift  # noqa: F401  (public from here too)
-from gptoss_tune.model.lora import EXPERT_PROJECTIONS, LoraSettings
+from gptoss_tune.model.adapter import CONFIG_FILE as OUR_CONFIG
+from gptoss_tune.model.adapter import WEIGHTS_FILE as OUR_WEIGHTS
+from gptoss_tune.model.adapter import read_adapter_config
+from gptoss_tune.model.checkpoint import index_checkpoint, read_config, resolve_model_dir
 from gptoss_tune.model.config import GENERATION_CONFIG, QUANTIZATION_CONFIG
-from gptoss_kernels.mxfp4 import dequantize, quantize
+from gptoss_tune.model.lora import EXPERT_PROJECTIONS, LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +317,10 @@ def write_adapter(src: AdapterSource, out_dir: Path) -> dict:
     state = to_peft_state_dict(src.state, src.settings)
     save_file(state, out_dir / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
     if src.settings.dropout:
-        log.info("lora_dropout %.3g written as 0 (dropout is training-only; PEFT refuses it on expert LoRA)", src.settings.dropout)
+        log.info(
+            "lora_dropout %.3g written as 0 (dropout is training-only; PEFT refuses it on expert LoRA)",
+            src.settings.dropout,
+        )
     return {"tensors": len(state), "bytes": sum(t.numel() * t.element_size() for t in state.values())}
 
 
@@ -377,7 +382,9 @@ def export_run(
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in _WRITE_ERRNOS:  # the machine's problem, not a bug: say what and where, without a traceback
-            raise UserError(f"writing the export to {out} failed: {e.strerror} ({e.filename or tmp}); nothing was written") from None
+            raise UserError(
+                f"writing the export to {out} failed: {e.strerror} ({e.filename or tmp}); nothing was written"
+            ) from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -94,7 +94,9 @@ def _converted_tokenizer_json() -> Path:
     ids = sorted(names)
     if ids != list(range(ids[0], ids[0] + len(ids))) or ids[0] != len(enc._mergeable_ranks):
         raise RuntimeError("o200k_harmony special token ids are not contiguous after the ranks; cannot convert")
-    tok = TikTokenConverter(vocab_file=str(ensure_vocab()), pattern=enc._pat_str, extra_special_tokens=[names[i] for i in ids]).converted()
+    tok = TikTokenConverter(
+        vocab_file=str(ensure_vocab()), pattern=enc._pat_str, extra_special_tokens=[names[i] for i in ids]
+    ).converted()
     for i in (ids[0], ids[-1]):
         if tok.token_to_id(names[i]) != i:
             raise RuntimeError(f"converted tokenizer put {names[i]} at {tok.token_to_id(names[i])}, not {i}")
@@ -127,7 +129,14 @@ def write_tokenizer_files(out_dir: str | Path, model_max_length: int = 131072) -
     names = special_token_names()
     special = {"bos_token": names[BOS_ID], "eos_token": names[EOS_ID], "pad_token": names[PAD_ID]}
     added = {
-        str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        str(i): {
+            "content": s,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for i, s in sorted(names.items())
     }
     config = {

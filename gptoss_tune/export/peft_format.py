@@ -35,7 +35,9 @@ _ATTN = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(\w+)\.lora_([AB])\.defau
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)_lora_([AB])$")
 _ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.router\.(weight|bias)$")
 _PEFT_ATTN = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.self_attn\.(\w+)\.lora_([AB])\.weight$")
-_PEFT_EXPERT = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.mlp\.experts\.(base_layer\.)?lora_([AB])\.weight$")
+_PEFT_EXPERT = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.mlp\.experts\.(base_layer\.)?lora_([AB])\.weight$"
+)
 _PEFT_ROUTER = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.mlp\.router\.(weight|bias)$")
 
 
@@ -77,15 +79,21 @@ def to_peft_state_dict(state: dict[str, torch.Tensor], settings: LoraSettings) -
         elif m := _EXPERT.match(name):
             layer, proj, ab = m.groups()
             slot = expert_slot(proj, settings.experts)
-            out[f"{PREFIX}model.layers.{layer}.mlp.{slot}.lora_{ab}.weight"] = expert_a_to_peft(t) if ab == "A" else expert_b_to_peft(t)
+            out[f"{PREFIX}model.layers.{layer}.mlp.{slot}.lora_{ab}.weight"] = (
+                expert_a_to_peft(t) if ab == "A" else expert_b_to_peft(t)
+            )
         elif m := _ROUTER.match(name):
             out[f"{PREFIX}{name}"] = t.contiguous()
         else:
-            raise UserError(f"adapter tensor '{name}' has no PEFT equivalent; this adapter was not written by gptoss_tune")
+            raise UserError(
+                f"adapter tensor '{name}' has no PEFT equivalent; this adapter was not written by gptoss_tune"
+            )
     return out
 
 
-def from_peft_state_dict(state: dict[str, torch.Tensor], settings: LoraSettings, num_experts: int) -> dict[str, torch.Tensor]:
+def from_peft_state_dict(
+    state: dict[str, torch.Tensor], settings: LoraSettings, num_experts: int
+) -> dict[str, torch.Tensor]:
     """PEFT adapter tensors -> our names and layouts (inverse of `to_peft_state_dict`)."""
     targets = [p for p in EXPERT_PROJECTIONS if p in settings.experts]
     out: dict[str, torch.Tensor] = {}
@@ -96,14 +104,18 @@ def from_peft_state_dict(state: dict[str, torch.Tensor], settings: LoraSettings,
         elif m := _PEFT_EXPERT.match(name):
             layer, nested, ab = m.groups()
             if not targets:
-                raise UserError(f"adapter tensor '{name}' is an expert LoRA but adapter_config.json targets no expert parameters")
+                raise UserError(
+                    f"adapter tensor '{name}' is an expert LoRA but adapter_config.json targets no expert parameters"
+                )
             proj = targets[0] if (nested and len(targets) == 2) else targets[-1]
             conv = expert_a_from_peft if ab == "A" else expert_b_from_peft
             out[f"model.layers.{layer}.mlp.experts.{proj}_lora_{ab}"] = conv(t, num_experts)
         elif m := _PEFT_ROUTER.match(name):
-            out[name[len(PREFIX):]] = t
+            out[name[len(PREFIX) :]] = t
         else:
-            raise UserError(f"adapter tensor '{name}' is not one gptoss_tune can load (attention LoRA, expert LoRA or router)")
+            raise UserError(
+                f"adapter tensor '{name}' is not one gptoss_tune can load (attention LoRA, expert LoRA or router)"
+            )
     return out
 
 
@@ -155,10 +167,16 @@ def read_peft_settings(adapter_dir: str | Path) -> tuple[LoraSettings, dict]:
         unknown = [t for t in tm if not any(str(t).endswith(p) for p in ATTENTION_PROJECTIONS)]
         if unknown:
             raise UserError(f"{f}: target_modules {unknown} are not attention projections gptoss_tune can apply")
-    experts = [p for p in EXPERT_PROJECTIONS if any(str(t).endswith(f"experts.{p}") for t in cfg.get("target_parameters") or [])]
+    experts = [
+        p
+        for p in EXPERT_PROJECTIONS
+        if any(str(t).endswith(f"experts.{p}") for t in cfg.get("target_parameters") or [])
+    ]
     try:
         rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     except (KeyError, TypeError, ValueError):
-        raise UserError(f"{f}: needs a numeric 'r' and 'lora_alpha' (got {cfg.get('r')!r}, {cfg.get('lora_alpha')!r})") from None
+        raise UserError(
+            f"{f}: needs a numeric 'r' and 'lora_alpha' (got {cfg.get('r')!r}, {cfg.get('lora_alpha')!r})"
+        ) from None
     settings = LoraSettings(rank=rank, alpha=alpha, dropout=0.0, attention=attention, experts=experts)
     return settings.validate(), cfg

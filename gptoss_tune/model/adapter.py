@@ -23,10 +23,21 @@ from gptoss_tune.model.lora import LoraSettings, trainable_state_dict
 FORMAT = "gptoss_tune-adapter"
 CONFIG_FILE = "adapter.json"
 WEIGHTS_FILE = "adapter.safetensors"
-_CHECKED_CONFIG_KEYS = ("num_hidden_layers", "num_local_experts", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+_CHECKED_CONFIG_KEYS = (
+    "num_hidden_layers",
+    "num_local_experts",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
 
 
-def save_adapter(model, out_dir: str | Path, base_model: str | None = None, extra: dict | None = None, state: dict | None = None) -> Path:
+def save_adapter(
+    model, out_dir: str | Path, base_model: str | None = None, extra: dict | None = None, state: dict | None = None
+) -> Path:
     """Write adapter.json and adapter.safetensors into out_dir (the caller makes the directory write atomic).
 
     state: the trainable tensors by model name, when the caller gathered them (sharded training);
@@ -36,7 +47,10 @@ def save_adapter(model, out_dir: str | Path, base_model: str | None = None, extr
     settings: LoraSettings | None = getattr(model, "gptoss_tune_lora", None)
     if settings is None:
         raise ValueError("the model has no LoRA attached (load it with load_model(..., lora=...))")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in (trainable_state_dict(model) if state is None else state).items()}
+    state = {
+        k: v.detach().to("cpu").contiguous()
+        for k, v in (trainable_state_dict(model) if state is None else state).items()
+    }
     meta = {
         "format": FORMAT,
         "version": 1,
@@ -72,7 +86,9 @@ def load_adapter_weights(model, adapter_dir: str | Path) -> None:
     for k in _CHECKED_CONFIG_KEYS:
         want = meta.get("model_config", {}).get(k)
         if want is not None and getattr(model.config, k) != want:
-            raise UserError(f"{adapter_dir / CONFIG_FILE}: adapter was trained on {k}={want}, the model has {getattr(model.config, k)}")
+            raise UserError(
+                f"{adapter_dir / CONFIG_FILE}: adapter was trained on {k}={want}, the model has {getattr(model.config, k)}"
+            )
     state = load_file(adapter_dir / WEIGHTS_FILE)
     if meta.get("router_trained"):
         for n, p in model.named_parameters():
@@ -89,7 +105,9 @@ def load_adapter_weights(model, adapter_dir: str | Path) -> None:
     with torch.no_grad():
         for n, t in state.items():
             if params[n].shape != t.shape:
-                raise UserError(f"{adapter_dir / WEIGHTS_FILE}: '{n}' has shape {list(t.shape)}, the model expects {list(params[n].shape)}")
+                raise UserError(
+                    f"{adapter_dir / WEIGHTS_FILE}: '{n}' has shape {list(t.shape)}, the model expects {list(params[n].shape)}"
+                )
             params[n].copy_(t)
 
 

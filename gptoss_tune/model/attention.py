@@ -161,7 +161,9 @@ def apply_sinks(out_without_sink: torch.Tensor, lse: torch.Tensor, sinks: torch.
     return out_without_sink * factor.unsqueeze(-1).to(out_without_sink.dtype)
 
 
-def dense_attention_lse(query, key, value, mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, training: bool = False):
+def dense_attention_lse(
+    query, key, value, mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, training: bool = False
+):
     """(out_without_sink [B, H, Q, D], lse [B, H, Q] fp32) by dense math; mask: bool (True = visible) or additive float.
 
     Scores, softmax and lse in fp32 (fp64 for fp64 inputs). Masked scores get the most negative value
@@ -345,11 +347,17 @@ def sink_attention_forward(
 
     if route == "auto":
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        route = "flex" if query.device.type == "cuda" and q_len >= (FLEX_MIN_QUERY if grad else FLEX_MIN_PREFILL) else "eager"
+        route = (
+            "flex"
+            if query.device.type == "cuda" and q_len >= (FLEX_MIN_QUERY if grad else FLEX_MIN_PREFILL)
+            else "eager"
+        )
     if route == "flex" and dropout > 0.0 and training:
         raise ValueError("the flex attention route has no attention dropout; set attention_dropout to 0")
 
-    if isinstance(attention_mask, torch.Tensor) or (attention_mask is not None and not isinstance(attention_mask, SinkMask)):
+    if isinstance(attention_mask, torch.Tensor) or (
+        attention_mask is not None and not isinstance(attention_mask, SinkMask)
+    ):
         # A mask prepared by the caller: a dense tensor (eager route) or a BlockMask (flex route).
         if isinstance(attention_mask, torch.Tensor):
             mask = attention_mask[..., :kv_len]

@@ -46,7 +46,9 @@ def resolve_model_dir(path: str | Path) -> Path:
 def read_config(model_dir: Path) -> dict:
     f = model_dir / "config.json"
     if not f.is_file():
-        raise CheckpointError(f"{f}: missing; a gpt-oss checkpoint directory holds config.json next to its *.safetensors")
+        raise CheckpointError(
+            f"{f}: missing; a gpt-oss checkpoint directory holds config.json next to its *.safetensors"
+        )
     try:
         cfg = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -55,16 +57,29 @@ def read_config(model_dir: Path) -> dict:
         raise CheckpointError(f"{f}: expected a JSON object")
     mt = cfg.get("model_type")
     if mt != "gpt_oss":
-        raise CheckpointError(f"{f}: model_type is {mt!r}, not 'gpt_oss'; gptoss_tune loads gpt-oss-20b/120b checkpoints only")
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts", "num_attention_heads", "vocab_size"):
+        raise CheckpointError(
+            f"{f}: model_type is {mt!r}, not 'gpt_oss'; gptoss_tune loads gpt-oss-20b/120b checkpoints only"
+        )
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_local_experts",
+        "num_attention_heads",
+        "vocab_size",
+    ):
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
             raise CheckpointError(f"{f}: '{key}' must be a positive integer, got {cfg.get(key)!r}")
     pad = cfg.get("pad_token_id")
     if isinstance(pad, int) and not 0 <= pad < cfg["vocab_size"]:
-        raise CheckpointError(f"{f}: pad_token_id {pad} is not a token of the vocabulary (vocab_size {cfg['vocab_size']})")
+        raise CheckpointError(
+            f"{f}: pad_token_id {pad} is not a token of the vocabulary (vocab_size {cfg['vocab_size']})"
+        )
     qc = cfg.get("quantization_config")
     if qc is not None and (not isinstance(qc, dict) or qc.get("quant_method") != "mxfp4"):
-        raise CheckpointError(f"{f}: quantization_config.quant_method must be 'mxfp4' (or no quantization_config), got {qc!r}")
+        raise CheckpointError(
+            f"{f}: quantization_config.quant_method must be 'mxfp4' (or no quantization_config), got {qc!r}"
+        )
     return cfg
 
 
@@ -133,7 +148,9 @@ def index_checkpoint(model_dir: Path) -> CheckpointIndex:
         for name, fname in weight_map.items():
             info = idx.tensors.get(name)
             if info is None:
-                raise CheckpointError(f"{index_file}: tensor '{name}' is listed in {fname} but that file does not hold it")
+                raise CheckpointError(
+                    f"{index_file}: tensor '{name}' is listed in {fname} but that file does not hold it"
+                )
     return idx
 
 

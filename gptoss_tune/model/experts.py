@@ -28,15 +28,15 @@ import torch
 from torch import nn
 
 from gptoss_kernels.moe_reference import ExpertLoRA, ExpertWeights, moe_experts_reference
-
-from gptoss_tune.errors import UserError
 from gptoss_kernels.mxfp4 import dequantize, packed_shapes
+from gptoss_tune.errors import UserError
 
 EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
 class ExpertsBackendError(UserError, ValueError):
     """A backend choice that cannot run here: a user's setting (one line from the CLI), and a bad value."""
+
 
 BACKENDS = ("auto", "reference", "triton")
 BACKEND_ENV = "GPTOSS_TUNE_EXPERTS_BACKEND"
@@ -126,7 +126,7 @@ class MXFP4Experts(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------
     def resolved_backend(self, device: torch.device) -> str:
-        """"reference" or "triton" for tensors on `device`; a UserError when the choice cannot run there."""
+        """ "reference" or "triton" for tensors on `device`; a UserError when the choice cannot run there."""
         env = os.environ.get(BACKEND_ENV)
         choice = env or self.backend
         where = f"{BACKEND_ENV}={choice!r}" if env else f"experts backend {choice!r}"
@@ -143,11 +143,15 @@ class MXFP4Experts(nn.Module):
         if choice == "triton":
             ops = _triton_ops()
             if ops is None:
-                raise ExpertsBackendError(f"{where}: Triton or gptoss_kernels' Triton ops are not importable here "
-                                f"(pip install -e '.[kernels]' on a CUDA machine); use reference or auto")
+                raise ExpertsBackendError(
+                    f"{where}: Triton or gptoss_kernels' Triton ops are not importable here "
+                    f"(pip install -e '.[kernels]' on a CUDA machine); use reference or auto"
+                )
             if device.type != "cuda" and not getattr(ops, "INTERPRET", False):
-                raise ExpertsBackendError(f"{where}: the Triton kernels run on CUDA tensors and the model is on {device} "
-                                f"(TRITON_INTERPRET=1 runs them interpreted, for tests); use reference or auto")
+                raise ExpertsBackendError(
+                    f"{where}: the Triton kernels run on CUDA tensors and the model is on {device} "
+                    f"(TRITON_INTERPRET=1 runs them interpreted, for tests); use reference or auto"
+                )
         return choice
 
     def forward(self, hidden_states: torch.Tensor, router_indices=None, routing_weights=None) -> torch.Tensor:
@@ -160,8 +164,10 @@ class MXFP4Experts(nn.Module):
                 raise
             except Exception as e:  # a Triton compile or launch failure: say how to go on without the kernels
                 if hasattr(e, "add_note"):  # Python >= 3.11
-                    e.add_note(f"gptoss_tune: this came from the fused Triton expert kernels; {BACKEND_ENV}=reference "
-                               f"runs the experts in plain torch instead (slower, same results)")
+                    e.add_note(
+                        f"gptoss_tune: this came from the fused Triton expert kernels; {BACKEND_ENV}=reference "
+                        f"runs the experts in plain torch instead (slower, same results)"
+                    )
                 raise
         return moe_experts_reference(*args, limit=self.limit, alpha=self.alpha)
 
@@ -192,14 +198,20 @@ def _triton_ops():
 
 
 def _warn_reference_on_cuda(ops) -> None:
-    """"auto" on CUDA without usable kernels runs the reference: correct, but several times slower and
+    """ "auto" on CUDA without usable kernels runs the reference: correct, but several times slower and
     with a dense bf16 copy of one expert at a time, so say so once rather than silently."""
     global _WARNED_REFERENCE_ON_CUDA
     if _WARNED_REFERENCE_ON_CUDA:
         return
     _WARNED_REFERENCE_ON_CUDA = True
-    why = ("Triton is running interpreted (TRITON_INTERPRET=1 was set when it was imported)" if ops is not None
-           else f"the kernels do not import ({_TRITON_IMPORT_ERROR or 'Triton missing'}; pip install -e '.[kernels]')")
-    warnings.warn(f"gptoss_tune: the fused Triton expert kernels are not used on CUDA: {why}. The experts run the "
-                  f"plain torch reference (much slower); set {BACKEND_ENV}=reference to choose it explicitly.",
-                  RuntimeWarning, stacklevel=3)
+    why = (
+        "Triton is running interpreted (TRITON_INTERPRET=1 was set when it was imported)"
+        if ops is not None
+        else f"the kernels do not import ({_TRITON_IMPORT_ERROR or 'Triton missing'}; pip install -e '.[kernels]')"
+    )
+    warnings.warn(
+        f"gptoss_tune: the fused Triton expert kernels are not used on CUDA: {why}. The experts run the "
+        f"plain torch reference (much slower); set {BACKEND_ENV}=reference to choose it explicitly.",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gptoss_tune.model.attention import ROUTES, default_attn_implementation, register_attention
-from gptoss_tune.model.checkpoint import CheckpointIndex, index_checkpoint, read_config, resolve_model_dir
+from gptoss_kernels.mxfp4 import quantize_experts_io
 from gptoss_tune.devices import resolve_device
 from gptoss_tune.errors import CheckpointError, UserError
+from gptoss_tune.model.attention import ROUTES, default_attn_implementation, register_attention
+from gptoss_tune.model.checkpoint import CheckpointIndex, index_checkpoint, read_config, resolve_model_dir
 from gptoss_tune.model.experts import MXFP4Experts
 from gptoss_tune.model.lora import LoraSettings, attach_lora
-from gptoss_kernels.mxfp4 import quantize_experts_io
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def load_state(model, idx: CheckpointIndex, device: torch.device) -> None:
     expected = _expected_tensors(model)
     plan: dict[str, str] = {}  # model tensor -> checkpoint tensor
     dense_experts: dict[str, str] = {}  # blocks name -> dense checkpoint name
-    for name, (shape, dtype) in expected.items():
+    for name in expected:
         if name in idx.tensors:
             plan[name] = name
             continue
@@ -105,7 +105,11 @@ def load_state(model, idx: CheckpointIndex, device: torch.device) -> None:
         shape, dtype = expected[name]
         info = idx.tensors[src]
         want_uint8 = dtype == torch.uint8
-        ok_dtype = info.dtype == torch.uint8 if want_uint8 else isinstance(info.dtype, torch.dtype) and info.dtype.is_floating_point
+        ok_dtype = (
+            info.dtype == torch.uint8
+            if want_uint8
+            else isinstance(info.dtype, torch.dtype) and info.dtype.is_floating_point
+        )
         if not ok_dtype:
             raise CheckpointError(
                 f"{info.file}: tensor '{src}' has dtype {info.dtype}, expected {'uint8 (MXFP4)' if want_uint8 else 'a float type (bf16)'}"
@@ -132,14 +136,18 @@ def load_state(model, idx: CheckpointIndex, device: torch.device) -> None:
     for name, src in dense_experts.items():
         by_file.setdefault(idx.tensors[src].file, []).append((name, src))
     if dense_experts:
-        log.warning("checkpoint holds bf16 experts; quantising them to MXFP4 on load (lossy unless they came from MXFP4)")
+        log.warning(
+            "checkpoint holds bf16 experts; quantising them to MXFP4 on load (lossy unless they came from MXFP4)"
+        )
     load_device = "cpu" if device.type == "meta" else str(device)
     with torch.no_grad():
         for f, items in by_file.items():
             with safe_open(str(f), framework="pt", device=load_device) as st:
                 for name, src in items:
                     if name in dense_experts:
-                        _quantize_into(st.get_slice(src), state[name], state[name.replace("_blocks", "_scales")], device)
+                        _quantize_into(
+                            st.get_slice(src), state[name], state[name.replace("_blocks", "_scales")], device
+                        )
                         continue
                     t = st.get_tensor(src)
                     state[name].copy_(t)

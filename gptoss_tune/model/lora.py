@@ -36,7 +36,10 @@ class LoraSettings:
             raise UserError(f"lora.alpha must be positive, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
-        for key, allowed, values in (("attention", ATTENTION_PROJECTIONS, self.attention), ("experts", EXPERT_PROJECTIONS, self.experts)):
+        for key, allowed, values in (
+            ("attention", ATTENTION_PROJECTIONS, self.attention),
+            ("experts", EXPERT_PROJECTIONS, self.experts),
+        ):
             bad = [v for v in values if v not in allowed]
             if bad:
                 raise UserError(f"lora.{key}: unknown projection(s) {bad}; choose from {list(allowed)}")

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from gptoss_kernels.mxfp4 import quantize
 from gptoss_tune.errors import UserError
 from gptoss_tune.model.config import GENERATION_CONFIG, tiny_config
-from gptoss_kernels.mxfp4 import quantize
 
 
 def tensor_specs(cfg: dict) -> Iterator[tuple[str, tuple[int, ...], float]]:
@@ -34,7 +34,12 @@ def tensor_specs(cfg: dict) -> Iterator[tuple[str, tuple[int, ...], float]]:
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}"
         yield f"{p}.input_layernorm.weight", (H,), -1.0  # negative std: ones plus noise
-        for proj, (o, n) in {"q_proj": (nh * hd, H), "k_proj": (nkv * hd, H), "v_proj": (nkv * hd, H), "o_proj": (H, nh * hd)}.items():
+        for proj, (o, n) in {
+            "q_proj": (nh * hd, H),
+            "k_proj": (nkv * hd, H),
+            "v_proj": (nkv * hd, H),
+            "o_proj": (H, nh * hd),
+        }.items():
             yield f"{p}.self_attn.{proj}.weight", (o, n), 1 / math.sqrt(n)
             yield f"{p}.self_attn.{proj}.bias", (o,), 0.02
         yield f"{p}.self_attn.sinks", (nh,), 1.0

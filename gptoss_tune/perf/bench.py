@@ -42,7 +42,14 @@ from gptoss_tune.errors import UserError
 from gptoss_tune.model.config import published_config, tiny_config
 
 # Dense bf16 peaks; the first key found in the device name wins (PCIe and NVL parts are slower than SXM).
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.4, "H200": 989.4, "B200": 2250.0}
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200 NVL": 835.0,
+    "H100": 989.4,
+    "H200": 989.4,
+    "B200": 2250.0,
+}
 GIB = 2**30
 
 
@@ -64,8 +71,17 @@ _SCALE_LO, _SCALE_HI = 119, 122
 
 
 def _random_mxfp4(seed, name_prefix, blocks_shape, scales_shape, device):
-    blocks = torch.randint(0, 256, blocks_shape, dtype=torch.uint8, device=device, generator=_gen(seed, name_prefix + "_blocks", device))
-    scales = torch.randint(_SCALE_LO, _SCALE_HI, scales_shape, dtype=torch.uint8, device=device, generator=_gen(seed, name_prefix + "_scales", device))
+    blocks = torch.randint(
+        0, 256, blocks_shape, dtype=torch.uint8, device=device, generator=_gen(seed, name_prefix + "_blocks", device)
+    )
+    scales = torch.randint(
+        _SCALE_LO,
+        _SCALE_HI,
+        scales_shape,
+        dtype=torch.uint8,
+        device=device,
+        generator=_gen(seed, name_prefix + "_scales", device),
+    )
     return blocks, scales
 
 
@@ -398,18 +414,24 @@ def _run_baseline(cfg, args, device, dtype) -> dict:
         total = torch.cuda.get_device_properties(device).total_memory
         need = dense_bytes(cfg)
         if need > 0.9 * total:
-            return {"skipped": f"does not fit: bf16 weights alone are {need / 1e9:.0f} GB, the device has {total / 1e9:.0f} GB"}
+            return {
+                "skipped": f"does not fit: bf16 weights alone are {need / 1e9:.0f} GB, the device has {total / 1e9:.0f} GB"
+            }
     model = build_baseline(cfg, device, dtype, args.seed)
     targets = dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     if args.lora_on == "all":
         targets["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none", **targets))
+    model = get_peft_model(
+        model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none", **targets)
+    )
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda" or None)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda" or None
+    )
     ids, pos = _inputs(cfg, args.batch, args.seq, device, args.seed)
     step = baseline_step_fn(model, ids, pos, optimizer, mixed_precision=_mixed_precision(args, device))
     res = run_steps(step, device, args.warmup, args.steps)
@@ -474,8 +496,14 @@ def run(args) -> dict:
     if args.model != "tiny" and device.type != "cuda" and not args.device:
         # gpt-oss at its real size on the CPU takes tens of GB of host memory (the OOM killer ends it on a
         # small machine) and hours per step: refuse unless asked for explicitly.
-        raise UserError(f"--model {args.model} needs a CUDA device (none here); pass --device cpu to insist, or --model tiny")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        raise UserError(
+            f"--model {args.model} needs a CUDA device (none here); pass --device cpu to insist, or --model tiny"
+        )
+    dtype = (
+        {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
     if args.alpha is None:
         args.alpha = 2 * args.rank
     cfg = bench_config(args.model)
@@ -500,11 +528,18 @@ def run(args) -> dict:
         "flops_per_token": flops,
         "formula": "model_flops = 4*N + 6*N_lora + 3*a per trained token (frozen base: no weight grads); "
         "flops_6n = 6*(N + N_lora) + 3*a; mfu = tokens/s * flops / peak",
-        "settings": {"mixed_precision": _mixed_precision(args, device),
-                     "checkpointing": args.checkpointing, "every_n": args.every_n, "offload": args.offload,
-                     "chunk_tokens": args.chunk_tokens, "optimizer": args.optimizer, "attention": args.attn or "gptoss_sink",
-                     "warmup": args.warmup, "steps": args.steps,
-                     "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")},  # fmt: skip
+        "settings": {
+            "mixed_precision": _mixed_precision(args, device),
+            "checkpointing": args.checkpointing,
+            "every_n": args.every_n,
+            "offload": args.offload,
+            "chunk_tokens": args.chunk_tokens,
+            "optimizer": args.optimizer,
+            "attention": args.attn or "gptoss_sink",
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        },  # fmt: skip
     }
     if not args.baseline_only:
         o = run_ours(cfg, args, device, dtype)
@@ -521,7 +556,9 @@ def run(args) -> dict:
             result["baseline"] = b
         else:
             result["baseline"] = _summary(b["result"], tokens, flops, peak)
-            result["baseline"].update({"trainable_params": b["trainable_params"], "experts_implementation": b["experts_implementation"]})
+            result["baseline"].update(
+                {"trainable_params": b["trainable_params"], "experts_implementation": b["experts_implementation"]}
+            )
             if "ours" in result and "skipped" not in result["ours"]:
                 result["speedup"] = result["ours"]["tokens_per_s"] / result["baseline"]["tokens_per_s"]
                 lo, lb = result["ours"]["loss_first"], result["baseline"]["loss_first"]
@@ -544,10 +581,14 @@ def format_table(result: dict) -> str:
         rows.append((key, f(r["tokens_per_s"], ",.0f"), f(r["step_s_median"], ".3f"), f(r["peak_gib"], ".2f"),
                      f(r.get("mfu"), ".1%"), f(r.get("mfu_6n"), ".1%"), f(r["loss_first"], ".4f")))  # fmt: skip
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = [f"gpt-oss-{result['model']} seq {result['seq']} x{result['batch']}, LoRA r={result['rank']} on {result['lora_on']}, {result['device']}"]
+    lines = [
+        f"gpt-oss-{result['model']} seq {result['seq']} x{result['batch']}, LoRA r={result['rank']} on {result['lora_on']}, {result['device']}"
+    ]
     lines += ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in rows]
     if result.get("speedup"):
-        lines.append(f"speedup {result['speedup']:.2f}x; first-step loss differs by {result['first_loss_rel_diff']:.2e} (relative)")
+        lines.append(
+            f"speedup {result['speedup']:.2f}x; first-step loss differs by {result['first_loss_rel_diff']:.2e} (relative)"
+        )
     for g in result.get("goals", []):
         value = "" if g["value"] is None else f" (value {g['value']:.4g})"
         lines.append(f"goal {g['goal']}: {'MET' if g['met'] else 'MISSED ' + g['detail']}{value}")

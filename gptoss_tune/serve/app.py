@@ -36,11 +36,11 @@ from starlette.requests import Request  # module level: FastAPI resolves the han
 from starlette.responses import StreamingResponse
 
 from gptoss_tune.errors import UserError
+from gptoss_tune.model.config import CALL_ID
 from gptoss_tune.serve.generate import STOP_TOKENS, SamplingParams
 from gptoss_tune.serve.harmony_output import HarmonyOutputParser
-from gptoss_tune.model.config import CALL_ID
-from gptoss_tune.serve.openai_schema import ApiError, ChatCompletionRequest, parse_request
 from gptoss_tune.serve.loading import load_for_serving  # noqa: F401  (public: `from gptoss_tune.serve import load_for_serving`)
+from gptoss_tune.serve.openai_schema import ApiError, ChatCompletionRequest, parse_request
 from gptoss_tune.serve.vllm import VLLM_LORA_RANKS, vllm_command  # noqa: F401  (public, as above)
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,12 @@ def _echoed(messages: list) -> list:
     (`reasoning` and `reasoning_content`, as clients of vLLM expect); keep one when both agree."""
     out = []
     for m in messages:
-        if isinstance(m, dict) and m.get("role") == "assistant" and m.get("reasoning") is not None and m.get("reasoning") == m.get("reasoning_content"):
+        if (
+            isinstance(m, dict)
+            and m.get("role") == "assistant"
+            and m.get("reasoning") is not None
+            and m.get("reasoning") == m.get("reasoning_content")
+        ):
             m = {k: v for k, v in m.items() if k != "reasoning_content"}
         out.append(m)
     return out
@@ -148,7 +153,9 @@ class ChatServer:
 
         @app.exception_handler(HTTPException)
         async def _http_error(_request, exc: HTTPException):
-            msg = {404: "no such route; this server serves /v1/models and /v1/chat/completions"}.get(exc.status_code, str(exc.detail))
+            msg = {404: "no such route; this server serves /v1/models and /v1/chat/completions"}.get(
+                exc.status_code, str(exc.detail)
+            )
             return JSONResponse(ApiError(exc.status_code, msg).body(), status_code=exc.status_code)
 
         @app.exception_handler(RequestValidationError)
@@ -212,7 +219,9 @@ class ChatServer:
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 try:
-                    return _SlotStreamingResponse(self._stream(req, prompt, params, include_usage), slot, media_type="text/event-stream")
+                    return _SlotStreamingResponse(
+                        self._stream(req, prompt, params, include_usage), slot, media_type="text/event-stream"
+                    )
                 except BaseException:
                     slot.release()
                     raise
@@ -240,7 +249,12 @@ class ChatServer:
 
     def _check_model(self, name: str, param: str | None = "model") -> None:
         if name != self.model_name:
-            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'", param=param, code="model_not_found")
+            raise ApiError(
+                404,
+                f"the model '{name}' does not exist; this server serves '{self.model_name}'",
+                param=param,
+                code="model_not_found",
+            )
 
     def _sampling(self, req: ChatCompletionRequest, prompt_len: int) -> SamplingParams:
         ctx = self.context_length
@@ -303,7 +317,11 @@ class ChatServer:
         return "stop"
 
     def _usage(self, prompt, parser) -> dict:
-        return {"prompt_tokens": len(prompt), "completion_tokens": len(parser.tokens), "total_tokens": len(prompt) + len(parser.tokens)}
+        return {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": len(parser.tokens),
+            "total_tokens": len(prompt) + len(parser.tokens),
+        }
 
     async def _complete(self, req, prompt, params, request) -> dict:
         parser = HarmonyOutputParser(stop=req.stop_list, functions=tools_offered(req))
@@ -317,7 +335,8 @@ class ChatServer:
         message["reasoning_content"] = reasoning
         if parser.tool_calls:
             message["tool_calls"] = [
-                {"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}} for tc in parser.tool_calls
+                {"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
+                for tc in parser.tool_calls
             ]
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -438,7 +457,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        hint = "another server is listening there; stop it or choose another --port" if e.errno == errno.EADDRINUSE else "check --host and --port"
+        hint = (
+            "another server is listening there; stop it or choose another --port"
+            if e.errno == errno.EADDRINUSE
+            else "check --host and --port"
+        )
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e} ({hint})") from None
     return sock
 
@@ -466,7 +489,9 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float 
 
 def run_cli(args) -> int:
     if args.print_vllm_command:
-        cmd, notes = vllm_command(args.model_dir, args.adapter, args.host, args.port, args.api_key, args.served_model_name)
+        cmd, notes = vllm_command(
+            args.model_dir, args.adapter, args.host, args.port, args.api_key, args.served_model_name
+        )
         print(shlex.join(cmd))
         for n in notes:
             print(f"# note: {n}", file=sys.stderr)
@@ -486,7 +511,10 @@ def run_cli(args) -> int:
     from gptoss_tune.serve.generate import ModelTokenSource
 
     try:
-        print(f"loading {args.model_dir}" + (f" with adapter {args.adapter}" if args.adapter else "") + " ...", file=sys.stderr)
+        print(
+            f"loading {args.model_dir}" + (f" with adapter {args.adapter}" if args.adapter else "") + " ...",
+            file=sys.stderr,
+        )
         model, default_name = load_for_serving(args.model_dir, args.adapter, args.checkpoint, args.device)
         server = ChatServer(
             ModelTokenSource(model),

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 from gptoss_tune.model.config import BOS_ID, PAD_ID
 
-
 FIRST_SPECIAL_ID = BOS_ID  # o200k_harmony's special tokens are ids 199998 and up
 
 

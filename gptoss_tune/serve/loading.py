@@ -17,8 +17,8 @@ def load_for_serving(model_dir: str | Path, adapter: str | Path | None = None, c
     directory (its best checkpoint, or --checkpoint), or a PEFT adapter export. --adapter adds our or a PEFT
     adapter on top of MODEL_DIR as base.
     """
-    from gptoss_tune.model.adapter import CONFIG_FILE, load_adapter_weights, load_with_adapter
     from gptoss_tune.export.peft_format import PEFT_CONFIG_FILE
+    from gptoss_tune.model.adapter import CONFIG_FILE, load_adapter_weights, load_with_adapter
     from gptoss_tune.model.loader import load_model
 
     p = Path(model_dir)
@@ -48,7 +48,9 @@ def load_for_serving(model_dir: str | Path, adapter: str | Path | None = None, c
         model = load_model(model_dir, lora=read_adapter_config(a)["lora"], device=device)
         load_adapter_weights(model, a)
         return model, f"{name}+{a.resolve().name}"
-    raise UserError(f"--adapter {adapter}: neither a gptoss_tune adapter (adapter.json) nor a PEFT adapter ({PEFT_CONFIG_FILE})")
+    raise UserError(
+        f"--adapter {adapter}: neither a gptoss_tune adapter (adapter.json) nor a PEFT adapter ({PEFT_CONFIG_FILE})"
+    )
 
 
 def _load_peft_adapter(adapter_dir: Path, base, device):
@@ -62,7 +64,9 @@ def _load_peft_adapter(adapter_dir: Path, base, device):
     settings, cfg = read_peft_settings(adapter_dir)
     base = base or cfg.get("base_model_name_or_path")
     if not base:
-        raise UserError(f"{adapter_dir / 'adapter_config.json'}: names no base_model_name_or_path; pass the base as MODEL_DIR")
+        raise UserError(
+            f"{adapter_dir / 'adapter_config.json'}: names no base_model_name_or_path; pass the base as MODEL_DIR"
+        )
     f = adapter_dir / PEFT_WEIGHTS_FILE
     if not f.is_file():  # checked before the base loads (minutes for 120b)
         raise UserError(f"{adapter_dir}: {PEFT_WEIGHTS_FILE} is missing")
@@ -78,12 +82,12 @@ def _load_peft_adapter(adapter_dir: Path, base, device):
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected - routers)
     if missing or unexpected:
-        raise UserError(f"{adapter_dir / PEFT_WEIGHTS_FILE}: does not match adapter_config.json (missing {missing[:2]}, unexpected {unexpected[:2]})")
+        raise UserError(
+            f"{adapter_dir / PEFT_WEIGHTS_FILE}: does not match adapter_config.json (missing {missing[:2]}, unexpected {unexpected[:2]})"
+        )
     with torch.no_grad():
         for n, t in state.items():
             if n not in params or tuple(params[n].shape) != tuple(t.shape):
                 raise UserError(f"{adapter_dir / PEFT_WEIGHTS_FILE}: '{n}' does not fit the base model")
             params[n].copy_(t)
     return model
-
-

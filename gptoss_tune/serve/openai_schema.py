@@ -19,7 +19,9 @@ class ApiError(Exception):
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
              429: "rate_limit_error", 500: "server_error", 503: "server_error"}  # fmt: skip
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -134,7 +136,9 @@ def parse_request(data: Any) -> ChatCompletionRequest:
         req = ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".") or None  # tools[0].type
+        loc = (
+            "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".") or None
+        )  # tools[0].type
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = f"unknown field '{loc}' (not an OpenAI chat-completions field this server knows)"
@@ -151,12 +155,27 @@ def check_supported(req: ChatCompletionRequest) -> None:
     for name, ok in _NEUTRAL.items():
         value = getattr(req, name)
         if value not in ok:
-            raise ApiError(400, _WHY.get(name, f"'{name}' is not supported by this server"), param=name, code="unsupported_parameter")
+            raise ApiError(
+                400,
+                _WHY.get(name, f"'{name}' is not supported by this server"),
+                param=name,
+                code="unsupported_parameter",
+            )
     if req.tool_choice not in (None, "auto", "none"):
         shown = req.tool_choice if isinstance(req.tool_choice, str) else "a named function"
-        raise ApiError(400, f"tool_choice {shown!r} is not supported; use 'auto' or 'none'", param="tool_choice", code="unsupported_parameter")
+        raise ApiError(
+            400,
+            f"tool_choice {shown!r} is not supported; use 'auto' or 'none'",
+            param="tool_choice",
+            code="unsupported_parameter",
+        )
     if req.response_format not in (None, {"type": "text"}):
-        raise ApiError(400, "response_format other than {'type': 'text'} is not supported", param="response_format", code="unsupported_parameter")
+        raise ApiError(
+            400,
+            "response_format other than {'type': 'text'} is not supported",
+            param="response_format",
+            code="unsupported_parameter",
+        )
     if req.modalities not in (None, ["text"]):
         raise ApiError(400, "only the 'text' modality is supported", param="modalities", code="unsupported_parameter")
     if req.stream_options is not None and not req.stream:

@@ -31,15 +31,23 @@ def vllm_command(model_dir: str, adapter: str | None = None, host: str = "127.0.
     p = Path(base)
     looks_local = p.is_absolute() or str(base).startswith((".", "~"))  # not a hub id such as openai/gpt-oss-20b
     if (p.exists() and not p.is_dir()) or (not p.exists() and looks_local):
-        raise UserError(f"{base}: no such model directory (pass an export directory, or a hub id such as openai/gpt-oss-20b)")
-    if (p / "adapter.json").is_file() or (p / "checkpoints").is_dir() or (lora_dir and (Path(lora_dir) / "adapter.json").is_file()):
+        raise UserError(
+            f"{base}: no such model directory (pass an export directory, or a hub id such as openai/gpt-oss-20b)"
+        )
+    if (
+        (p / "adapter.json").is_file()
+        or (p / "checkpoints").is_dir()
+        or (lora_dir and (Path(lora_dir) / "adapter.json").is_file())
+    ):
         raise UserError(
             f"{lora_dir or base}: vLLM does not read gptoss_tune checkpoints; export first "
             f"(`gptoss-tune export RUN_DIR --format merged-mxfp4 --out DIR`, or --format adapter) and pass that directory"
         )
     cfg_file = p / "config.json"
     if p.is_dir() and not cfg_file.is_file():
-        raise UserError(f"{base}: not a model directory (no config.json); pass a merged export, a gpt-oss checkpoint or a PEFT adapter export")
+        raise UserError(
+            f"{base}: not a model directory (no config.json); pass a merged export, a gpt-oss checkpoint or a PEFT adapter export"
+        )
     if cfg_file.is_file():
         try:
             cfg = json.loads(cfg_file.read_text())
@@ -70,5 +78,7 @@ def vllm_command(model_dir: str, adapter: str | None = None, host: str = "127.0.
                 "recent versions. If yours rejects it or ignores the experts, serve the merged-mxfp4 export instead."
             )
         if cfg.get("modules_to_save"):
-            notes.append("this adapter also trained the router (modules_to_save), which vLLM LoRA does not load; serve the merged-mxfp4 export")
+            notes.append(
+                "this adapter also trained the router (modules_to_save), which vLLM LoRA does not load; serve the merged-mxfp4 export"
+            )
     return cmd, notes

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptoss_tune.model.adapter import save_adapter
 from gptoss_tune.atomic_io import atomic_write_text, fsync_path
+from gptoss_tune.model.adapter import save_adapter
 from gptoss_tune.runs import BEST, CHECKPOINTS, list_checkpoints, step_dir_name
 
 TRAINER_STATE = "trainer_state.json"

@@ -35,7 +35,9 @@ def _check(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, labels: to
     if hidden_states.dim() != 3:
         raise ValueError(f"hidden_states must be [batch, length, hidden], got shape {list(hidden_states.shape)}")
     if labels.shape != hidden_states.shape[:2]:
-        raise ValueError(f"labels shape {list(labels.shape)} does not match hidden_states {list(hidden_states.shape[:2])}")
+        raise ValueError(
+            f"labels shape {list(labels.shape)} does not match hidden_states {list(hidden_states.shape[:2])}"
+        )
     if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden_states.shape[2]:
         raise ValueError(
             f"lm_head_weight must be [vocab, {hidden_states.shape[2]}], got shape {list(lm_head_weight.shape)}"

@@ -42,7 +42,9 @@ class MemorySettings:
 
     def validate(self) -> "MemorySettings":
         if not isinstance(self.checkpoint_every_n_layers, int) or self.checkpoint_every_n_layers < 1:
-            raise UserError(f"memory.checkpoint_every_n_layers must be a positive integer, got {self.checkpoint_every_n_layers!r}")
+            raise UserError(
+                f"memory.checkpoint_every_n_layers must be a positive integer, got {self.checkpoint_every_n_layers!r}"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"memory.optimizer {self.optimizer!r} is not one of {list(OPTIMIZERS)}")
         if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 1:

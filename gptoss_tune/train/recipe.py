@@ -34,18 +34,38 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    path: str = Field(description="gpt-oss checkpoint directory (config.json + *.safetensors, MXFP4 or bf16 experts), or a hub id already in the local Hugging Face cache")
-    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="dtype of the non-expert weights and activations: auto = bf16 on GPU, fp32 on CPU")
-    attn_implementation: str | None = Field(None, description="attention implementation; null = gptoss_sink (sinks, sliding window, packed examples kept apart; flex attention on GPU)")
-    experts_backend: Literal["auto", "reference", "triton"] = Field("auto", description="MXFP4 expert compute: auto = Triton kernels on GPU when available, else the torch reference")
+    path: str = Field(
+        description="gpt-oss checkpoint directory (config.json + *.safetensors, MXFP4 or bf16 experts), or a hub id already in the local Hugging Face cache"
+    )
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="dtype of the non-expert weights and activations: auto = bf16 on GPU, fp32 on CPU"
+    )
+    attn_implementation: str | None = Field(
+        None,
+        description="attention implementation; null = gptoss_sink (sinks, sliding window, packed examples kept apart; flex attention on GPU)",
+    )
+    experts_backend: Literal["auto", "reference", "triton"] = Field(
+        "auto",
+        description="MXFP4 expert compute: auto = Triton kernels on GPU when available, else the torch reference",
+    )
 
 
 class LoraSection(_Section):
     rank: int = Field(LoraSettings.rank, gt=0, description="LoRA rank r of every adapted matrix")
     alpha: float = Field(LoraSettings.alpha, gt=0, description="LoRA alpha; the update is scaled by alpha / rank")
-    dropout: float = Field(LoraSettings.dropout, ge=0, lt=1, description="dropout on the attention LoRA inputs (expert LoRA runs without, as in PEFT)")
-    attention: list[AttentionProj] = Field(default_factory=lambda: list(ATTENTION_PROJECTIONS), description="attention projections that get LoRA")
-    experts: list[ExpertProj] = Field(default_factory=lambda: list(EXPERT_PROJECTIONS), description="expert projections that get per-expert LoRA in every layer (may be empty)")
+    dropout: float = Field(
+        LoraSettings.dropout,
+        ge=0,
+        lt=1,
+        description="dropout on the attention LoRA inputs (expert LoRA runs without, as in PEFT)",
+    )
+    attention: list[AttentionProj] = Field(
+        default_factory=lambda: list(ATTENTION_PROJECTIONS), description="attention projections that get LoRA"
+    )
+    experts: list[ExpertProj] = Field(
+        default_factory=lambda: list(EXPERT_PROJECTIONS),
+        description="expert projections that get per-expert LoRA in every layer (may be empty)",
+    )
 
     @model_validator(mode="after")
     def _something_to_train(self):
@@ -54,22 +74,40 @@ class LoraSection(_Section):
         return self
 
     def to_settings(self) -> LoraSettings:
-        return LoraSettings(rank=self.rank, alpha=self.alpha, dropout=self.dropout, attention=list(self.attention), experts=list(self.experts)).validate()
+        return LoraSettings(
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            attention=list(self.attention),
+            experts=list(self.experts),
+        ).validate()
 
 
 class RouterSection(_Section):
-    aux_loss_coef: float = Field(0.01, ge=0, description="weight of the expert load-balancing loss added to the LM loss (0 = off; see docs/recipes.md for why 0.01)")
-    train: bool = Field(False, description="train the router (weight and bias of every layer, saved in the adapter); frozen otherwise")
+    aux_loss_coef: float = Field(
+        0.01,
+        ge=0,
+        description="weight of the expert load-balancing loss added to the LM loss (0 = off; see docs/recipes.md for why 0.01)",
+    )
+    train: bool = Field(
+        False, description="train the router (weight and bias of every layer, saved in the adapter); frozen otherwise"
+    )
 
 
 class TrainSection(_Section):
-    epochs: float | None = Field(1.0, gt=0, description="passes over the training data (fractions allowed); null = run train.max_steps steps")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (the smaller of this and epochs wins)")
+    epochs: float | None = Field(
+        1.0, gt=0, description="passes over the training data (fractions allowed); null = run train.max_steps steps"
+    )
+    max_steps: int | None = Field(
+        None, ge=1, description="stop after this many optimizer steps (the smaller of this and epochs wins)"
+    )
     micro_batch_size: int = Field(1, ge=1, description="rows per forward pass per process")
     grad_accum: int = Field(8, ge=1, description="micro-batches per optimizer step per process")
     lr: float = Field(2e-4, gt=0, description="peak learning rate of AdamW")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate decay after warmup")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of the steps spent warming the learning rate up linearly from 0")
+    warmup_ratio: float = Field(
+        0.03, ge=0, lt=1, description="fraction of the steps spent warming the learning rate up linearly from 0"
+    )
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/linear decay ends at lr * min_lr_ratio")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay on the trainable parameters")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
@@ -77,12 +115,30 @@ class TrainSection(_Section):
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     max_grad_norm: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = no clipping)")
     seed: int = Field(42, description="seed for LoRA initialisation, data order, dropout")
-    gradient_checkpointing: bool = Field(True, description="recompute each decoder layer in the backward pass instead of storing its activations")
-    checkpoint_every_n_layers: int = Field(1, ge=1, description="with gradient_checkpointing: recompute every n-th decoder layer only (2 = half the recompute, more activation memory)")
-    offload_checkpoints: bool = Field(False, description="with gradient_checkpointing: keep each layer's saved input in (pinned) host memory; for very long sequences (131k tokens: 18 GB of layer inputs on 20b)")
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw", description="adamw (fused on CUDA); the 8-bit variants keep AdamW's moments in 8 bits and need bitsandbytes")
-    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto = bf16 autocast on GPU, none on CPU")
-    loss_chunk_tokens: int = Field(512, ge=16, description="trained tokens projected onto the 201,088-token vocabulary at once (about 0.6 GB of logits and gradient at 512)")
+    gradient_checkpointing: bool = Field(
+        True, description="recompute each decoder layer in the backward pass instead of storing its activations"
+    )
+    checkpoint_every_n_layers: int = Field(
+        1,
+        ge=1,
+        description="with gradient_checkpointing: recompute every n-th decoder layer only (2 = half the recompute, more activation memory)",
+    )
+    offload_checkpoints: bool = Field(
+        False,
+        description="with gradient_checkpointing: keep each layer's saved input in (pinned) host memory; for very long sequences (131k tokens: 18 GB of layer inputs on 20b)",
+    )
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw",
+        description="adamw (fused on CUDA); the 8-bit variants keep AdamW's moments in 8 bits and need bitsandbytes",
+    )
+    mixed_precision: Literal["auto", "bf16", "no"] = Field(
+        "auto", description="auto = bf16 autocast on GPU, none on CPU"
+    )
+    loss_chunk_tokens: int = Field(
+        512,
+        ge=16,
+        description="trained tokens projected onto the 201,088-token vocabulary at once (about 0.6 GB of logits and gradient at 512)",
+    )
 
     @model_validator(mode="after")
     def _some_length(self):
@@ -105,41 +161,72 @@ class TrainSection(_Section):
 
 
 class EvalSection(_Section):
-    every_steps: int = Field(100, ge=0, description="evaluate every N optimizer steps (0 = only at the end); always also at the end")
-    at_start: bool = Field(False, description="also evaluate before the first step (the base model's validation loss, a baseline)")
-    micro_batch_size: int | None = Field(None, ge=1, description="rows per evaluation forward pass; null = train.micro_batch_size")
-    max_batches: int | None = Field(None, ge=1, description="evaluate on at most this many micro-batches (null = the whole validation set)")
+    every_steps: int = Field(
+        100, ge=0, description="evaluate every N optimizer steps (0 = only at the end); always also at the end"
+    )
+    at_start: bool = Field(
+        False, description="also evaluate before the first step (the base model's validation loss, a baseline)"
+    )
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="rows per evaluation forward pass; null = train.micro_batch_size"
+    )
+    max_batches: int | None = Field(
+        None, ge=1, description="evaluate on at most this many micro-batches (null = the whole validation set)"
+    )
 
 
 class EarlyStoppingSection(_Section):
     enabled: bool = Field(True, description="stop when the validation loss has not improved for `patience` evaluations")
-    patience: int = Field(3, ge=0, description="evaluations without improvement before stopping (at least 1 when enabled)")
-    min_delta: float = Field(0.0, ge=0, description="an evaluation resets the patience count only if it lowers the best validation loss by more than this (the best adapter is always the lowest loss)")
+    patience: int = Field(
+        3, ge=0, description="evaluations without improvement before stopping (at least 1 when enabled)"
+    )
+    min_delta: float = Field(
+        0.0,
+        ge=0,
+        description="an evaluation resets the patience count only if it lowers the best validation loss by more than this (the best adapter is always the lowest loss)",
+    )
 
     @model_validator(mode="after")
     def _patience(self):
         if self.enabled and self.patience < 1:
-            raise ValueError(f"early_stopping.patience must be at least 1 when early_stopping.enabled is true (got {self.patience})")
+            raise ValueError(
+                f"early_stopping.patience must be at least 1 when early_stopping.enabled is true (got {self.patience})"
+            )
         return self
 
 
 class CheckpointSection(_Section):
-    every_steps: int = Field(100, ge=0, description="write a checkpoint every N optimizer steps (0 = only the best, on interruption and at the end)")
+    every_steps: int = Field(
+        100,
+        ge=0,
+        description="write a checkpoint every N optimizer steps (0 = only the best, on interruption and at the end)",
+    )
     keep: int = Field(2, ge=1, description="keep the newest N checkpoints, plus the best one")
 
 
 class WandbSection(_Section):
     project: str = Field("gptoss-tune", min_length=1, description="Weights & Biases project")
-    mode: Literal["offline", "online", "disabled"] = Field("offline", description="offline writes to output_dir/wandb (sync later with `wandb sync`), online needs `wandb login`")
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline",
+        description="offline writes to output_dir/wandb (sync later with `wandb sync`), online needs `wandb login`",
+    )
     entity: str | None = Field(None, description="W&B entity (team or user); null = your default")
     name: str | None = Field(None, description="run name; null = the output directory's name")
     tags: list[str] = Field(default_factory=list, description="run tags")
 
 
 class LoggingSection(_Section):
-    every_steps: int = Field(1, ge=1, description="print a progress line / update the bar and W&B every N steps (metrics.jsonl gets every step)")
-    progress: Literal["auto", "bar", "lines", "none"] = Field("auto", description="auto = a progress bar on a terminal, plain lines otherwise")
-    expert_share_every_steps: int = Field(10, ge=0, description="add every layer's per-expert token share to metrics.jsonl every N steps (0 = never)")
+    every_steps: int = Field(
+        1,
+        ge=1,
+        description="print a progress line / update the bar and W&B every N steps (metrics.jsonl gets every step)",
+    )
+    progress: Literal["auto", "bar", "lines", "none"] = Field(
+        "auto", description="auto = a progress bar on a terminal, plain lines otherwise"
+    )
+    expert_share_every_steps: int = Field(
+        10, ge=0, description="add every layer's per-expert token share to metrics.jsonl every N steps (0 = never)"
+    )
     wandb: WandbSection = Field(default_factory=WandbSection, description="Weights & Biases tracking")
 
 
@@ -153,9 +240,17 @@ class Recipe(_Section):
     early_stopping: EarlyStoppingSection = Field(default_factory=EarlyStoppingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
-    resume: str = Field("auto", min_length=1, description="auto = continue from the newest checkpoint in output_dir if there is one; never = start fresh; or a checkpoint directory")
-    output_dir: str | None = Field(None, description="run directory; null = runs/<recipe file name> under the current directory")
-    overwrite: bool = Field(False, description="allow starting fresh in an output_dir that holds another run (its contents are deleted)")
+    resume: str = Field(
+        "auto",
+        min_length=1,
+        description="auto = continue from the newest checkpoint in output_dir if there is one; never = start fresh; or a checkpoint directory",
+    )
+    output_dir: str | None = Field(
+        None, description="run directory; null = runs/<recipe file name> under the current directory"
+    )
+    overwrite: bool = Field(
+        False, description="allow starting fresh in an output_dir that holds another run (its contents are deleted)"
+    )
 
     @model_validator(mode="after")
     def _validation_for_early_stopping(self):
@@ -218,7 +313,19 @@ class Recipe(_Section):
             "lora": d["lora"],
             "router": d["router"],
             "data": d["data"],
-            "train": {k: t[k] for k in ("micro_batch_size", "grad_accum", "lr", "scheduler", "warmup_ratio", "min_lr_ratio", "weight_decay", "seed")},
+            "train": {
+                k: t[k]
+                for k in (
+                    "micro_batch_size",
+                    "grad_accum",
+                    "lr",
+                    "scheduler",
+                    "warmup_ratio",
+                    "min_lr_ratio",
+                    "weight_decay",
+                    "seed",
+                )
+            },
         }
 
     def fingerprint_hash(self) -> str:
@@ -287,7 +394,9 @@ def _describe(loc: tuple) -> str:
 def validate_dict(raw: Any, source: str = "recipe", lines: dict | None = None) -> Recipe:
     """Validate a recipe mapping; `lines` (key path -> line in the file) puts the line into errors."""
     if not isinstance(raw, dict):
-        raise UserError(f"{source}: a recipe is a YAML mapping of sections (model:, data:, train:, ...), got {type(raw).__name__}")
+        raise UserError(
+            f"{source}: a recipe is a YAML mapping of sections (model:, data:, train:, ...), got {type(raw).__name__}"
+        )
     lines = lines or {}
     try:
         recipe = Recipe.model_validate(raw)
@@ -354,7 +463,9 @@ def apply_override(raw: dict, parts: list[str], value: Any, source: str) -> None
     for i, part in enumerate(parts[:-1]):
         cls = _section_class(tuple(parts[:i]))
         if cls is not None and part not in cls.model_fields:
-            raise UserError(f"override {'.'.join(parts)}: unknown key '{'.'.join(parts[: i + 1])}'{_did_you_mean(part, tuple(parts[:i]))}")
+            raise UserError(
+                f"override {'.'.join(parts)}: unknown key '{'.'.join(parts[: i + 1])}'{_did_you_mean(part, tuple(parts[:i]))}"
+            )
         child = node.get(part)
         if child is None:
             child = node[part] = {}
@@ -417,13 +528,17 @@ def read_recipe_file(path: str | Path) -> dict:
     return {} if raw is None else raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_paths: bool = True, cwd: Path | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_paths: bool = True, cwd: Path | None = None
+) -> Recipe:
     """Read, override, resolve and validate a recipe. Raises UserError with a one-line message."""
     path = Path(path)
     raw = read_recipe_file(path)
     lines = yaml_key_lines(path.read_text())
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: a recipe is a YAML mapping of sections (model:, data:, train:, ...), got {type(raw).__name__}")
+        raise UserError(
+            f"{path}: a recipe is a YAML mapping of sections (model:, data:, train:, ...), got {type(raw).__name__}"
+        )
     base = path.resolve().parent
     here = (cwd or Path.cwd()).resolve()
     for key in _PATH_KEYS:
@@ -447,8 +562,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
 
 
 def check_recipe_paths(recipe: Recipe) -> None:
-    from gptoss_tune.model.checkpoint import read_config, resolve_model_dir
     from gptoss_tune.errors import CheckpointError
+    from gptoss_tune.model.checkpoint import read_config, resolve_model_dir
 
     try:
         read_config(resolve_model_dir(recipe.model.path))
@@ -461,13 +576,17 @@ def check_recipe_paths(recipe: Recipe) -> None:
     if recipe.resume not in ("auto", "never"):
         p = Path(recipe.resume)
         if not (p / "adapter.json").is_file() or not (p / "trainer_state.json").is_file():
-            raise UserError(f"{recipe.where('resume')}: resume: '{p}' is not a training checkpoint (expected adapter.json and trainer_state.json); use auto, never or a checkpoints/step-* directory")
+            raise UserError(
+                f"{recipe.where('resume')}: resume: '{p}' is not a training checkpoint (expected adapter.json and trainer_state.json); use auto, never or a checkpoints/step-* directory"
+            )
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{recipe.where('output_dir')}: output_dir: '{out}' is a file")
     parent = next((p for p in (out, *out.parents) if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{recipe.where('output_dir')}: output_dir: '{out}' cannot be written ({parent} is not a writable directory)")
+        raise UserError(
+            f"{recipe.where('output_dir')}: output_dir: '{out}' cannot be written ({parent} is not a writable directory)"
+        )
 
 
 # ---- CLI: gptoss-tune validate ---------------------------------------------------------------------
@@ -486,8 +605,10 @@ def run_validate(args) -> int:
         except (OSError, ValueError):
             state = {}
         if state.get("finished"):
-            plan = (f"{plan} (the run finished at step {state.get('step')}, {state.get('stop_reason')}: training continues "
-                    f"only if train.max_steps / train.epochs (or early_stopping.patience) now ask for more; resume=never overwrite=true starts over)")
+            plan = (
+                f"{plan} (the run finished at step {state.get('step')}, {state.get('stop_reason')}: training continues "
+                f"only if train.max_steps / train.epochs (or early_stopping.patience) now ask for more; resume=never overwrite=true starts over)"
+            )
     if args.print:
         print(recipe.to_yaml(), end="")
     print(f"{args.recipe}: valid; {plan}")

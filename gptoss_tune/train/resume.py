@@ -84,7 +84,9 @@ def check_output_dir(recipe) -> ResumePlan:
     if not exists:
         return ResumePlan("fresh")
     if not holds_run(out):
-        raise UserError(f"{src}: output_dir '{out}' is not empty and holds no gptoss-tune run; choose a new or empty directory")
+        raise UserError(
+            f"{src}: output_dir '{out}' is not empty and holds no gptoss-tune run; choose a new or empty directory"
+        )
     ckpts = list_checkpoints(out)
     if not trained(out):
         # A run that stopped before its first step (a mistake in its data, model or settings): nothing in it
@@ -102,7 +104,9 @@ def check_output_dir(recipe) -> ResumePlan:
         if recipe.overwrite:
             return ResumePlan("fresh", wipe=True)
         why = "its recipe.yaml is missing or unreadable" if fp is None else _first_difference(fp, recipe.fingerprint())
-        raise UserError(f"{src}: output_dir '{out}' holds a different run ({why}); choose another output_dir or pass overwrite=true to replace it")
+        raise UserError(
+            f"{src}: output_dir '{out}' holds a different run ({why}); choose another output_dir or pass overwrite=true to replace it"
+        )
     if ckpts:
         return ResumePlan("resume", ckpts[-1][1])
     return ResumePlan("fresh", wipe=True)  # the same run, interrupted before its first checkpoint
@@ -117,17 +121,23 @@ def _resume_from_path(recipe, out: Path, exists: bool, src: str) -> ResumePlan:
     if not exists:
         return ResumePlan("resume", ckpt, branch=not inside)
     if not holds_run(out):
-        raise UserError(f"{src}: output_dir '{out}' is not empty and holds no gptoss-tune run; choose a new or empty directory")
+        raise UserError(
+            f"{src}: output_dir '{out}' is not empty and holds no gptoss-tune run; choose a new or empty directory"
+        )
     if not trained(out) and not inside:
         return ResumePlan("resume", ckpt, wipe=True, branch=True)
     fp = stored_fingerprint(out)
     if fp is not None and fp != recipe.fingerprint():
         why = _first_difference(fp, recipe.fingerprint())
         if not recipe.overwrite:
-            raise UserError(f"{src}: output_dir '{out}' holds a different run ({why}); choose another output_dir or pass overwrite=true")
+            raise UserError(
+                f"{src}: output_dir '{out}' holds a different run ({why}); choose another output_dir or pass overwrite=true"
+            )
         if inside:
-            raise UserError(f"{src}: output_dir '{out}' holds a different run ({why}) and resume={ckpt} lies inside it, so "
-                            f"replacing that run would delete the checkpoint; choose another output_dir")
+            raise UserError(
+                f"{src}: output_dir '{out}' holds a different run ({why}) and resume={ckpt} lies inside it, so "
+                f"replacing that run would delete the checkpoint; choose another output_dir"
+            )
         return ResumePlan("resume", ckpt, wipe=True, branch=True)
     if inside:
         step = _step_of(ckpt)
@@ -140,8 +150,10 @@ def _resume_from_path(recipe, out: Path, exists: bool, src: str) -> ResumePlan:
     elif recipe.overwrite:
         return ResumePlan("resume", ckpt, wipe=True, branch=True)
     else:
-        raise UserError(f"{src}: output_dir '{out}' already holds a run with checkpoints; continue it with resume=auto, "
-                        f"replace it with overwrite=true, or choose another output_dir to start a new run from {ckpt}")
+        raise UserError(
+            f"{src}: output_dir '{out}' already holds a run with checkpoints; continue it with resume=auto, "
+            f"replace it with overwrite=true, or choose another output_dir to start a new run from {ckpt}"
+        )
     return ResumePlan("resume", ckpt)
 
 
@@ -171,14 +183,18 @@ def lock_run_dir(out: Path, source: str) -> int | None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{source}: output_dir '{out}' cannot be created ({e.strerror}); choose a writable directory") from None
+        raise UserError(
+            f"{source}: output_dir '{out}' cannot be created ({e.strerror}); choose a writable directory"
+        ) from None
     fd = os.open(str(out), os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         os.close(fd)
         if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-            raise UserError(f"{source}: output_dir '{out}' is in use by another training process; wait for it to finish or choose another output_dir") from None
+            raise UserError(
+                f"{source}: output_dir '{out}' is in use by another training process; wait for it to finish or choose another output_dir"
+            ) from None
         return None
     return fd
 

@@ -81,7 +81,14 @@ class MicroBatchStream:
         return collate(self.rows_of(index), self.packing)
 
 
-def eval_batches(rows: list[dict], micro_batch_size: int, packing: bool, num_processes: int, rank: int, max_batches: int | None = None):
+def eval_batches(
+    rows: list[dict],
+    micro_batch_size: int,
+    packing: bool,
+    num_processes: int,
+    rank: int,
+    max_batches: int | None = None,
+):
     """This process's share of the validation micro-batches, as (batch, weight) pairs.
 
     Every process gets the same number of forward passes (sharded models need that); a process short of

@@ -111,8 +111,11 @@ class Tracker:
             self.bar.update(step - self.bar.n)
             if step % self.every == 0:
                 self.bar.set_postfix(
-                    loss=f"{record['loss']:.4f}", aux=f"{record['aux_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                    mem=f"{_memory_gib():.1f}GiB", refresh=False,
+                    loss=f"{record['loss']:.4f}",
+                    aux=f"{record['aux_loss']:.3f}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                    mem=f"{_memory_gib():.1f}GiB",
+                    refresh=False,
                 )
         elif self.mode == "lines" and (step % self.every == 0 or step == self.total):
             print(
@@ -124,7 +127,14 @@ class Tracker:
     def eval_step(self, record: dict) -> None:
         self.write(record)
         if self.wandb is not None:
-            self.wandb.log({f"eval/{k[5:] if k.startswith('eval_') else k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}, step=record["step"])
+            self.wandb.log(
+                {
+                    f"eval/{k[5:] if k.startswith('eval_') else k}": v
+                    for k, v in record.items()
+                    if isinstance(v, (int, float)) and k != "step"
+                },
+                step=record["step"],
+            )
         self.info(
             f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  perplexity {record['eval_perplexity']:.2f}  "
             f"accuracy {record['eval_accuracy']:.3f}  (best {record['best_eval_loss']:.4f} at step {record['best_step']})"

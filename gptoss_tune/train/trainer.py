@@ -27,9 +27,9 @@ import torch
 
 from gptoss_tune.atomic_io import atomic_write_text, fsync_path
 from gptoss_tune.errors import UserError
+from gptoss_tune.runs import CHECKPOINTS, DATA_REPORT, FINAL, METRICS, RECIPE, step_dir_name
 from gptoss_tune.train.memory import apply_memory_settings, build_optimizer
 from gptoss_tune.train.recipe import Recipe, load_recipe
-from gptoss_tune.runs import CHECKPOINTS, DATA_REPORT, FINAL, METRICS, RECIPE, step_dir_name
 from gptoss_tune.train.stream import MicroBatchStream, TrainData, eval_batches, load_train_data
 
 
@@ -92,8 +92,12 @@ class StopSignal:
             self.restore()
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
+            f"(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def restore(self):
         for sig, old in self._old.items():
@@ -144,8 +148,13 @@ def _apply_recipe_hyperparameters(optimizer, scheduler, schedule, cfg_t) -> None
     factor = schedule(sched.last_epoch)
     sched.base_lrs = [cfg_t.lr for _ in optimizer.param_groups]
     for group in optimizer.param_groups:
-        group.update(initial_lr=cfg_t.lr, lr=cfg_t.lr * factor, betas=(cfg_t.adam_beta1, cfg_t.adam_beta2), eps=cfg_t.adam_eps,
-                     weight_decay=cfg_t.weight_decay)
+        group.update(
+            initial_lr=cfg_t.lr,
+            lr=cfg_t.lr * factor,
+            betas=(cfg_t.adam_beta1, cfg_t.adam_beta2),
+            eps=cfg_t.adam_eps,
+            weight_decay=cfg_t.weight_decay,
+        )
     sched._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
@@ -180,7 +189,11 @@ def _check_token_ids(recipe, data) -> None:
 
 def _mode(accelerator) -> str:
     t = str(accelerator.distributed_type).split(".")[-1]
-    return "" if t == "NO" else f" ({'DDP' if t.startswith('MULTI_') else t}{', ' + accelerator.mixed_precision if accelerator.mixed_precision != 'no' else ''})"
+    return (
+        ""
+        if t == "NO"
+        else f" ({'DDP' if t.startswith('MULTI_') else t}{', ' + accelerator.mixed_precision if accelerator.mixed_precision != 'no' else ''})"
+    )
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -220,10 +233,10 @@ def train(recipe: Recipe, data: TrainData | None = None) -> TrainResult:
 def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> TrainResult:
     from accelerate.utils import DistributedType, set_seed
 
-    from gptoss_tune.train import checkpoint as ck
     from gptoss_tune.model.adapter import load_adapter_weights, read_adapter_config, save_adapter
     from gptoss_tune.model.experts import MXFP4Experts
     from gptoss_tune.model.loader import load_model
+    from gptoss_tune.train import checkpoint as ck
     from gptoss_tune.train.losses import expert_load_stats
     from gptoss_tune.train.objective import Objective
     from gptoss_tune.train.resume import check_output_dir, truncate_metrics, wipe
@@ -231,7 +244,12 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
 
     t_start = time.time()
     cfg_t = recipe.train
-    P, G, rank, main = accelerator.num_processes, cfg_t.grad_accum, accelerator.process_index, accelerator.is_main_process
+    P, G, rank, main = (
+        accelerator.num_processes,
+        cfg_t.grad_accum,
+        accelerator.process_index,
+        accelerator.is_main_process,
+    )
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     run_dir = Path(recipe.output_dir)
 
@@ -259,7 +277,9 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     if data is None:
         data = load_train_data(recipe)
     if not data.train:
-        raise UserError(f"{recipe.where('data', 'train')}: data.train: no training examples after rendering and filtering")
+        raise UserError(
+            f"{recipe.where('data', 'train')}: data.train: no training examples after rendering and filtering"
+        )
     if main:
         atomic_write_text(run_dir / DATA_REPORT, json.dumps(data.report, indent=2, default=str) + "\n")
         from gptoss_tune.data.pipeline import format_report
@@ -269,12 +289,18 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     _check_token_ids(recipe, data)
     evaluating = bool(data.validation)
     if recipe.early_stopping.enabled and not evaluating:
-        raise UserError(f"{recipe.where('early_stopping')}: early_stopping needs validation examples, and the validation set is empty; "
-                        f"raise data.val_fraction or set data.validation, or early_stopping.enabled=false")
+        raise UserError(
+            f"{recipe.where('early_stopping')}: early_stopping needs validation examples, and the validation set is empty; "
+            f"raise data.val_fraction or set data.validation, or early_stopping.enabled=false"
+        )
     stream = MicroBatchStream(data.train, cfg_t.micro_batch_size, cfg_t.seed, recipe.data.packing)
     per_step = P * G
     start_step = state["step"] if state else 0
-    mb_consumed = stream.position_from(state["micro_batches_consumed"], state.get("micro_batch_size", cfg_t.micro_batch_size)) if state else 0
+    mb_consumed = (
+        stream.position_from(state["micro_batches_consumed"], state.get("micro_batch_size", cfg_t.micro_batch_size))
+        if state
+        else 0
+    )
     if cfg_t.epochs is not None:
         total_mb = stream.total_micro_batches(cfg_t.epochs)
         total_steps = start_step + max(0, math.ceil((total_mb - mb_consumed) / per_step))
@@ -284,36 +310,55 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         total_steps = min(total_steps, cfg_t.max_steps)
     total_steps = max(total_steps, start_step)
     if state is not None and state.get("finished"):
-        stopped_early = (state.get("stop_reason") == "early_stopping" and recipe.early_stopping.enabled and not plan.branch
-                         and state.get("evals_without_improvement", 0) >= recipe.early_stopping.patience)
+        stopped_early = (
+            state.get("stop_reason") == "early_stopping"
+            and recipe.early_stopping.enabled
+            and not plan.branch
+            and state.get("evals_without_improvement", 0) >= recipe.early_stopping.patience
+        )
         if stopped_early or total_steps <= start_step:
-            say(f"{plan.checkpoint if plan.branch else run_dir}: this run already finished at step {start_step} ({state.get('stop_reason')}); nothing to do. "
+            say(
+                f"{plan.checkpoint if plan.branch else run_dir}: this run already finished at step {start_step} ({state.get('stop_reason')}); nothing to do. "
                 f"Raise train.max_steps / train.epochs (or early_stopping.patience) to continue it, "
-                f"or pass resume=never overwrite=true to start over.")
+                f"or pass resume=never overwrite=true to start over."
+            )
             return TrainResult(run_dir, start_step, "already_finished")
 
     # -- model: identical LoRA initialisation on every process, then per-process RNG streams.
     set_seed(cfg_t.seed)
     dtype = None if recipe.model.dtype == "auto" else recipe.model.dtype
     device = accelerator.device if accelerator.device.type != "cpu" else torch.device("cpu")  # multi-CPU says cpu:0
-    model = load_model(recipe.model.path, lora=recipe.lora.to_settings(), device=device, dtype=dtype,
-                       attn_implementation=recipe.model.attn_implementation)
+    model = load_model(
+        recipe.model.path,
+        lora=recipe.lora.to_settings(),
+        device=device,
+        dtype=dtype,
+        attn_implementation=recipe.model.attn_implementation,
+    )
     backends = set()
     for m in model.modules():
         if isinstance(m, MXFP4Experts):
             m.backend = recipe.model.experts_backend
-            backends.add(m.resolved_backend(device))  # a backend that cannot run here is a one-line error now, not at the first step
-    runs_on = (f"on {device} in {str(next(model.parameters()).dtype).replace('torch.', '')}; experts: "
-               f"{'/'.join(sorted(backends)) or 'none'}; attention: {model.config._attn_implementation}")
+            backends.add(
+                m.resolved_backend(device)
+            )  # a backend that cannot run here is a one-line error now, not at the first step
+    runs_on = (
+        f"on {device} in {str(next(model.parameters()).dtype).replace('torch.', '')}; experts: "
+        f"{'/'.join(sorted(backends)) or 'none'}; attention: {model.config._attn_implementation}"
+    )
     if recipe.router.train:
         _train_routers(model)
     if state is not None and sharded and state.get("num_processes") != P:
-        raise UserError(f"{plan.checkpoint}: written by {state.get('num_processes')} processes with sharded optimizer state; "
-                        f"resume it with --num_processes {state.get('num_processes')}")
+        raise UserError(
+            f"{plan.checkpoint}: written by {state.get('num_processes')} processes with sharded optimizer state; "
+            f"resume it with --num_processes {state.get('num_processes')}"
+        )
     if state is not None:
         meta = read_adapter_config(plan.checkpoint)
         if meta.get("lora") != recipe.lora.to_settings().to_dict():
-            raise UserError(f"{plan.checkpoint}: trained with lora {meta.get('lora')}, the recipe says {recipe.lora.to_settings().to_dict()}")
+            raise UserError(
+                f"{plan.checkpoint}: trained with lora {meta.get('lora')}, the recipe says {recipe.lora.to_settings().to_dict()}"
+            )
         load_adapter_weights(model, plan.checkpoint)
     # Checkpointing (non-reentrant, per decoder layer, optional host offload) and the optimizer come from
     # gptoss_tune.train.memory, the same code path scripts/bench_train.py measures.
@@ -327,10 +372,16 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
 
         # Frozen weights and MXFP4 buffers are identical on every process (same checkpoint): skip their
         # broadcast when DDP wraps the model (10 GB for 20b).
-        frozen = [n for n, p in objective.named_parameters() if not p.requires_grad] + [n for n, _ in objective.named_buffers()]
+        frozen = [n for n, p in objective.named_parameters() if not p.requires_grad] + [
+            n for n, _ in objective.named_buffers()
+        ]
         DDP._set_params_and_buffers_to_ignore_for_model(objective, frozen)
     optimizer = build_optimizer(
-        trainable, memory.optimizer, lr=cfg_t.lr, betas=(cfg_t.adam_beta1, cfg_t.adam_beta2), eps=cfg_t.adam_eps,
+        trainable,
+        memory.optimizer,
+        lr=cfg_t.lr,
+        betas=(cfg_t.adam_beta1, cfg_t.adam_beta2),
+        eps=cfg_t.adam_eps,
         weight_decay=cfg_t.weight_decay,
     )
     warmup = math.ceil(cfg_t.warmup_ratio * total_steps) if state is None else state.get("warmup_steps", 0)
@@ -360,8 +411,10 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         if plan.branch:
             # A new run from another run's checkpoint: its best checkpoint is not in this directory, and its
             # validation data may differ; the best adapter and early stopping start afresh here.
-            say(f"note: starting a new run in {run_dir} from {plan.checkpoint} (step {start_step}): the best checkpoint "
-                f"and early stopping start afresh")
+            say(
+                f"note: starting a new run in {run_dir} from {plan.checkpoint} (step {start_step}): the best checkpoint "
+                f"and early stopping start afresh"
+            )
         else:
             if state.get("best"):
                 best_step, best_value = state["best"]["step"], state["best"]["value"]
@@ -370,8 +423,10 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         tokens_seen = state.get("tokens_seen", 0)
         if not ck.load_rng_state(plan.checkpoint, rank) or state.get("num_processes") != P:
             set_seed(cfg_t.seed + 1000 * start_step + rank)
-            say(f"note: the checkpoint was written by {state.get('num_processes')} process(es), this run has {P}: "
-                f"data position is kept, random streams (dropout) restart")
+            say(
+                f"note: the checkpoint was written by {state.get('num_processes')} process(es), this run has {P}: "
+                f"data position is kept, random streams (dropout) restart"
+            )
     else:
         set_seed(cfg_t.seed + rank)  # dropout differs between processes, as data does
 
@@ -381,12 +436,21 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
 
     def trainer_state(step, finished=False, stop_reason=None) -> dict:
         return {
-            "step": step, "micro_batches_consumed": mb_consumed, "epoch": round(stream.epoch_at(mb_consumed), 6),
-            "num_processes": P, "grad_accum": G, "micro_batch_size": cfg_t.micro_batch_size,
-            "total_steps": total_steps, "warmup_steps": warmup,
+            "step": step,
+            "micro_batches_consumed": mb_consumed,
+            "epoch": round(stream.epoch_at(mb_consumed), 6),
+            "num_processes": P,
+            "grad_accum": G,
+            "micro_batch_size": cfg_t.micro_batch_size,
+            "total_steps": total_steps,
+            "warmup_steps": warmup,
             "best": {"step": best_step, "value": best_value} if best_step is not None else None,
-            "evals_without_improvement": bad_evals, "tokens_seen": tokens_seen, "evals": evals,
-            "finished": finished, "stop_reason": stop_reason, "fingerprint": recipe.fingerprint_hash(),
+            "evals_without_improvement": bad_evals,
+            "tokens_seen": tokens_seen,
+            "evals": evals,
+            "finished": finished,
+            "stop_reason": stop_reason,
+            "fingerprint": recipe.fingerprint_hash(),
         }
 
     def save_checkpoint(step: int, **flags) -> Path:
@@ -406,8 +470,15 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         accelerator.wait_for_everyone()
         adapter_state = _gather_trainable(accelerator, unwrapped.model)
         ck.write_checkpoint_files(
-            ck.tmp_dir_for(run_dir, step), rank=rank, is_main=main, sharded=sharded, model=unwrapped.model,
-            optimizer=optimizer, scheduler=scheduler, trainer_state=trainer_state(step, **flags), adapter_state=adapter_state,
+            ck.tmp_dir_for(run_dir, step),
+            rank=rank,
+            is_main=main,
+            sharded=sharded,
+            model=unwrapped.model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            trainer_state=trainer_state(step, **flags),
+            adapter_state=adapter_state,
         )
         accelerator.wait_for_everyone()
         if main:
@@ -422,7 +493,14 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
 
     val_batches = []
     if evaluating:
-        val_batches = eval_batches(data.validation, recipe.eval.micro_batch_size or cfg_t.micro_batch_size, recipe.data.packing, P, rank, recipe.eval.max_batches)
+        val_batches = eval_batches(
+            data.validation,
+            recipe.eval.micro_batch_size or cfg_t.micro_batch_size,
+            recipe.data.packing,
+            P,
+            rank,
+            recipe.eval.max_batches,
+        )
 
     def evaluate(step: int) -> dict:
         nonlocal best_step, best_value, bad_evals
@@ -432,7 +510,14 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
             for batch, weight in val_batches:
                 out = unwrapped(**_to_device(batch, accelerator.device), evaluate=True)
                 if weight:
-                    sums += torch.stack([out.lm_loss_sum.double(), out.trained_tokens.double(), out.correct.double(), out.aux_loss.double()])
+                    sums += torch.stack(
+                        [
+                            out.lm_loss_sum.double(),
+                            out.trained_tokens.double(),
+                            out.correct.double(),
+                            out.aux_loss.double(),
+                        ]
+                    )
         model.train()
         sums = accelerator.reduce(sums, "sum")
         n = max(sums[1].item(), 1.0)
@@ -445,8 +530,13 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
             best_step, best_value = step, loss
         bad_evals = 0 if improved_enough else bad_evals + 1
         rec = {
-            "step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)), "eval_accuracy": sums[2].item() / n,
-            "eval_tokens": int(sums[1].item()), "best_eval_loss": best_value, "best_step": best_step,
+            "step": step,
+            "eval_loss": loss,
+            "eval_perplexity": math.exp(min(loss, 700.0)),
+            "eval_accuracy": sums[2].item() / n,
+            "eval_tokens": int(sums[1].item()),
+            "best_eval_loss": best_value,
+            "best_step": best_step,
             "evals_without_improvement": bad_evals,
         }
         evals.append({"step": step, "eval_loss": loss})
@@ -462,7 +552,9 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         f"training {recipe.model.path} with LoRA r={recipe.lora.rank} on {', '.join(recipe.lora.attention + recipe.lora.experts) or 'nothing'}"
         f"{' + router' if recipe.router.train else ''}: {n_params:,} trainable parameters; {len(data.train)} train rows, "
         f"{len(data.validation)} validation rows; {P} process(es){_mode(accelerator)} x {G} accumulation x {cfg_t.micro_batch_size} rows per step; "
-        f"steps {start_step}->{total_steps}" + (f" (resumed from {plan.checkpoint})" if state else "") + f"; {runs_on}; writing to {run_dir}"
+        f"steps {start_step}->{total_steps}"
+        + (f" (resumed from {plan.checkpoint})" if state else "")
+        + f"; {runs_on}; writing to {run_dir}"
     )
 
     stop = StopSignal().install()
@@ -496,8 +588,17 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
                 counts += out.expert_counts
                 real += float(out.real_tokens)
             flag = 1.0 if stop.signum is not None else 0.0
-            totals = accelerator.reduce(torch.stack([lm_sum, aux_sum, torch.tensor(real, dtype=torch.float64, device=lm_sum.device),
-                                                     torch.tensor(flag, dtype=torch.float64, device=lm_sum.device)]), "sum")
+            totals = accelerator.reduce(
+                torch.stack(
+                    [
+                        lm_sum,
+                        aux_sum,
+                        torch.tensor(real, dtype=torch.float64, device=lm_sum.device),
+                        torch.tensor(flag, dtype=torch.float64, device=lm_sum.device),
+                    ]
+                ),
+                "sum",
+            )
             counts = accelerator.reduce(counts, "sum")
             lm = totals[0].item() / max(n_trained, 1.0)
             aux = totals[1].item() / per_step
@@ -507,7 +608,9 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
                     f"step {step + 1}: the loss is not finite (lm {lm}, aux {aux}); stopped before applying the step; {where} "
                     f"(resume from it with a lower train.lr, e.g. resume=PATH train.lr={cfg_t.lr / 4:g})"
                 )
-            grad_norm = accelerator.clip_grad_norm_(trainable, cfg_t.max_grad_norm if cfg_t.max_grad_norm > 0 else float("inf"))
+            grad_norm = accelerator.clip_grad_norm_(
+                trainable, cfg_t.max_grad_norm if cfg_t.max_grad_norm > 0 else float("inf")
+            )
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             if accelerator.distributed_type != DistributedType.DEEPSPEED and not math.isfinite(grad_norm):
                 raise TrainingDiverged(
@@ -525,10 +628,20 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
             if main:
                 stats = expert_load_stats(counts)
                 rec = {
-                    "step": step, "loss": lm, "aux_loss": aux, "total_loss": lm + coef * aux, "lr": lr, "grad_norm": grad_norm,
-                    "epoch": round(stream.epoch_at(mb_consumed), 4), "tokens": int(totals[2].item()), "trained_tokens": int(n_trained),
-                    "tokens_per_s": totals[2].item() / max(dt, 1e-9), "step_time_s": dt,
-                    "router_entropy": stats["entropy"], "router_max_min": stats["max_min"], "router_idle": stats["idle"],
+                    "step": step,
+                    "loss": lm,
+                    "aux_loss": aux,
+                    "total_loss": lm + coef * aux,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "epoch": round(stream.epoch_at(mb_consumed), 4),
+                    "tokens": int(totals[2].item()),
+                    "trained_tokens": int(n_trained),
+                    "tokens_per_s": totals[2].item() / max(dt, 1e-9),
+                    "step_time_s": dt,
+                    "router_entropy": stats["entropy"],
+                    "router_max_min": stats["max_min"],
+                    "router_idle": stats["idle"],
                 }
                 every = recipe.logging.expert_share_every_steps
                 if every and step % every == 0:
@@ -549,8 +662,10 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
                 if main:
                     delta = recipe.early_stopping.min_delta
                     gain = f"by more than min_delta {delta:g}" if delta else "at all"
-                    tracker.info(f"early stopping at step {step}: the validation loss has not improved {gain} for {bad_evals} "
-                                 f"evaluation(s); best {best_value:.4f} at step {best_step}")
+                    tracker.info(
+                        f"early stopping at step {step}: the validation loss has not improved {gain} for {bad_evals} "
+                        f"evaluation(s); best {best_value:.4f} at step {best_step}"
+                    )
                 break
         if stop_reason != "interrupted":
             if evaluating and last_eval_step != step:
@@ -562,7 +677,9 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     finally:
         stop.restore()
         if main and tracker is not None:
-            tracker.close({"best_eval_loss": best_value, "best_step": best_step, "stop_reason": stop_reason, "step": step})
+            tracker.close(
+                {"best_eval_loss": best_value, "best_step": best_step, "stop_reason": stop_reason, "step": step}
+            )
 
     final_dir = None
     if stop_reason != "interrupted":
@@ -588,10 +705,14 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         result.exit_code = 128 + (stop.signum or signal.SIGINT)
     if main:
         took = time.time() - t_start
-        lines = [f"{'stopped early' if stop_reason == 'early_stopping' else 'interrupted' if stop_reason == 'interrupted' else 'finished'} "
-                 f"at step {step}/{total_steps} in {took:.0f}s; run directory {run_dir}"]
+        lines = [
+            f"{'stopped early' if stop_reason == 'early_stopping' else 'interrupted' if stop_reason == 'interrupted' else 'finished'} "
+            f"at step {step}/{total_steps} in {took:.0f}s; run directory {run_dir}"
+        ]
         if best_step is not None:
-            lines.append(f"  best: eval_loss {best_value:.4f} at step {best_step} -> {run_dir / CHECKPOINTS / step_dir_name(best_step)} (best.json)")
+            lines.append(
+                f"  best: eval_loss {best_value:.4f} at step {best_step} -> {run_dir / CHECKPOINTS / step_dir_name(best_step)} (best.json)"
+            )
         if final_dir is not None:
             lines.append(f"  final adapter: {final_dir}")
         if stop_reason == "interrupted":
@@ -607,7 +728,9 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gptoss_tune.train", description="Train a LoRA adapter on gpt-oss from a YAML recipe.")
+    p = argparse.ArgumentParser(
+        prog="gptoss_tune.train", description="Train a LoRA adapter on gpt-oss from a YAML recipe."
+    )
     p.add_argument("recipe", help="recipe YAML (see docs/recipes.md)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe keys, e.g. train.lr=1e-4")
     return p

@@ -5,22 +5,26 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_tune.data.batching import IGNORE
 from gptoss_tune.cli.main import main
+from gptoss_tune.data.batching import IGNORE
 from gptoss_tune.data.pipeline import load_data
+from gptoss_tune.data.rendering import render_example
 from gptoss_tune.data.settings import DataSettings
 from gptoss_tune.data.sources import read_examples
 from gptoss_tune.errors import UserError
-from gptoss_tune.data.rendering import render_example
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 
 PC = {"prompt": "What is the range of the Velora Fold?", "completion": "Up to 40 km."}
-CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "thinking": "Greet.", "content": "Hello!"}]}
+CHAT = {
+    "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "thinking": "Greet.", "content": "Hello!"}]
+}
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines), encoding="utf-8")
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines), encoding="utf-8"
+    )
     return path
 
 
@@ -84,7 +88,9 @@ def test_overlong_truncate_drop_and_no_silent_empty_target(tmp_path, cache):
     b = load_data(DataSettings(train=str(f), max_seq_len=200), seed=0, cache_dir=cache)
     t = b.report["train"]
     assert (t["examples"], t["truncated"], t["dropped_no_target"], t["dropped_overlong"]) == (2, 1, 1, 0)
-    assert t["dropped_reasons"] == [f"{f}:2: no trained token within the first 200 tokens (max_seq_len); the target was cut away, so it is left out"]
+    assert t["dropped_reasons"] == [
+        f"{f}:2: no trained token within the first 200 tokens (max_seq_len); the target was cut away, so it is left out"
+    ]
     assert all(len(x["input_ids"]) <= 200 for x in b.train)
     b = load_data(DataSettings(train=str(f), max_seq_len=200, overlong="drop"), seed=0, cache_dir=cache)
     t = b.report["train"]
@@ -99,9 +105,9 @@ def test_formats_parquet_json_array_and_saved_dataset(tmp_path, cache):
     (tmp_path / "a.json").write_text(json.dumps(rows))
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "validation": datasets.Dataset.from_list(rows[:1])}).save_to_disk(
-        str(tmp_path / "dd")
-    )
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows), "validation": datasets.Dataset.from_list(rows[:1])}
+    ).save_to_disk(str(tmp_path / "dd"))
     for name in ("a.json", "a.parquet", "saved", "dd"):
         got = [e.input_ids for e in read_examples(tmp_path / name, cache_dir=cache).examples]
         assert got == want, name
@@ -112,10 +118,27 @@ def test_table_rows_lose_the_nulls_arrow_adds(tmp_path, cache):
     """Arrow merges differently shaped objects into one struct, filling the gaps with nulls."""
     import datasets
 
-    tools = lambda name, prop: [{"type": "function", "function": {"name": name, "description": "", "parameters": {"type": "object", "properties": {prop: {"type": "string"}}}}}]  # noqa: E731
+    def tools(name, prop):
+        return [
+            {
+                "type": "function",
+                "function": {
+                    "name": name,
+                    "description": "",
+                    "parameters": {"type": "object", "properties": {prop: {"type": "string"}}},
+                },
+            }
+        ]
+
     rows = [
-        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": tools("f", "x")},
-        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": tools("g", "y")},
+        {
+            "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            "tools": tools("f", "x"),
+        },
+        {
+            "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            "tools": tools("g", "y"),
+        },
     ]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "t.parquet"))
     got = [e.input_ids for e in read_examples(tmp_path / "t.parquet", cache_dir=cache).examples]
@@ -135,13 +158,28 @@ def test_rendering_is_cached_by_datasets(tmp_path, cache):
 
 BAD_LINES = [
     ("{not json", "d.jsonl:2: not valid JSON (Expecting property name enclosed in double quotes at column 2)"),
-    ({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "d.jsonl:2: messages[0].role: unknown role 'bot'"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]}, "d.jsonl:2: messages[1]: an assistant message needs content or tool_calls (it has neither)"),
     (
-        {"messages": [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c1", "content": "r"}, {"role": "assistant", "content": "y"}]},
+        {"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        "d.jsonl:2: messages[0].role: unknown role 'bot'",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]},
+        "d.jsonl:2: messages[1]: an assistant message needs content or tool_calls (it has neither)",
+    ),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": "x"},
+                {"role": "tool", "tool_call_id": "c1", "content": "r"},
+                {"role": "assistant", "content": "y"},
+            ]
+        },
         "d.jsonl:2: messages[1].tool_call_id: 'c1' matches no earlier assistant tool call",
     ),
-    (PC | {"reasoning_effort": "extreme"}, "d.jsonl:2: reasoning_effort: unknown reasoning effort 'extreme'; expected low, medium or high"),
+    (
+        PC | {"reasoning_effort": "extreme"},
+        "d.jsonl:2: reasoning_effort: unknown reasoning effort 'extreme'; expected low, medium or high",
+    ),
 ]
 
 
@@ -173,18 +211,28 @@ def test_empty_missing_and_all_bad_files(tmp_path, cache):
         load_data(DataSettings(train="blank.jsonl"), seed=0, base_dir=tmp_path, cache_dir=cache)
     with pytest.raises(UserError) as e:
         load_data(DataSettings(train="nope.jsonl"), seed=0, base_dir=tmp_path, cache_dir=cache)
-    assert str(e.value) == f"data.train: {tmp_path}/nope.jsonl does not exist (relative paths are taken from {tmp_path})"
+    assert (
+        str(e.value) == f"data.train: {tmp_path}/nope.jsonl does not exist (relative paths are taken from {tmp_path})"
+    )
     write_jsonl(tmp_path / "t.jsonl", [PC])
     with pytest.raises(UserError, match=r"^data\.validation: .*/val\.jsonl does not exist"):
         load_data(DataSettings(train="t.jsonl", validation="val.jsonl"), seed=0, base_dir=tmp_path, cache_dir=cache)
     write_jsonl(tmp_path / "bad.jsonl", ["[1]"])
-    with pytest.raises(UserError, match=r"bad\.jsonl: no usable examples; all 1 records were bad, the first: .*bad\.jsonl:1: expected a JSON object"):
+    with pytest.raises(
+        UserError,
+        match=r"bad\.jsonl: no usable examples; all 1 records were bad, the first: .*bad\.jsonl:1: expected a JSON object",
+    ):
         load_data(DataSettings(train="bad.jsonl", on_bad_line="skip"), seed=0, base_dir=tmp_path, cache_dir=cache)
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(UserError, match=r"x\.csv: unknown data format '\.csv'"):
         load_data(DataSettings(train="x.csv"), seed=0, base_dir=tmp_path, cache_dir=cache)
     with pytest.raises(UserError, match=r"^data\.tools\[0\]\.function\.name"):
-        load_data(DataSettings(train="t.jsonl", tools=[{"type": "function", "function": {"name": "a b"}}]), seed=0, base_dir=tmp_path, cache_dir=cache)
+        load_data(
+            DataSettings(train="t.jsonl", tools=[{"type": "function", "function": {"name": "a b"}}]),
+            seed=0,
+            base_dir=tmp_path,
+            cache_dir=cache,
+        )
 
 
 def test_invalid_utf8_is_a_user_error(tmp_path, cache):
@@ -231,7 +279,10 @@ def test_render_bad_line_is_one_line_no_traceback(tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--max-seq-len", "5"], "gptoss-tune render: error: --max-seq-len: input should be greater than or equal to 16 (got 5)\n"),
+        (
+            ["--max-seq-len", "5"],
+            "gptoss-tune render: error: --max-seq-len: input should be greater than or equal to 16 (got 5)\n",
+        ),
         (["--n", "-1"], "gptoss-tune render: error: --n: the number of examples to print must be 0 or more, got -1\n"),
     ],
 )
@@ -254,8 +305,15 @@ def test_format_report_lists_a_few_reasons_and_counts_the_rest(tmp_path, cache):
 
     long_answer = {"prompt": "q", "completion": "word " * 300}
     f = write_jsonl(tmp_path / "d.jsonl", [PC] + [line for line, _ in BAD_LINES] + [long_answer, long_answer, CHAT])
-    b = load_data(DataSettings(train=str(f), on_bad_line="skip", max_seq_len=100, overlong="drop"), seed=0, cache_dir=cache)
+    b = load_data(
+        DataSettings(train=str(f), on_bad_line="skip", max_seq_len=100, overlong="drop"), seed=0, cache_dir=cache
+    )
     lines = format_report(b.report, listed=2).splitlines()
-    assert lines[0].startswith(f"train: 2 examples from {f} (9 records, 5 skipped)") and "2 dropped (2 overlong" in lines[0]
-    assert [line.split(":", 1)[0] for line in lines[1:]] == [f"  skipped {f}"] * 2 + ["  ... and 3 more skipped"] + [f"  dropped {f}"] * 2
+    assert (
+        lines[0].startswith(f"train: 2 examples from {f} (9 records, 5 skipped)")
+        and "2 dropped (2 overlong" in lines[0]
+    )
+    assert [line.split(":", 1)[0] for line in lines[1:]] == [f"  skipped {f}"] * 2 + ["  ... and 3 more skipped"] + [
+        f"  dropped {f}"
+    ] * 2
     assert lines[1].startswith(f"  skipped {f}:2: not valid JSON") and lines[4].startswith(f"  dropped {f}:7: ")

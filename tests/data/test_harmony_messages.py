@@ -17,9 +17,9 @@ from openai_harmony import (
     ToolDescription,
 )
 
-from gptoss_tune.errors import UserError
 from gptoss_tune.data.harmony import to_harmony_conversation
 from gptoss_tune.data.tokenizer import harmony_encoding
+from gptoss_tune.errors import UserError
 
 NO_DROP = RenderConversationConfig(auto_drop_analysis=False)
 
@@ -76,7 +76,11 @@ def CALL(name, args):
 
 
 def RESULT(name, t):
-    return Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{name}"), t).with_channel("commentary").with_recipient("assistant")
+    return (
+        Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{name}"), t)
+        .with_channel("commentary")
+        .with_recipient("assistant")
+    )
 
 
 WEATHER_TD = ToolDescription.new("get_weather", "Current weather in a city.", WEATHER["function"]["parameters"])
@@ -99,23 +103,44 @@ CASES = {
         [S(), D("You are terse.\n\nAnswer in French."), U("Hello"), F("Bonjour")],
     ),
     "explicit empty final answer": (
-        dict(messages=[{"role": "user", "content": "Say nothing."}, {"role": "assistant", "thinking": "ok", "content": ""}]),
+        dict(
+            messages=[
+                {"role": "user", "content": "Say nothing."},
+                {"role": "assistant", "thinking": "ok", "content": ""},
+            ]
+        ),
         [S(), U("Say nothing."), A("ok"), F("")],
     ),
     "reasoning effort low": (
-        dict(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], reasoning_effort="low"),
+        dict(
+            messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+            reasoning_effort="low",
+        ),
         [S(ReasoningEffort.LOW), U("Hi"), F("Hello")],
     ),
     "reasoning effort high": (
-        dict(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], reasoning_effort="HIGH"),
+        dict(
+            messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+            reasoning_effort="HIGH",
+        ),
         [S(ReasoningEffort.HIGH), U("Hi"), F("Hello")],
     ),
     "analysis plus final (thinking)": (
-        dict(messages=[{"role": "user", "content": "2+3?"}, {"role": "assistant", "thinking": "2 plus 3 is 5.", "content": "5"}]),
+        dict(
+            messages=[
+                {"role": "user", "content": "2+3?"},
+                {"role": "assistant", "thinking": "2 plus 3 is 5.", "content": "5"},
+            ]
+        ),
         [S(), U("2+3?"), A("2 plus 3 is 5."), F("5")],
     ),
     "analysis plus final (reasoning)": (
-        dict(messages=[{"role": "user", "content": "2+3?"}, {"role": "assistant", "reasoning": "Add them.", "content": "5"}]),
+        dict(
+            messages=[
+                {"role": "user", "content": "2+3?"},
+                {"role": "assistant", "reasoning": "Add them.", "content": "5"},
+            ]
+        ),
         [S(), U("2+3?"), A("Add them."), F("5")],
     ),
     "multi-turn drops earlier analysis": (
@@ -138,7 +163,13 @@ CASES = {
                 {
                     "role": "assistant",
                     "thinking": "Need the weather tool.",
-                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}],
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                        }
+                    ],
                 },
                 {"role": "tool", "tool_call_id": "c1", "content": '{"temp_c": 4}'},
                 {"role": "assistant", "thinking": "4 degrees.", "content": "It is 4 °C in Oslo."},
@@ -186,11 +217,19 @@ CASES = {
         dict(
             messages=[
                 {"role": "user", "content": "Weather in Rome?"},
-                {"role": "assistant", "thinking": "call it", "tool_calls": [{"id": "a", "function": {"name": "get_weather", "arguments": "{}"}}]},
+                {
+                    "role": "assistant",
+                    "thinking": "call it",
+                    "tool_calls": [{"id": "a", "function": {"name": "get_weather", "arguments": "{}"}}],
+                },
                 {"role": "tool", "tool_call_id": "a", "content": "sunny"},
                 {"role": "assistant", "thinking": "sunny", "content": "Sunny."},
                 {"role": "user", "content": "And Oslo?"},
-                {"role": "assistant", "thinking": "call again", "tool_calls": [{"id": "b", "function": {"name": "get_weather", "arguments": "{}"}}]},
+                {
+                    "role": "assistant",
+                    "thinking": "call again",
+                    "tool_calls": [{"id": "b", "function": {"name": "get_weather", "arguments": "{}"}}],
+                },
             ],
             tools=[WEATHER],
         ),
@@ -213,7 +252,9 @@ CASES = {
 def test_tokens_equal_openai_harmony(name):
     enc = harmony_encoding()
     kwargs, expected = CASES[name]
-    ours = to_harmony_conversation(kwargs["messages"], tools=kwargs.get("tools"), reasoning_effort=kwargs.get("reasoning_effort"))
+    ours = to_harmony_conversation(
+        kwargs["messages"], tools=kwargs.get("tools"), reasoning_effort=kwargs.get("reasoning_effort")
+    )
     want = enc.render_conversation_for_training(Conversation.from_messages(expected), NO_DROP)
     got = enc.render_conversation_for_training(ours, NO_DROP)
     assert got == want, f"\nours: {enc.decode(got)!r}\nwant: {enc.decode(want)!r}"
@@ -222,7 +263,9 @@ def test_tokens_equal_openai_harmony(name):
 def test_single_turn_keeps_its_analysis():
     """openai-harmony's default dropping would delete the chain of thought of the trained turn."""
     enc = harmony_encoding()
-    conv = to_harmony_conversation([{"role": "user", "content": "q"}, {"role": "assistant", "thinking": "because", "content": "a"}])
+    conv = to_harmony_conversation(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "thinking": "because", "content": "a"}]
+    )
     text = enc.decode(enc.render_conversation_for_training(conv, NO_DROP))
     assert "<|channel|>analysis<|message|>because<|end|>" in text
     assert text.endswith("<|channel|>final<|message|>a<|return|>")
@@ -232,20 +275,30 @@ def test_request_for_completion_drops_closed_analysis_keeps_open_tool_turn():
     enc = harmony_encoding()
     # Ends with a user message: the earlier turn ended in a final answer, so its analysis goes.
     conv = to_harmony_conversation(
-        [{"role": "user", "content": "u1"}, {"role": "assistant", "thinking": "t1", "content": "f1"}, {"role": "user", "content": "u2"}]
+        [
+            {"role": "user", "content": "u1"},
+            {"role": "assistant", "thinking": "t1", "content": "f1"},
+            {"role": "user", "content": "u2"},
+        ]
     )
     want = Conversation.from_messages([S(), U("u1"), F("f1"), U("u2")])
-    assert enc.render_conversation_for_completion(conv, Role.ASSISTANT, NO_DROP) == enc.render_conversation_for_completion(
-        want, Role.ASSISTANT, NO_DROP
-    )
+    assert enc.render_conversation_for_completion(
+        conv, Role.ASSISTANT, NO_DROP
+    ) == enc.render_conversation_for_completion(want, Role.ASSISTANT, NO_DROP)
     # Ends with a tool result: the turn is still going, its analysis stays.
     msgs = [
         {"role": "user", "content": "Weather?"},
-        {"role": "assistant", "thinking": "t", "tool_calls": [{"id": "x", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {
+            "role": "assistant",
+            "thinking": "t",
+            "tool_calls": [{"id": "x", "function": {"name": "get_weather", "arguments": "{}"}}],
+        },
         {"role": "tool", "tool_call_id": "x", "content": "rain"},
     ]
     conv = to_harmony_conversation(msgs, tools=[WEATHER])
-    want = Conversation.from_messages([S(), D(tools=[WEATHER_TD]), U("Weather?"), A("t"), CALL("get_weather", "{}"), RESULT("get_weather", "rain")])
+    want = Conversation.from_messages(
+        [S(), D(tools=[WEATHER_TD]), U("Weather?"), A("t"), CALL("get_weather", "{}"), RESULT("get_weather", "rain")]
+    )
     got = enc.render_conversation_for_completion(conv, Role.ASSISTANT, NO_DROP)
     assert got == enc.render_conversation_for_completion(want, Role.ASSISTANT, NO_DROP)
     assert enc.decode(got).endswith("<|start|>assistant")
@@ -253,25 +306,63 @@ def test_request_for_completion_drops_closed_analysis_keeps_open_tool_turn():
 
 BAD = [
     ([{"role": "bot", "content": "x"}], {}, "messages[0].role: unknown role 'bot'"),
-    ([{"role": "user", "content": "x"}, {"role": "assistant"}], {}, "messages[1]: an assistant message needs content or tool_calls"),
-    ([{"role": "user", "content": "x"}, {"role": "assistant", "thinking": "only"}], {}, "messages[1]: an assistant message needs content or tool_calls"),
-    ([{"role": "user"}], {}, "messages[0].content: missing"),
-    ([{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c9", "content": "r"}], {}, "messages[1].tool_call_id: 'c9' matches no earlier"),
-    ([{"role": "user", "content": "x"}, {"role": "tool", "name": "f", "content": "r"}], {}, "messages[1].name: no earlier assistant tool call called 'f'"),
-    ([{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}], {}, "messages[1]: a tool result needs tool_call_id"),
-    ([{"role": "user", "content": "x"}], {"reasoning_effort": "extreme"}, "reasoning_effort: unknown reasoning effort 'extreme'"),
     (
-        [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}],
+        [{"role": "user", "content": "x"}, {"role": "assistant"}],
+        {},
+        "messages[1]: an assistant message needs content or tool_calls",
+    ),
+    (
+        [{"role": "user", "content": "x"}, {"role": "assistant", "thinking": "only"}],
+        {},
+        "messages[1]: an assistant message needs content or tool_calls",
+    ),
+    ([{"role": "user"}], {}, "messages[0].content: missing"),
+    (
+        [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c9", "content": "r"}],
+        {},
+        "messages[1].tool_call_id: 'c9' matches no earlier",
+    ),
+    (
+        [{"role": "user", "content": "x"}, {"role": "tool", "name": "f", "content": "r"}],
+        {},
+        "messages[1].name: no earlier assistant tool call called 'f'",
+    ),
+    (
+        [{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}],
+        {},
+        "messages[1]: a tool result needs tool_call_id",
+    ),
+    (
+        [{"role": "user", "content": "x"}],
+        {"reasoning_effort": "extreme"},
+        "reasoning_effort: unknown reasoning effort 'extreme'",
+    ),
+    (
+        [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]},
+        ],
         {},
         "messages[1].tool_calls[0].function.arguments: not valid JSON",
     ),
     (
-        [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function": {"name": "bad name", "arguments": "{}"}}]}],
+        [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "tool_calls": [{"function": {"name": "bad name", "arguments": "{}"}}]},
+        ],
         {},
         "messages[1].tool_calls[0].function.name: 'bad name' is not a valid function name",
     ),
-    ([{"role": "user", "content": "x"}], {"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
-    ([{"role": "user", "content": "x"}, {"role": "assistant", "thinking": "a", "reasoning": "b", "content": "c"}], {}, "not both"),
+    (
+        [{"role": "user", "content": "x"}],
+        {"tools": [{"type": "function", "function": {"description": "no name"}}]},
+        "tools[0].function.name",
+    ),
+    (
+        [{"role": "user", "content": "x"}, {"role": "assistant", "thinking": "a", "reasoning": "b", "content": "c"}],
+        {},
+        "not both",
+    ),
     ([{"role": "user", "content": {"x": 1}}], {}, "messages[0].content: expected a string or a list of text parts"),
     ([], {}, "messages: the list is empty"),
     ("hello", {}, "messages: expected a list of messages, got a string"),

@@ -39,7 +39,14 @@ def test_fit_truncates_drops_and_never_keeps_an_empty_target():
 def _examples():
     return [
         render_example({"prompt": "Hi", "completion": "Hello there."}),
-        render_example({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "thinking": "Add.", "content": "4"}]}),
+        render_example(
+            {
+                "messages": [
+                    {"role": "user", "content": "2+2?"},
+                    {"role": "assistant", "thinking": "Add.", "content": "4"},
+                ]
+            }
+        ),
         render_example({"prompt": "Name a colour.", "completion": "Blue."}),
     ]
 

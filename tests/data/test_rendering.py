@@ -9,13 +9,18 @@ model), so the mask boundary is exactly where generation begins.
 import pytest
 from openai_harmony import Conversation, RenderConversationConfig, Role
 
-from gptoss_tune.errors import UserError
 from gptoss_tune.data.harmony import to_harmony_conversation
 from gptoss_tune.data.rendering import render_example
 from gptoss_tune.data.tokenizer import harmony_encoding
+from gptoss_tune.errors import UserError
 
 NO_DROP = RenderConversationConfig(auto_drop_analysis=False)
-TOOLS = [{"type": "function", "function": {"name": "f", "description": "A tool.", "parameters": {"type": "object", "properties": {}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "f", "description": "A tool.", "parameters": {"type": "object", "properties": {}}},
+    }
+]
 
 
 def call(name="f", args="{}", id="c1"):
@@ -41,14 +46,27 @@ CASES = {
         ["<|channel|>final<|message|>Hello!<|return|>"],
     ),
     "single turn keeps its analysis": (
-        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "thinking": "Easy: 4.", "content": "4"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "thinking": "Easy: 4.", "content": "4"},
+            ]
+        },
         {},
         ["<|channel|>analysis<|message|>Easy: 4.<|end|><|start|>assistant<|channel|>final<|message|>4<|return|>"],
     ),
     "ends with a tool call": (
-        {"messages": [{"role": "user", "content": "go"}, {"role": "assistant", "thinking": "use f", "tool_calls": [call()]}], "tools": TOOLS},
+        {
+            "messages": [
+                {"role": "user", "content": "go"},
+                {"role": "assistant", "thinking": "use f", "tool_calls": [call()]},
+            ],
+            "tools": TOOLS,
+        },
         {},
-        ["<|channel|>analysis<|message|>use f<|end|><|start|>assistant to=functions.f<|channel|>commentary <|constrain|>json<|message|>{}<|call|>"],
+        [
+            "<|channel|>analysis<|message|>use f<|end|><|start|>assistant to=functions.f<|channel|>commentary <|constrain|>json<|message|>{}<|call|>"
+        ],
     ),
     "tool call, result, answer": (
         {
@@ -70,7 +88,11 @@ CASES = {
         {
             "messages": [
                 {"role": "user", "content": "go"},
-                {"role": "assistant", "content": "Checking.", "tool_calls": [call(id="a"), call(id="b", args='{"y":2}')]},
+                {
+                    "role": "assistant",
+                    "content": "Checking.",
+                    "tool_calls": [call(id="a"), call(id="b", args='{"y":2}')],
+                },
                 {"role": "tool", "tool_call_id": "a", "content": "1"},
                 {"role": "tool", "tool_call_id": "b", "content": "2"},
                 {"role": "assistant", "content": "Done."},
@@ -184,18 +206,35 @@ def test_nothing_but_assistant_tokens_is_trained():
     r = render_example(CASES["tool call, result, answer"][0])
     enc = harmony_encoding()
     text_untrained = enc.decode([t for t, m in zip(r.input_ids, r.loss_mask) if not m])
-    for part in ("<|start|>system", "<|start|>developer", "<|start|>user<|message|>go<|end|>", "functions.f to=assistant<|channel|>commentary<|message|>42<|end|>"):
+    for part in (
+        "<|start|>system",
+        "<|start|>developer",
+        "<|start|>user<|message|>go<|end|>",
+        "functions.f to=assistant<|channel|>commentary<|message|>42<|end|>",
+    ):
         assert part in text_untrained
 
 
 FORMAT_ERRORS = [
     ({"prompt": "x"}, "completion: missing"),
     ({"text": "x"}, 'expected {"messages": [...]} or {"prompt": ..., "completion": ...}; the keys are text'),
-    ({"messages": [{"role": "user", "content": "x"}]}, "messages[0]: the last message is a 'user' message; a training example must end with an assistant message"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]}, "messages[1].role: unknown role 'robot'"),
-    ({"prompt": "x", "completion": [{"role": "user", "content": "y"}]}, "completion[0]: a completion must start with an assistant message"),
+    (
+        {"messages": [{"role": "user", "content": "x"}]},
+        "messages[0]: the last message is a 'user' message; a training example must end with an assistant message",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]},
+        "messages[1].role: unknown role 'robot'",
+    ),
+    (
+        {"prompt": "x", "completion": [{"role": "user", "content": "y"}]},
+        "completion[0]: a completion must start with an assistant message",
+    ),
     ({"prompt": [{"role": "user"}], "completion": "y"}, "prompt[0].content: missing"),
-    ({"prompt": "x", "completion": [{"role": "assistant"}]}, "completion[0]: an assistant message needs content or tool_calls"),
+    (
+        {"prompt": "x", "completion": [{"role": "assistant"}]},
+        "completion[0]: an assistant message needs content or tool_calls",
+    ),
     ({"prompt": "x", "completion": "y", "reasoning_effort": "max"}, "reasoning_effort: unknown reasoning effort 'max'"),
     ([1, 2], "expected a JSON object"),
 ]
@@ -213,7 +252,9 @@ def test_recipe_defaults_and_example_overrides():
     r = render_example({"prompt": "a", "completion": "b"}, reasoning_effort="low", tools=TOOLS)
     text = enc.decode(r.input_ids)
     assert "Reasoning: low" in text and "type f = (" in text
-    r = render_example({"prompt": "a", "completion": "b", "reasoning_effort": "high", "tools": []}, reasoning_effort="low", tools=TOOLS)
+    r = render_example(
+        {"prompt": "a", "completion": "b", "reasoning_effort": "high", "tools": []}, reasoning_effort="low", tools=TOOLS
+    )
     text = enc.decode(r.input_ids)
     assert "Reasoning: high" in text and "namespace functions" not in text
 

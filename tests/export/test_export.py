@@ -15,13 +15,13 @@ from helpers.runs import make_run_dir
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from gptoss_kernels.mxfp4 import dequantize
 from gptoss_tune import load_model
-from gptoss_tune.model.adapter import load_with_adapter
 from gptoss_tune.errors import UserError
 from gptoss_tune.export.exporter import export_run
 from gptoss_tune.export.peft_format import from_peft_state_dict, peft_config, to_peft_state_dict
+from gptoss_tune.model.adapter import load_with_adapter
 from gptoss_tune.model.lora import LoraSettings
-from gptoss_kernels.mxfp4 import dequantize
 
 LORAS = {
     "full": {"rank": 2, "alpha": 4},
@@ -109,7 +109,9 @@ def test_transformers_loads_adapter_dir_through_its_peft_integration(exports, fu
     from transformers import AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
-    m = AutoModelForCausalLM.from_pretrained(str(exports["adapter"]), dtype=torch.float32).eval().float()  # 5.17: bf16 experts
+    m = (
+        AutoModelForCausalLM.from_pretrained(str(exports["adapter"]), dtype=torch.float32).eval().float()
+    )  # 5.17: bf16 experts
     ids = _ids(seed=1)
     ours = _logits(load_with_adapter(full_run / "checkpoints/step-00000010", device="cpu"), ids)
     torch.testing.assert_close(_logits(m, ids), ours, atol=2e-4, rtol=0)
@@ -130,7 +132,10 @@ def test_peft_mapping_round_trips(kind):
         state[f"model.layers.1.self_attn.{p}.lora_B.default.weight"] = torch.randn(H, r, generator=g)
     peft_state = to_peft_state_dict(state, s)
     if len(s.experts) == 2:
-        assert peft_state["base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight"].shape == (2 * I, r * E)
+        assert peft_state["base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight"].shape == (
+            2 * I,
+            r * E,
+        )
         assert peft_state["base_model.model.model.layers.0.mlp.experts.lora_A.weight"].shape == (r * E, I)
     back = from_peft_state_dict(peft_state, s, E)
     assert back.keys() == state.keys()
@@ -276,8 +281,8 @@ def test_exported_tokenizer_matches_tiktoken_and_harmony(exports):
         assert (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) == (200002, 199999, 199998)
 
     # The chat template against the server's prompts (harmony_messages rendered by openai-harmony).
-    from gptoss_tune.serve.openai_schema import parse_request
     from gptoss_tune.serve.app import render_prompt
+    from gptoss_tune.serve.openai_schema import parse_request
 
     convs = [
         [{"role": "user", "content": "Hi"}],
@@ -305,7 +310,9 @@ def test_exported_tokenizer_matches_tiktoken_and_harmony(exports):
     ids = ids["input_ids"] if not isinstance(ids, list) else ids
     assert list(ids) == list(h.render_conversation_for_completion(conv, Role.ASSISTANT))
     with pytest.raises(Exception, match="openai-harmony"):
-        tok.apply_chat_template(msgs, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}], tokenize=False)
+        tok.apply_chat_template(
+            msgs, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}], tokenize=False
+        )
 
 
 def h_decode(ids):
@@ -317,7 +324,14 @@ def h_decode(ids):
 def test_model_card_and_self_contained_dirs(exports, full_run):
     for fmt in ("adapter", "merged-bf16", "merged-mxfp4"):
         d = exports[fmt]
-        for f in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "README.md"):
+        for f in (
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+            "README.md",
+        ):
             assert (d / f).is_file(), (fmt, f)
         card = (d / "README.md").read_text()
         assert card.startswith("---\nbase_model: ")
@@ -394,6 +408,8 @@ def test_export_refuses_an_unwritable_out_and_a_bad_device_and_reports_a_full_di
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(export, "save_file", full_disk)
-    with pytest.raises(UserError, match=r"writing the export to .*/o failed: No space left on device .*nothing was written"):
+    with pytest.raises(
+        UserError, match=r"writing the export to .*/o failed: No space left on device .*nothing was written"
+    ):
         export_run(full_run, "merged-bf16", tmp_path / "o", progress=_quiet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no partial export, no temporary left

@@ -26,7 +26,9 @@ def synthetic_rows(n: int, seq: int = 40, k: int = 40, seed: int = 0, prompt: in
 def synthetic_data(n_train: int = 32, n_val: int = 8):
     from gptoss_tune.train.stream import TrainData
 
-    return TrainData(synthetic_rows(n_train), synthetic_rows(n_val, seed=1), {"train_rows": n_train, "validation_rows": n_val})
+    return TrainData(
+        synthetic_rows(n_train), synthetic_rows(n_val, seed=1), {"train_rows": n_train, "validation_rows": n_val}
+    )
 
 
 def write_recipe(dir: Path, model: Path, name: str = "recipe.yaml", **sections) -> Path:
@@ -37,8 +39,15 @@ def write_recipe(dir: Path, model: Path, name: str = "recipe.yaml", **sections) 
         "model": {"path": str(model)},
         "lora": {"rank": 8, "alpha": 16},
         "data": {"train": "data/train.jsonl", "val_fraction": 0.2, "max_seq_len": 64},
-        "train": {"epochs": None, "max_steps": 12, "micro_batch_size": 2, "grad_accum": 2, "lr": 3e-2,
-                  "warmup_ratio": 0.1, "gradient_checkpointing": False},
+        "train": {
+            "epochs": None,
+            "max_steps": 12,
+            "micro_batch_size": 2,
+            "grad_accum": 2,
+            "lr": 3e-2,
+            "warmup_ratio": 0.1,
+            "gradient_checkpointing": False,
+        },
         "eval": {"every_steps": 4},
         "early_stopping": {"patience": 3},
         "checkpoint": {"every_steps": 3, "keep": 2},
@@ -65,7 +74,8 @@ def wrapper_script(dir: Path) -> Path:
     tests), and, with GPTOSS_TEST_HANG_AT_CHECKPOINT=N, hangs inside the write of step N's checkpoint after
     touching GPTOSS_TEST_MARKER (so a test can kill it mid-write)."""
     script = dir / "train_synthetic.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, sys, time
         import torch
         torch.set_num_threads(1)
@@ -84,7 +94,8 @@ def wrapper_script(dir: Path) -> Path:
                     time.sleep(120)
             ck.write_checkpoint_files = slow
         sys.exit(train_mod.main(sys.argv[1:]))
-    """))
+    """)
+    )
     return script
 
 

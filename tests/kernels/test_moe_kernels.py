@@ -79,7 +79,9 @@ def _interpreter_env(request, monkeypatch):
     if request.node.name == SUBPROCESS_TEST:
         return
     if not IN_PROCESS:
-        pytest.skip(f"triton was imported without the interpreter by an earlier test file; {SUBPROCESS_TEST} runs this test")
+        pytest.skip(
+            f"triton was imported without the interpreter by an earlier test file; {SUBPROCESS_TEST} runs this test"
+        )
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
@@ -89,7 +91,10 @@ def test_kernel_tests_run_in_a_fresh_interpreted_process():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", __file__],
-        env=env, capture_output=True, text=True, timeout=900,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
@@ -113,7 +118,9 @@ def mxfp4(gen, E, out_f, in_f, spread=True):
     """Random MXFP4 [E, out, in] weights with every code and, if spread, block scales over 2**-9..2**3."""
     w = torch.randn(E, out_f, in_f, generator=gen) / in_f**0.5
     if spread:
-        w = w * torch.exp2(torch.randint(-6, 4, (E, out_f, in_f // 32, 1), generator=gen).float()).repeat_interleave(32, -1).view_as(w)
+        w = w * torch.exp2(torch.randint(-6, 4, (E, out_f, in_f // 32, 1), generator=gen).float()).repeat_interleave(
+            32, -1
+        ).view_as(w)
     return quantize(w)
 
 
@@ -128,7 +135,9 @@ def routing(gen, T, E, k, idle=(1,)):
 def layer(gen, E=6, H=64, I=96, r=3, lora=("gate_up", "down")):
     gub, gus = mxfp4(gen, E, 2 * I, H)
     dnb, dns = mxfp4(gen, E, H, I)
-    w = ExpertWeights(gub, gus, torch.randn(E, 2 * I, generator=gen) * 0.5, dnb, dns, torch.randn(E, H, generator=gen) * 0.1)
+    w = ExpertWeights(
+        gub, gus, torch.randn(E, 2 * I, generator=gen) * 0.5, dnb, dns, torch.randn(E, H, generator=gen) * 0.1
+    )
     factors = [None] * 4
     if "gate_up" in lora:
         factors[0:2] = torch.randn(E, r, H, generator=gen) * 0.2, torch.randn(E, 2 * I, r, generator=gen) * 0.2
@@ -194,7 +203,10 @@ def test_fp16_operands_keep_blocks_with_small_scales():
     assert y.dtype == torch.float16 and rel(y, ref) < 2e-3
     dy = torch.randn(T * k, N, generator=gen).half()
     dx = MT.mxfp4_grouped_matmul_t(dy, d, blocks, scales)
-    assert dx.dtype == torch.float16 and rel(dx, REF.grouped_mxfp4_matmul_t_reference(dy, d.offsets, blocks, scales)) < 2e-3
+    assert (
+        dx.dtype == torch.float16
+        and rel(dx, REF.grouped_mxfp4_matmul_t_reference(dy, d.offsets, blocks, scales)) < 2e-3
+    )
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -213,17 +225,20 @@ def test_grouped_matmul_forward(mode, lora):
     ref_kw = dict(xa=xa, lora_B=B, lora_scale=0.7)
     if mode == "swiglu":
         h, act = MT.mxfp4_grouped_matmul(x, d, blocks, scales, bias, rows=d.row_token, lora=lo, swiglu=(7.0, 1.702))
-        h_ref, act_ref = REF.grouped_mxfp4_matmul_reference(x, d.offsets, blocks, scales, bias, rows=d.row_token,
-                                                           swiglu=(7.0, 1.702), **ref_kw)
+        h_ref, act_ref = REF.grouped_mxfp4_matmul_reference(
+            x, d.offsets, blocks, scales, bias, rows=d.row_token, swiglu=(7.0, 1.702), **ref_kw
+        )
         assert rel(h, h_ref) < 1e-6 and rel(act, act_ref) < 1e-6
         assert h.abs().max() > 7  # the clamps are exercised
-        _, act2 = MT.mxfp4_grouped_matmul(x, d, blocks, scales, bias, rows=d.row_token, lora=lo, swiglu=(7.0, 1.702),
-                                          store_pre=False)
+        _, act2 = MT.mxfp4_grouped_matmul(
+            x, d, blocks, scales, bias, rows=d.row_token, lora=lo, swiglu=(7.0, 1.702), store_pre=False
+        )
         assert torch.equal(act2, act)
     else:
         y = MT.mxfp4_grouped_matmul(x[d.row_token.long()], d, blocks, scales, bias, lora=lo, out_rows=d.row_pair)
-        y_ref = REF.grouped_mxfp4_matmul_reference(x[d.row_token.long()], d.offsets, blocks, scales, bias,
-                                                   out_rows=d.row_pair, **ref_kw)
+        y_ref = REF.grouped_mxfp4_matmul_reference(
+            x[d.row_token.long()], d.offsets, blocks, scales, bias, out_rows=d.row_pair, **ref_kw
+        )
         assert rel(y, y_ref) < 1e-6
 
 
@@ -273,8 +288,9 @@ def test_grouped_matmul_transposed(mode, lora):
         w_rows = rw.reshape(-1)[d.row_pair.long()]
         h = torch.randn(T * k, 2 * K, generator=gen) * 6  # beyond the clamp at +-7 in places
         dh = MT.mxfp4_grouped_matmul_t(dout, d, blocks, scales, rows=d.row_token, row_scale=w_rows, lora=lo, swiglu_h=h)
-        ref = REF.grouped_mxfp4_matmul_t_reference(dout, d.offsets, blocks, scales, rows=d.row_token, row_scale=w_rows,
-                                                   swiglu_h=h, **ref_kw)
+        ref = REF.grouped_mxfp4_matmul_t_reference(
+            dout, d.offsets, blocks, scales, rows=d.row_token, row_scale=w_rows, swiglu_h=h, **ref_kw
+        )
         assert rel(dh, ref) < 1e-6
         assert (dh[:, 0::2] == 0).any() and (dh[:, 1::2] == 0).any()  # clamped entries pass no gradient
     else:
@@ -310,7 +326,10 @@ def test_grouped_outer(variant):
     d = build_dispatch(idx, E)
     right = torch.randn(T * k, r, generator=gen)
     if variant == "gather_scale":
-        left, kw = torch.randn(T, D, generator=gen), dict(left_rows=d.row_token, left_scale=torch.rand(T * k, generator=gen))
+        left, kw = (
+            torch.randn(T, D, generator=gen),
+            dict(left_rows=d.row_token, left_scale=torch.rand(T * k, generator=gen)),
+        )
     elif variant == "swiglu_transposed":
         left, kw = torch.randn(T * k, 2 * D, generator=gen) * 5, dict(left_swiglu=(7.0, 1.702), transpose=True)
     else:
@@ -350,7 +369,9 @@ def _run(fn, x, idx, rw, w, lora):
 
 
 def _f64(w: ExpertWeights, lora):
-    w64 = ExpertWeights(w.gate_up_blocks, w.gate_up_scales, w.gate_up_bias.to(F64), w.down_blocks, w.down_scales, w.down_bias.to(F64))
+    w64 = ExpertWeights(
+        w.gate_up_blocks, w.gate_up_scales, w.gate_up_bias.to(F64), w.down_blocks, w.down_scales, w.down_bias.to(F64)
+    )
     if lora is None:
         return w64, None
     return w64, ExpertLoRA(*[None if t is None else t.to(F64) for t in lora[:4]], lora.scaling)
@@ -436,8 +457,11 @@ def test_tiny_model_forward_backward_through_triton_backend_matches_reference(ti
             assert layer_.mlp.experts.resolved_backend(torch.device("cpu")) == backend
         out = model(input_ids=ids, labels=ids, output_router_logits=True)
         out.loss.backward()
-        results[backend] = (out.logits.detach(), out.loss.detach(),
-                            {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        results[backend] = (
+            out.logits.detach(),
+            out.loss.detach(),
+            {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+        )
     (lr, loss_r, gr), (lt, loss_t, gt) = results["reference"], results["triton"]
     assert rel(lt, lr) < 1e-5
     assert abs(loss_t.item() - loss_r.item()) < 1e-5 * abs(loss_r.item())
@@ -447,8 +471,8 @@ def test_tiny_model_forward_backward_through_triton_backend_matches_reference(ti
 
 
 def test_backend_env_forces_triton_on_cpu(monkeypatch):
-    from gptoss_tune.model.experts import BACKEND_ENV, MXFP4Experts
     from gptoss_tune.model.config import tiny_config
+    from gptoss_tune.model.experts import BACKEND_ENV, MXFP4Experts
     from gptoss_tune.model.loader import build_config
 
     ex = MXFP4Experts(build_config(tiny_config()), dtype=torch.float32)
@@ -479,7 +503,7 @@ def _tile_cases():
         script = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(script)
         # 70 tokens for expert 0: two 64-row tiles; expert 1 exactly 64 rows; one with a single row; two idle
-        for family, label, fn in script.cases(MT, problem=dict(T=140, big=70, E=7)):
+        for _family, label, fn in script.cases(MT, problem=dict(T=140, big=70, E=7)):
             _TILE_CASES[label] = fn
         _TILE_CASES["TOL"] = script.TOL["cpu"]
     return _TILE_CASES
@@ -512,7 +536,13 @@ def bf16_round_to_nearest(monkeypatch):
 
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            bits = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            bits = (
+                torch.from_numpy(np.ascontiguousarray(src.data))
+                .to(torch.bfloat16)
+                .view(torch.int16)
+                .numpy()
+                .view(np.uint16)
+            )
             return TI.TensorHandle(bits, dst_type.scalar)
         return original(self, src, dst_type)
 

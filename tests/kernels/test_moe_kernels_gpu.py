@@ -20,8 +20,9 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 def _run(script, *args, timeout=1800):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(SCRIPTS / script), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -66,6 +67,7 @@ def test_layer_on_a_device_that_is_not_the_current_one():
     """`--device cuda:1` leaves cuda:0 current; Triton launches on the current device, so without the
     launchers' device guard the kernels would get device-1 pointers on device 0."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SECOND_DEVICE, str(SCRIPTS)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SECOND_DEVICE, str(SCRIPTS)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -74,7 +74,17 @@ def test_quantize_matches_bruteforce_rule_with_ties():
     assert np.array_equal(codes.numpy() & 7, ref_codes & 7)
     assert np.array_equal(codes.numpy()[nz], ref_codes[nz])
     assert np.array_equal(scales.numpy()[ref_scales != 0], ref_scales[ref_scales != 0])
-    assert mxfp4.dequantize(blocks, scales, torch.float32)[0, :9].tolist() == [6.0, 0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -1.0]
+    assert mxfp4.dequantize(blocks, scales, torch.float32)[0, :9].tolist() == [
+        6.0,
+        0.0,
+        1.0,
+        1.0,
+        2.0,
+        2.0,
+        4.0,
+        4.0,
+        -1.0,
+    ]
 
 
 def test_quantize_is_exact_on_mxfp4_values():

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from helpers.reference import stock_model
-from gptoss_tune.model import attention as A
+
 from gptoss_tune import load_model
+from gptoss_tune.model import attention as A
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -65,7 +65,18 @@ def _qkv(B, cfg, L, seed, dtype=torch.float32):
 
 
 def _run(fn, module, q, k, v, mask, **kw):
-    out, _ = fn(module, q, k, v, mask, scaling=module.scaling, dropout=0.0, sliding_window=module.sliding_window, s_aux=module.sinks, **kw)
+    out, _ = fn(
+        module,
+        q,
+        k,
+        v,
+        mask,
+        scaling=module.scaling,
+        dropout=0.0,
+        sliding_window=module.sliding_window,
+        s_aux=module.sinks,
+        **kw,
+    )
     return out
 
 
@@ -99,7 +110,7 @@ def test_outputs_and_gradients_match_transformers_eager(layout, layer_idx):
     sinks_ref_grad = ref_grads[3].clone()
     our_grads = torch.autograd.grad(ours, [q2, k2, v2, module.sinks], g)
     for name, a, b in zip("q k v sinks".split(), our_grads[:3] + (our_grads[3],), ref_grads[:3] + (sinks_ref_grad,)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, name=name: f"grad {name}: {m}")
     assert our_grads[3].abs().sum() > 0  # the sinks do get a gradient
 
 
@@ -293,7 +304,9 @@ def test_tiny_model_lora_gradients_equal_eager(tiny_ckpt):
         grads[impl] = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
     assert grads[A.ATTN_IMPLEMENTATION].keys() == grads["eager"].keys() and grads["eager"]
     for n, g in grads["eager"].items():
-        torch.testing.assert_close(grads[A.ATTN_IMPLEMENTATION][n], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(
+            grads[A.ATTN_IMPLEMENTATION][n], g, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}"
+        )
 
 
 def test_generation_with_kv_cache_equals_eager(tiny_ckpt):
@@ -335,7 +348,9 @@ def test_flex_route_on_cuda_matches_fp32_reference(layout, window, many_compiles
     ref_module.sliding_window = window
     module = copy.deepcopy(ref_module).bfloat16()
     if layout == "packed":
-        pos = torch.stack([torch.cat([torch.arange(300), torch.arange(724)]), torch.cat([torch.arange(1000), torch.arange(24)])])
+        pos = torch.stack(
+            [torch.cat([torch.arange(300), torch.arange(724)]), torch.cat([torch.arange(1000), torch.arange(24)])]
+        )
         mask2d = None
     else:
         pos, mask2d = _layout(layout, B, L)
@@ -379,7 +394,10 @@ def test_tiny_model_on_cuda_flex_route_equals_dense_route(tiny_ckpt, many_compil
         out = m.model(input_ids=ids, position_ids=pos, use_cache=False)
         loss_sum, n_tok = lm_loss_sum(out.last_hidden_state, m.lm_head.weight, ids)
         (loss_sum / n_tok).backward()
-        results[impl] = (out.last_hidden_state.detach().float(), {k: p.grad.float() for k, p in m.named_parameters() if p.requires_grad})
+        results[impl] = (
+            out.last_hidden_state.detach().float(),
+            {k: p.grad.float() for k, p in m.named_parameters() if p.requires_grad},
+        )
     (h_flex, g_flex), (h_dense, g_dense) = results[A.ATTN_IMPLEMENTATION], results[A.ATTN_EAGER]
     assert ((h_flex - h_dense).norm() / h_dense.norm()).item() < 1e-2
     for k in g_dense:
@@ -451,7 +469,9 @@ def test_compiled_flex_and_block_masks_survive_every_training_variant(compiled_o
             for grad in (True, False):
                 for window, module in modules.items():
                     with torch.set_grad_enabled(grad):  # a guard of its own, as training vs evaluation
-                        out, _ = A.sink_attention_forward(module, q, k, v, spec, sliding_window=window, position_ids=pos, route="flex")
+                        out, _ = A.sink_attention_forward(
+                            module, q, k, v, spec, sliding_window=window, position_ids=pos, route="flex"
+                        )
                     assert out.shape == (2, L, cfg.num_attention_heads, 16)
     # the point of the test: more versions than dynamo's default limit were needed (and none fell back)
     assert counters["stats"]["unique_graphs"] > 8, dict(counters["stats"])

@@ -43,7 +43,9 @@ def _mk_wrong_shape(p):
 
 def _mk_wrong_dtype(p):
     def f(sd):
-        sd["model.layers.0.mlp.experts.gate_up_proj_blocks"] = sd["model.layers.0.mlp.experts.gate_up_proj_blocks"].float()
+        sd["model.layers.0.mlp.experts.gate_up_proj_blocks"] = sd[
+            "model.layers.0.mlp.experts.gate_up_proj_blocks"
+        ].float()
 
     _rewrite(p, f)
     return "uint8"
@@ -134,7 +136,12 @@ def test_init_tiny_refuses_sizes_that_cannot_load(tmp_path, flags, message):
     from gptoss_tune.errors import UserError
     from gptoss_tune.model.tiny import write_tiny_checkpoint
 
-    names = {"--layers": "layers", "--experts": "experts", "--head-dim": "head_dim", "--sliding-window": "sliding_window"}
+    names = {
+        "--layers": "layers",
+        "--experts": "experts",
+        "--head-dim": "head_dim",
+        "--sliding-window": "sliding_window",
+    }
     with pytest.raises(UserError, match=message):
         write_tiny_checkpoint(tmp_path / "x", **{names[flags[0]]: int(flags[1])})
     assert not (tmp_path / "x").exists()  # nothing written
@@ -145,7 +152,9 @@ def test_pad_token_outside_the_vocabulary_is_a_clear_error(tiny_ckpt, tmp_path):
     cfg = json.loads((p / "config.json").read_text())
     cfg["vocab_size"] = 1000
     (p / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"config\.json: pad_token_id 199999 is not a token of the vocabulary \(vocab_size 1000\)"):
+    with pytest.raises(
+        CheckpointError, match=r"config\.json: pad_token_id 199999 is not a token of the vocabulary \(vocab_size 1000\)"
+    ):
         load_model(p, device="cpu")
 
 
@@ -173,5 +182,8 @@ def test_init_tiny_into_a_file_is_one_line(tmp_path):
     f = tmp_path / "notes.txt"
     f.write_text("mine")
     r = _cli("init-tiny", str(f))
-    assert r.returncode == 2 and r.stderr == f"gptoss-tune init-tiny: error: {f}: is a file; pass a directory to write the checkpoint into\n"
+    assert (
+        r.returncode == 2
+        and r.stderr == f"gptoss-tune init-tiny: error: {f}: is a file; pass a directory to write the checkpoint into\n"
+    )
     assert f.read_text() == "mine"

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 import torch
+from helpers.reference import stock_model
 from safetensors.torch import load_file, save_file
 
-from helpers.reference import stock_model
+from gptoss_kernels.mxfp4 import dequantize, quantize_experts_io
 from gptoss_tune import load_model
 from gptoss_tune.model.experts import MXFP4Experts
-from gptoss_kernels.mxfp4 import dequantize, quantize_experts_io
 from gptoss_tune.model.tiny import write_tiny_checkpoint
 
 
@@ -81,7 +81,12 @@ def test_checkpoint_layout_is_the_published_one(tiny_ckpt):
     cfg = json.loads((tiny_ckpt / "config.json").read_text())
     assert cfg["model_type"] == "gpt_oss"
     assert cfg["quantization_config"] == {
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
         "quant_method": "mxfp4",
     }
     assert (tiny_ckpt / "generation_config.json").is_file()
@@ -169,16 +174,18 @@ def test_hub_id_from_local_cache(tiny_ckpt, tmp_path, monkeypatch):
 def test_an_experts_backend_that_cannot_run_here_is_a_user_error(monkeypatch):
     import types
 
-    from gptoss_tune.model import experts as ex_mod
     from gptoss_tune.errors import UserError
-    from gptoss_tune.model.loader import build_config
+    from gptoss_tune.model import experts as ex_mod
     from gptoss_tune.model.config import tiny_config
+    from gptoss_tune.model.loader import build_config
 
     ex = ex_mod.MXFP4Experts(build_config(tiny_config()), dtype=torch.float32)
     ex.backend = "triton"
     monkeypatch.delenv(ex_mod.BACKEND_ENV, raising=False)
     monkeypatch.setattr(ex_mod, "_triton_ops", lambda: None)
-    with pytest.raises(UserError, match=r"experts backend 'triton': Triton or gptoss_kernels' Triton ops are not importable"):
+    with pytest.raises(
+        UserError, match=r"experts backend 'triton': Triton or gptoss_kernels' Triton ops are not importable"
+    ):
         ex.resolved_backend(torch.device("cpu"))
     monkeypatch.setattr(ex_mod, "_triton_ops", lambda: types.SimpleNamespace(INTERPRET=False))
     with pytest.raises(UserError, match=r"the Triton kernels run on CUDA tensors and the model is on cpu"):
@@ -198,8 +205,8 @@ def test_auto_backend_on_cuda_without_usable_kernels_warns_once_and_runs_the_ref
     import warnings
 
     from gptoss_tune.model import experts as ex_mod
-    from gptoss_tune.model.loader import build_config
     from gptoss_tune.model.config import tiny_config
+    from gptoss_tune.model.loader import build_config
 
     ex = ex_mod.MXFP4Experts(build_config(tiny_config()), dtype=torch.float32)
     monkeypatch.delenv(ex_mod.BACKEND_ENV, raising=False)
@@ -211,7 +218,10 @@ def test_auto_backend_on_cuda_without_usable_kernels_warns_once_and_runs_the_ref
     monkeypatch.setattr(ex_mod, "_WARNED_REFERENCE_ON_CUDA", False)
     monkeypatch.setattr(ex_mod, "_TRITON_IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")
     monkeypatch.setattr(ex_mod, "_triton_ops", lambda: None)
-    with pytest.warns(RuntimeWarning, match=r"not used on CUDA: the kernels do not import \(ModuleNotFoundError: No module named 'triton'"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"not used on CUDA: the kernels do not import \(ModuleNotFoundError: No module named 'triton'",
+    ):
         assert ex.resolved_backend(cuda) == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process
@@ -229,8 +239,8 @@ def test_a_failing_triton_kernel_says_how_to_fall_back(monkeypatch):
     import types
 
     from gptoss_tune.model import experts as ex_mod
-    from gptoss_tune.model.loader import build_config
     from gptoss_tune.model.config import tiny_config
+    from gptoss_tune.model.loader import build_config
 
     def failing(*args, **kwargs):
         raise RuntimeError("PTXASError: ptxas fatal")

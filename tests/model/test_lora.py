@@ -6,8 +6,8 @@ from torch.func import functional_call
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from gptoss_tune import load_model
-from gptoss_tune.model.experts import MXFP4Experts
 from gptoss_tune.errors import UserError
+from gptoss_tune.model.experts import MXFP4Experts
 
 
 def _ids(seed=0, shape=(2, 16)):
@@ -62,7 +62,9 @@ def test_attention_only_and_experts_only(tiny_ckpt):
     assert names and all("experts.down_proj_lora_" in n for n in names)
 
 
-@pytest.mark.parametrize("bad", [{"rank": 0}, {"alpha": -1}, {"attention": ["x_proj"]}, {"experts": ["up"]}, {"ranks": 4}])
+@pytest.mark.parametrize(
+    "bad", [{"rank": 0}, {"alpha": -1}, {"attention": ["x_proj"]}, {"experts": ["up"]}, {"ranks": 4}]
+)
 def test_bad_lora_settings_are_user_errors(tiny_ckpt, bad):
     with pytest.raises(UserError, match="lora"):
         load_model(tiny_ckpt, device="cpu", lora=bad)
@@ -110,6 +112,11 @@ def test_expert_lora_gradients_equal_dense_reference(tiny_ckpt, top_k):
     assert torch.allclose(y, y2, **tol)
     assert torch.allclose(x.grad, x2.grad, **tol)
     assert torch.allclose(w.grad, w2.grad, **tol)
-    for ours, ref in ((ex.gate_up_proj_lora_A, A_gu), (ex.gate_up_proj_lora_B, B_gu), (ex.down_proj_lora_A, A_dn), (ex.down_proj_lora_B, B_dn)):
+    for ours, ref in (
+        (ex.gate_up_proj_lora_A, A_gu),
+        (ex.gate_up_proj_lora_B, B_gu),
+        (ex.down_proj_lora_A, A_dn),
+        (ex.down_proj_lora_B, B_dn),
+    ):
         assert torch.allclose(ours.grad, ref.grad, **tol)
     assert torch.count_nonzero(ex.gate_up_proj_lora_A.grad[0]) == 0  # the idle expert gets nothing

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptoss_tune.perf import bench
 from gptoss_tune.model.experts import MXFP4Experts
+from gptoss_tune.perf import bench
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +63,12 @@ def test_active_parameters_match_the_published_counts():
 
 
 def test_attention_flops_count_visible_keys():
-    cfg = {"num_attention_heads": 1, "head_dim": 1, "sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"]}
+    cfg = {
+        "num_attention_heads": 1,
+        "head_dim": 1,
+        "sliding_window": 3,
+        "layer_types": ["sliding_attention", "full_attention"],
+    }
     L = 10
     sliding = sum(min(p + 1, 3) for p in range(L)) / L
     full = sum(p + 1 for p in range(L)) / L
@@ -106,7 +111,12 @@ def test_gpu_bench_script_plumbing_without_a_gpu(tmp_path):
         assert "demo SKIPPED: no wheels in .whl/ (run bash scripts/gpu_wheels.sh" in out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["env.txt", "gpu_bench.log", "results.jsonl"]
     lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["rc"]) for r in lines] == [("120b_2048", -1), ("kernels-check", -1), ("kernels-convergence", -1), ("demo", -1)]
+    assert [(r["stage"], r["rc"]) for r in lines] == [
+        ("120b_2048", -1),
+        ("kernels-check", -1),
+        ("kernels-convergence", -1),
+        ("demo", -1),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -171,7 +181,9 @@ def _args(**over):
     spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    args = script.parse_args(["--model", "tiny", "--seq", "16", "--rank", "4", "--steps", "1", "--warmup", "0", "--device", "cpu"])
+    args = script.parse_args(
+        ["--model", "tiny", "--seq", "16", "--rank", "4", "--steps", "1", "--warmup", "0", "--device", "cpu"]
+    )
     for k, v in over.items():
         setattr(args, k, v)
     return args

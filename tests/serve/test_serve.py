@@ -16,10 +16,10 @@ import openai
 import pytest
 import torch
 
-from gptoss_tune.errors import UserError
-from gptoss_tune.serve.generate import ModelTokenSource, ScriptedTokenSource
-from gptoss_tune.serve.app import ChatServer, check_bind, start_in_thread
 from gptoss_tune.data.tokenizer import harmony_encoding
+from gptoss_tune.errors import UserError
+from gptoss_tune.serve.app import ChatServer, check_bind, start_in_thread
+from gptoss_tune.serve.generate import ModelTokenSource, ScriptedTokenSource
 
 MODEL = "tuned-tiny"
 KEY = "sk-test-key"
@@ -96,7 +96,11 @@ def test_reasoning_effort_and_system_prompt_reach_the_prompt():
 
 def test_stream_with_usage_and_done_marker():
     with serving(ScriptedTokenSource(ANSWER)) as (srv, client):
-        chunks = list(client.chat.completions.create(model=MODEL, messages=user(), stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL, messages=user(), stream=True, stream_options={"include_usage": True}
+            )
+        )
         with httpx.Client() as h:
             body = h.post(f"{srv.base_url}/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                           json={"model": MODEL, "messages": user(), "stream": True}).text  # fmt: skip
@@ -106,7 +110,9 @@ def test_stream_with_usage_and_done_marker():
     reasoning = "".join(getattr(c.choices[0].delta, "reasoning", None) or "" for c in chunks if c.choices)
     assert content == "Hello there! General Kenobi." and reasoning == "The user greets me."
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(harmony_encoding().encode(ANSWER, allowed_special="all"))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(
+        harmony_encoding().encode(ANSWER, allowed_special="all")
+    )
     assert all(c.usage is None for c in chunks[:-1])
     events = [e for e in body.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
@@ -129,10 +135,15 @@ def test_tool_call_round_trip():
         r2 = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL])
         assert r2.choices[0].finish_reason == "stop" and r2.choices[0].message.content == "It is 21 degrees in Paris."
         # streamed, the call arrives as an id/name delta then argument deltas
-        chunks = list(client.chat.completions.create(model=MODEL, messages=user("Weather?"), tools=[WEATHER_TOOL], stream=True))
+        chunks = list(
+            client.chat.completions.create(model=MODEL, messages=user("Weather?"), tools=[WEATHER_TOOL], stream=True)
+        )
     second = harmony_encoding().decode_utf8(src.prompts[1])
     assert "namespace functions" in second and "type get_weather" in second
-    assert '<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{"city": "Paris"}' in second
+    assert (
+        '<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{"city": "Paris"}'
+        in second
+    )
     assert '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"celsius": 21}' in second
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
@@ -147,7 +158,10 @@ def test_no_tool_calls_without_tools_and_none_for_builtin_recipients():
     with serving(ScriptedTokenSource(CALL)) as (_, client):
         r = client.chat.completions.create(model=MODEL, messages=user())  # no tools offered
         assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
-        assert r.choices[0].message.content == '{"city": "Paris"}' and r.choices[0].message.reasoning == "Need the weather."
+        assert (
+            r.choices[0].message.content == '{"city": "Paris"}'
+            and r.choices[0].message.reasoning == "Need the weather."
+        )
         r = client.chat.completions.create(model=MODEL, messages=user(), tools=[WEATHER_TOOL], tool_choice="none")
         assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
         chunks = list(client.chat.completions.create(model=MODEL, messages=user(), stream=True))
@@ -164,7 +178,10 @@ def test_a_turn_the_model_writes_for_someone_else_ends_the_completion():
     enc = harmony_encoding()
     user_turn = "<|channel|>final<|message|>Hi!<|end|><|start|>user"
     tool_turn = CALL.replace("<|call|>", "<|end|>") + "<|start|>functions.get_weather to=assistant"
-    for head, tail in ((user_turn, "<|message|>Thanks, and also" + " more" * 50), (tool_turn, "<|channel|>commentary<|message|>{}" + " more" * 50)):
+    for head, tail in (
+        (user_turn, "<|message|>Thanks, and also" + " more" * 50),
+        (tool_turn, "<|channel|>commentary<|message|>{}" + " more" * 50),
+    ):
         with serving(ScriptedTokenSource(head + tail)) as (_, client):
             r = client.chat.completions.create(model=MODEL, messages=user(), tools=[WEATHER_TOOL])
             chunks = list(client.chat.completions.create(model=MODEL, messages=user(), tools=[WEATHER_TOOL], stream=True,
@@ -175,7 +192,10 @@ def test_a_turn_the_model_writes_for_someone_else_ends_the_completion():
         # (the role is known once its header ends: at most the 4 tokens `<|channel|>commentary<|message|>` later)
         assert r.usage.completion_tokens <= len(enc.encode(head, allowed_special="all")) + 4
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert streamed == (r.choices[0].message.content or "") and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+        assert (
+            streamed == (r.choices[0].message.content or "")
+            and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+        )
 
 
 def test_tool_choice_none_hides_tools():
@@ -204,7 +224,9 @@ def test_generation_stops_at_endoftext():
     with serving(ScriptedTokenSource(script)) as (_, client):
         r = client.chat.completions.create(model=MODEL, messages=user())
     assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "Done."
-    assert r.usage.completion_tokens == len(harmony_encoding().encode("<|channel|>final<|message|>Done.<|endoftext|>", allowed_special="all"))
+    assert r.usage.completion_tokens == len(
+        harmony_encoding().encode("<|channel|>final<|message|>Done.<|endoftext|>", allowed_special="all")
+    )
 
 
 def _error(exc_info):
@@ -216,7 +238,9 @@ def _error(exc_info):
 def test_errors_map_to_client_exceptions():
     with serving(ScriptedTokenSource(ANSWER), max_model_len=80) as (srv, client):
         with pytest.raises(openai.AuthenticationError) as e:
-            openai.OpenAI(base_url=srv.base_url, api_key="wrong", max_retries=0).chat.completions.create(model=MODEL, messages=user())
+            openai.OpenAI(base_url=srv.base_url, api_key="wrong", max_retries=0).chat.completions.create(
+                model=MODEL, messages=user()
+            )
         assert _error(e)["message"] == "incorrect API key"
         with httpx.Client() as h:
             r = h.get(f"{srv.base_url}/models")
@@ -235,10 +259,18 @@ def test_errors_map_to_client_exceptions():
             (dict(extra_body={"top_k": 5}), "top_k", "unknown field 'top_k'"),
             (dict(stop=["a", "b", "c", "d", "e"]), "stop", "up to 4"),
             (dict(seed=2**70), "seed", "less than or equal to 9223372036854775807"),  # int64, not a 500
-            (dict(tools=[{"type": "function", "function": {"name": "no spaces"}}]), "tools[0].function.name", "pattern"),
+            (
+                dict(tools=[{"type": "function", "function": {"name": "no spaces"}}]),
+                "tools[0].function.name",
+                "pattern",
+            ),
             (dict(stream_options={"include_usage": True}), "stream_options", "only allowed when stream is true"),
             (dict(messages=[{"role": "wizard", "content": "x"}]), "messages", "unknown role 'wizard'"),
-            (dict(messages=[{"role": "tool", "tool_call_id": "nope", "content": "x"}]), "messages", "matches no earlier"),
+            (
+                dict(messages=[{"role": "tool", "tool_call_id": "nope", "content": "x"}]),
+                "messages",
+                "matches no earlier",
+            ),
             (dict(messages=user("word " * 100)), "messages", "maximum context length is 80"),
             (dict(max_tokens=60), "max_tokens", "you requested"),
         ]
@@ -251,7 +283,9 @@ def test_errors_map_to_client_exceptions():
         assert _error_code(client, dict(messages=user("word " * 100))) == "context_length_exceeded"
         with httpx.Client() as h:
             auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-            r = h.post(f"{srv.base_url}/chat/completions", headers=auth, content=b'{"model": "tuned-tiny", "messages": [')
+            r = h.post(
+                f"{srv.base_url}/chat/completions", headers=auth, content=b'{"model": "tuned-tiny", "messages": ['
+            )
             assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
             r = h.post(f"{srv.base_url}/chat/completions", headers=auth, content=b"[1, 2]")
             assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
@@ -305,7 +339,11 @@ def test_internal_errors_never_leak_a_traceback():
             assert "secret" not in chunks and "Traceback" not in chunks and chunks.rstrip().endswith("data: [DONE]")
             # the failures were answered, not re-raised into uvicorn (which closes the connection under the
             # client's next request): the same client, without retries, goes on working
-            assert client.chat.completions.create(model=MODEL, messages=user()).choices[0].message.content.startswith("Hello")
+            assert (
+                client.chat.completions.create(model=MODEL, messages=user())
+                .choices[0]
+                .message.content.startswith("Hello")
+            )
             assert httpx.get(f"{srv.base_url.removesuffix('/v1')}/health").json()["active_requests"] == 0
             assert not any("Exception in ASGI application" in m for m in uvicorn_errors.messages)
     finally:
@@ -341,7 +379,10 @@ def test_concurrency_limit_gives_429_and_frees_slots():
         assert r.choices[0].message.content.startswith("Hello")
     with serving(ScriptedTokenSource(ANSWER, delay=0.01), max_concurrency=6) as (_, client):
         done = []
-        threads = [threading.Thread(target=lambda: done.append(client.chat.completions.create(model=MODEL, messages=user()))) for _ in range(6)]
+        threads = [
+            threading.Thread(target=lambda: done.append(client.chat.completions.create(model=MODEL, messages=user())))
+            for _ in range(6)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -457,7 +498,9 @@ def test_concurrent_requests_take_turns_on_the_shared_model(tiny_source):
         with lock:
             state["active"] -= 1
 
-    prompts = [torch.randint(0, 200000, (5 + i,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
+    prompts = [
+        torch.randint(0, 200000, (5 + i,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)
+    ]
 
     def run(prompt):
         gen = tiny_source.start(prompt, SamplingParams(max_tokens=6, temperature=0, stop_token_ids=()))
@@ -467,7 +510,9 @@ def test_concurrent_requests_take_turns_on_the_shared_model(tiny_source):
     hooks = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
     try:
         results = [None] * len(prompts)
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, run(prompts[i]))) for i in range(len(prompts))]
+        threads = [
+            threading.Thread(target=lambda i=i: results.__setitem__(i, run(prompts[i]))) for i in range(len(prompts))
+        ]
         for t in threads:
             t.start()
         for t in threads:

@@ -9,12 +9,12 @@ import pytest
 import torch
 from helpers.runs import make_run_dir
 
-from gptoss_tune.model.adapter import load_with_adapter
+from gptoss_tune.data.tokenizer import tiktoken_encoding
 from gptoss_tune.errors import UserError
 from gptoss_tune.export.exporter import export_run
-from gptoss_tune.serve.harmony_output import HarmonyOutputParser, StopMatcher
+from gptoss_tune.model.adapter import load_with_adapter
 from gptoss_tune.serve.app import load_for_serving, vllm_command
-from gptoss_tune.data.tokenizer import tiktoken_encoding
+from gptoss_tune.serve.harmony_output import HarmonyOutputParser, StopMatcher
 
 
 def _quiet(*_a, **_k):
@@ -148,7 +148,10 @@ def test_demo_helper(run, tmp_path):
     lines = []
     reply = export_serve_and_ask(run, tmp_path / "export", max_tokens=4, progress=lines.append)
     assert reply.usage.completion_tokens <= 4 and reply.choices[0].finish_reason in ("length", "stop")
-    assert any("asked 'I get error E04 on my Velora City. How do I fix it?' through the openai client" in line for line in lines)
+    assert any(
+        "asked 'I get error E04 on my Velora City. How do I fix it?' through the openai client" in line
+        for line in lines
+    )
     assert (tmp_path / "export/config.json").is_file()
 
 
@@ -169,9 +172,25 @@ def test_serve_command_in_a_subprocess(run):
         port = s.getsockname()[1]
     env = dict(os.environ, HF_HUB_OFFLINE="1", GPTOSS_TUNE_API_KEY="sk-sub")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gptoss_tune", "serve", str(run), "--port", str(port), "--device", "cpu",
-         "--served-model-name", "mine", "--log-level", "warning"],  # fmt: skip
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "gptoss_tune",
+            "serve",
+            str(run),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--served-model-name",
+            "mine",
+            "--log-level",
+            "warning",
+        ],  # fmt: skip
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         for _ in range(240):  # bounded: up to 60 s for the model to load

@@ -207,7 +207,7 @@ def test_tiny_model_loss_and_lora_grads_equal_transformers_loss(tiny_ckpt):
             # fp32 sums taken in another order differ by a few ulps of the tensor's largest entry (1.3e-7 on
             # an entry near zero with transformers 5.24); a wrong or missing term is off by orders more.
             atol = 1e-5 * float(p.grad.abs().max())
-            torch.testing.assert_close(ours[k], p.grad, rtol=1e-5, atol=atol, msg=lambda s: f"{k}: {s}")
+            torch.testing.assert_close(ours[k], p.grad, rtol=1e-5, atol=atol, msg=lambda s, k=k: f"{k}: {s}")
 
 
 @pytest.mark.gpu
@@ -217,7 +217,7 @@ def test_cuda_real_vocab_bf16_memory_and_values():
     and its extra memory stays near chunk x V x 6 bytes while the plain loss needs tokens x V x 6+."""
     torch.manual_seed(0)
     N, H, V, chunk = 2048, 2880, 201088, 512
-    h = (torch.randn(1, N, H, device="cuda") ).bfloat16().requires_grad_()
+    h = (torch.randn(1, N, H, device="cuda")).bfloat16().requires_grad_()
     w = (torch.randn(V, H, device="cuda") * 0.02).bfloat16()
     labels = torch.randint(0, V, (1, N), device="cuda")
     torch.cuda.synchronize()

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from gptoss_tune import load_model
-from gptoss_tune.train.chunked_ce import lm_loss_sum
 from gptoss_tune.errors import UserError
+from gptoss_tune.train.chunked_ce import lm_loss_sum
 from gptoss_tune.train.memory import (
     MemorySettings,
     apply_memory_settings,
@@ -53,7 +53,10 @@ def _step(model, packed=True):
 
 def _count_attention_calls(model):
     calls = [0]
-    hooks = [layer.self_attn.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1)) for layer in model.model.layers]
+    hooks = [
+        layer.self_attn.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+        for layer in model.model.layers
+    ]
     return calls, hooks
 
 
@@ -76,7 +79,7 @@ def test_checkpointing_gives_identical_loss_and_grads(lora_model, every_n, offlo
     assert torch.equal(loss0, loss1)
     assert grads0.keys() == grads1.keys() and grads0
     for k in grads0:
-        torch.testing.assert_close(grads1[k], grads0[k], rtol=0, atol=0, msg=lambda s: f"{k}: {s}")
+        torch.testing.assert_close(grads1[k], grads0[k], rtol=0, atol=0, msg=lambda s, k=k: f"{k}: {s}")
 
 
 def test_checkpointing_is_inactive_in_eval_mode(lora_model):
@@ -107,7 +110,10 @@ def test_apply_memory_settings(lora_model):
         ({"optimizer": "sgd"}, r"memory.optimizer 'sgd' is not one of \['adamw', 'adamw_8bit', 'paged_adamw_8bit'\]"),
         ({"checkpoint_every_n_layers": 0}, "memory.checkpoint_every_n_layers must be a positive integer, got 0"),
         ({"loss_chunk_tokens": -1}, "memory.loss_chunk_tokens must be a positive integer, got -1"),
-        ({"gradient_checkpointing": False, "offload_checkpoints": True}, "memory.offload_checkpoints needs memory.gradient_checkpointing: true"),
+        (
+            {"gradient_checkpointing": False, "offload_checkpoints": True},
+            "memory.offload_checkpoints needs memory.gradient_checkpointing: true",
+        ),
         ({"chunk": 3}, r"memory: unknown key\(s\) \['chunk'\]"),
         ([1], "memory must be a MemorySettings or a dict, got list"),
     ],
@@ -128,7 +134,9 @@ def test_build_optimizer(lora_model):
 
 @pytest.mark.skipif(bitsandbytes_available(), reason="bitsandbytes is installed here")
 def test_8bit_optimizer_without_bitsandbytes_says_what_to_do(lora_model):
-    with pytest.raises(UserError, match="needs the bitsandbytes package.*pip install bitsandbytes, or use optimizer: adamw"):
+    with pytest.raises(
+        UserError, match="needs the bitsandbytes package.*pip install bitsandbytes, or use optimizer: adamw"
+    ):
         build_optimizer(lora_model.parameters(), "adamw_8bit")
 
 

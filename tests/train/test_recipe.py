@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.training import write_recipe
 
 from gptoss_tune.cli.main import main as cli_main
 from gptoss_tune.errors import UserError
 from gptoss_tune.model.lora import LoraSettings
 from gptoss_tune.train.recipe import load_recipe
 from gptoss_tune.train.resume import check_output_dir
-from helpers.training import write_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,9 @@ def test_defaults_paths_and_overrides(tmp_path, tiny_ckpt, monkeypatch):
     assert r.data.train == str(tmp_path / "data" / "train.jsonl")  # relative to the recipe file
     assert r.output_dir == str(tmp_path / "data" / "here")  # a command-line path: relative to the current directory
     assert r.train.lr == 1e-3 and r.router.train is True
-    assert r.lora.to_settings() == LoraSettings(rank=8, alpha=16.0, dropout=0.0, attention=["q_proj", "v_proj"], experts=["gate_up_proj", "down_proj"])
+    assert r.lora.to_settings() == LoraSettings(
+        rank=8, alpha=16.0, dropout=0.0, attention=["q_proj", "v_proj"], experts=["gate_up_proj", "down_proj"]
+    )
     assert r.router.aux_loss_coef == 0.01 and r.train.scheduler == "cosine" and r.resume == "auto"
     dumped = yaml.safe_load(r.to_yaml())  # the resolved recipe round-trips
     assert dumped["train"]["lr"] == 1e-3 and dumped["early_stopping"]["patience"] == 3
@@ -61,10 +63,26 @@ def test_every_key_has_a_description():
     doc = (REPO / "docs" / "recipes.md").read_text()
     undocumented = [k for k in keys if f"`{k}`" not in doc]
     assert undocumented == []
-    for contract in ("model.path", "lora.rank", "lora.experts", "router.aux_loss_coef", "router.train", "data.train",
-                     "data.val_fraction", "data.reasoning_effort", "train.grad_accum", "train.warmup_ratio",
-                     "train.gradient_checkpointing", "eval.every_steps", "early_stopping.min_delta",
-                     "checkpoint.keep", "resume", "output_dir", "logging.wandb.project", "logging.wandb.mode"):
+    for contract in (
+        "model.path",
+        "lora.rank",
+        "lora.experts",
+        "router.aux_loss_coef",
+        "router.train",
+        "data.train",
+        "data.val_fraction",
+        "data.reasoning_effort",
+        "train.grad_accum",
+        "train.warmup_ratio",
+        "train.gradient_checkpointing",
+        "eval.every_steps",
+        "early_stopping.min_delta",
+        "checkpoint.keep",
+        "resume",
+        "output_dir",
+        "logging.wandb.project",
+        "logging.wandb.mode",
+    ):
         assert contract in keys
 
 
@@ -79,9 +97,15 @@ def test_every_key_has_a_description():
         (["lora.rank=0"], "lora.rank: input should be greater than 0 (got 0)"),
         (["lora.rank=2.5"], "lora.rank: input should be a valid integer"),
         (["train.lr=-0.001"], "train.lr: input should be greater than 0 (got -0.001)"),
-        (["lora.attention=[q_proj, w_proj]"], "lora.attention.1: input should be 'q_proj', 'k_proj', 'v_proj' or 'o_proj'"),
+        (
+            ["lora.attention=[q_proj, w_proj]"],
+            "lora.attention.1: input should be 'q_proj', 'k_proj', 'v_proj' or 'o_proj'",
+        ),
         (["lora.attention=[]", "lora.experts=[]"], "nothing would be trained"),
-        (["early_stopping.patience=0"], "early_stopping.patience must be at least 1 when early_stopping.enabled is true (got 0)"),
+        (
+            ["early_stopping.patience=0"],
+            "early_stopping.patience must be at least 1 when early_stopping.enabled is true (got 0)",
+        ),
         (["data.val_fraction=0"], "early_stopping is enabled but there is no validation data"),
         (["train.max_steps=null", "train.epochs=null"], "set train.epochs or train.max_steps"),
         (["logging.wandb.mode=cloud"], "logging.wandb.mode: input should be 'offline', 'online' or 'disabled'"),
@@ -131,7 +155,9 @@ def test_output_dir_with_another_run(tmp_path, tiny_ckpt):
     (run / "notes.txt").unlink()
     (run / "recipe.yaml").write_text(load_recipe(path, ["train.lr=0.5"]).to_yaml())
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n')  # it trained: worth protecting
-    with pytest.raises(UserError, match=r"holds a different run \(train.lr is 0.5 there, 0.03 here\).*overwrite=true") as e:
+    with pytest.raises(
+        UserError, match=r"holds a different run \(train.lr is 0.5 there, 0.03 here\).*overwrite=true"
+    ) as e:
         check_output_dir(r)
     assert str(e.value).startswith(str(path))
     plan = check_output_dir(load_recipe(path, ["overwrite=true"]))
@@ -162,7 +188,16 @@ def test_train_module_entry_reports_user_errors(tmp_path, tiny_ckpt, capsys):
     assert err.startswith("gptoss_tune.train: error: ") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("name", ["tiny-demo.yaml", "gpt-oss-20b-lora.yaml", "gpt-oss-120b-lora.yaml", "gpt-oss-20b-lora-multigpu.yaml", "gpt-oss-120b-lora-multigpu.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiny-demo.yaml",
+        "gpt-oss-20b-lora.yaml",
+        "gpt-oss-120b-lora.yaml",
+        "gpt-oss-20b-lora-multigpu.yaml",
+        "gpt-oss-120b-lora-multigpu.yaml",
+    ],
+)
 def test_shipped_recipes_validate(name):
     r = load_recipe(REPO / "recipes" / name, check_paths=False)
     assert r.model.path and r.data.train
@@ -194,7 +229,9 @@ def test_errors_name_the_line_of_the_key_in_the_recipe_file(tmp_path, tiny_ckpt)
     path.write_text(text.replace("lr: 0.03", "lr: -0.5"))
     assert _error(path).startswith(f"{path}:{lr_line}: train.lr: input should be greater than 0 (got -0.5)")
     # a value given on the command line has no line in the file (not even its section's)
-    assert _error(_recipe(tmp_path, tiny_ckpt), "train.lr=-2").startswith(f"{path}: train.lr: input should be greater than 0")
+    assert _error(_recipe(tmp_path, tiny_ckpt), "train.lr=-2").startswith(
+        f"{path}: train.lr: input should be greater than 0"
+    )
     path.write_text(text.replace("data/train.jsonl", "data/nope.jsonl"))
     train_line = next(i for i, line in enumerate(lines, 1) if "data/train.jsonl" in line)
     assert _error(path).startswith(f"{path}:{train_line}: data.train: '")
@@ -203,7 +240,9 @@ def test_errors_name_the_line_of_the_key_in_the_recipe_file(tmp_path, tiny_ckpt)
 def test_recipe_level_tools_are_checked_by_validate(tmp_path, tiny_ckpt):
     msg = _error(_recipe(tmp_path, tiny_ckpt), 'data.tools=[{"name": "a b"}]')
     assert "data.tools[0].name: 'a b' is not a valid function name" in msg
-    ok = load_recipe(_recipe(tmp_path, tiny_ckpt), ['data.tools=[{"name": "lookup", "parameters": {"type": "object"}}]'])
+    ok = load_recipe(
+        _recipe(tmp_path, tiny_ckpt), ['data.tools=[{"name": "lookup", "parameters": {"type": "object"}}]']
+    )
     assert ok.data.tools[0]["name"] == "lookup"
 
 

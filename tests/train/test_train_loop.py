@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from gptoss_tune.train.recipe import load_recipe
-from gptoss_tune.runs import resolve_checkpoint
-from gptoss_tune.train.trainer import TrainingDiverged, train
 from helpers.training import read_metrics, synthetic_data, wrapper_script, write_recipe
+
+from gptoss_tune.runs import resolve_checkpoint
+from gptoss_tune.train.recipe import load_recipe
+from gptoss_tune.train.trainer import TrainingDiverged, train
 
 pytestmark = pytest.mark.xdist_group("train")
 
@@ -29,8 +29,8 @@ def _run(recipe_path, *overrides, data=None):
 
 def _eval_loss_of(adapter_dir, model_dir, rows) -> float:
     """Validation loss of a saved adapter by transformers' own loss (mean per trained token), not ours."""
-    from gptoss_tune.model.adapter import load_with_adapter
     from gptoss_tune.data.batching import collate
+    from gptoss_tune.model.adapter import load_with_adapter
 
     model = load_with_adapter(adapter_dir, base_model=model_dir, device="cpu")
     total, n = 0.0, 0
@@ -38,7 +38,9 @@ def _eval_loss_of(adapter_dir, model_dir, rows) -> float:
         for row in rows:  # one row per call: transformers' mean is then exactly that row's
             b = collate([row], packing=True)
             cnt = int((b["labels"][:, 1:] != -100).sum())
-            total += model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"]).loss.item() * cnt
+            total += (
+                model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"]).loss.item() * cnt
+            )
             n += cnt
     return total / n
 
@@ -78,9 +80,11 @@ def test_training_lowers_validation_loss_and_keeps_best(reference, tiny_ckpt):
 
 def test_early_stopping_on_plateau(tiny_ckpt, tmp_path):
     recipe = write_recipe(
-        tmp_path, tiny_ckpt,
+        tmp_path,
+        tiny_ckpt,
         train={"max_steps": 40, "lr": 1e-7, "scheduler": "constant"},
-        eval={"every_steps": 2}, early_stopping={"patience": 2, "min_delta": 0.01},
+        eval={"every_steps": 2},
+        early_stopping={"patience": 2, "min_delta": 0.01},
         checkpoint={"every_steps": 0, "keep": 1},
     )
     result = _run(recipe)
@@ -107,7 +111,9 @@ def test_loss_is_normalised_over_accumulation(tmp_path, tiny_ckpt):
     (The load-balancing loss is a per-forward statistic, so it is switched off here: split differently it
     is a different number, in transformers too.)"""
     no_aux = {"aux_loss_coef": 0.0}
-    recipe = write_recipe(tmp_path, tiny_ckpt, router=no_aux, train={"micro_batch_size": 4, "grad_accum": 1, "max_steps": 4})
+    recipe = write_recipe(
+        tmp_path, tiny_ckpt, router=no_aux, train={"micro_batch_size": 4, "grad_accum": 1, "max_steps": 4}
+    )
     _run(recipe)
     ref = write_recipe(tmp_path, tiny_ckpt, name="ref.yaml", router=no_aux, train={"max_steps": 4}, output_dir="ref")
     _run(ref)
@@ -153,8 +159,13 @@ def test_sigkill_mid_training_and_mid_checkpoint_then_resume_gives_same_losses(r
 
     # 2) Resume, and SIGKILL it while it writes the step-9 checkpoint (files written, not yet renamed).
     marker = tmp_path / "in-checkpoint"
-    p = subprocess.Popen(cmd, env={**env, "GPTOSS_TEST_HANG_AT_CHECKPOINT": "9", "GPTOSS_TEST_MARKER": str(marker)},
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        cmd,
+        env={**env, "GPTOSS_TEST_HANG_AT_CHECKPOINT": "9", "GPTOSS_TEST_MARKER": str(marker)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     _wait_for(marker.exists, p)
     p.kill()
     p.wait()
@@ -201,8 +212,12 @@ def test_sigterm_saves_and_exits_then_resumes_exactly(reference, tmp_path, monke
 
 
 def test_nan_loss_stops_naming_step_and_checkpoint(tiny_ckpt, tmp_path, capsys):
-    recipe = write_recipe(tmp_path, tiny_ckpt, train={"lr": 1e30, "scheduler": "constant", "warmup_ratio": 0.0,
-                                                        "max_grad_norm": 0.0}, checkpoint={"every_steps": 1, "keep": 1})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_ckpt,
+        train={"lr": 1e30, "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 0.0},
+        checkpoint={"every_steps": 1, "keep": 1},
+    )
     with pytest.raises(TrainingDiverged) as e:
         _run(recipe)
     msg = str(e.value)
@@ -224,11 +239,31 @@ def test_two_process_cpu_launch(reference, tmp_path):
     """accelerate launch with 2 processes (gloo): 2 x grad_accum 1 matches 1 x grad_accum 2 step for step
     (and with gradient checkpointing on here, off in the reference: it changes nothing but memory)."""
     d, _, _ = reference
-    recipe = write_recipe(tmp_path, Path(load_recipe(d / "recipe.yaml").model.path), train={"grad_accum": 1, "gradient_checkpointing": True},
-                          checkpoint={"every_steps": 0, "keep": 1})
+    recipe = write_recipe(
+        tmp_path,
+        Path(load_recipe(d / "recipe.yaml").model.path),
+        train={"grad_accum": 1, "gradient_checkpointing": True},
+        checkpoint={"every_steps": 0, "keep": 1},
+    )
     script = wrapper_script(tmp_path)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(script), str(recipe)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(script),
+        str(recipe),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -245,10 +280,17 @@ def test_two_process_cpu_launch(reference, tmp_path):
 def test_demo_recipe_on_sample_data_lowers_validation_loss(tiny_ckpt, tmp_path, capsys):
     """recipes/tiny-demo.yaml as shipped, on data/sample through the real data stage, shortened."""
     repo = Path(__file__).resolve().parents[2]
-    recipe = load_recipe(repo / "recipes" / "tiny-demo.yaml", [
-        f"model.path={tiny_ckpt}", f"output_dir={tmp_path / 'run'}", "train.max_steps=24", "eval.every_steps=12",
-        "eval.max_batches=2", "logging.wandb.mode=disabled",
-    ])
+    recipe = load_recipe(
+        repo / "recipes" / "tiny-demo.yaml",
+        [
+            f"model.path={tiny_ckpt}",
+            f"output_dir={tmp_path / 'run'}",
+            "train.max_steps=24",
+            "eval.every_steps=12",
+            "eval.max_batches=2",
+            "logging.wandb.mode=disabled",
+        ],
+    )
     result = train(recipe)
     steps = [e["step"] for e in result.evals]
     losses = [e["eval_loss"] for e in result.evals]
@@ -266,8 +308,14 @@ def test_router_training_saves_router_and_resumes(tiny_ckpt, tmp_path):
 
     from gptoss_tune.model.adapter import read_adapter_config
 
-    recipe = write_recipe(tmp_path, tiny_ckpt, router={"train": True, "aux_loss_coef": 0.1},
-                          train={"max_steps": 2}, eval={"every_steps": 0}, checkpoint={"every_steps": 1, "keep": 2})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_ckpt,
+        router={"train": True, "aux_loss_coef": 0.1},
+        train={"max_steps": 2},
+        eval={"every_steps": 0},
+        checkpoint={"every_steps": 1, "keep": 2},
+    )
     _run(recipe)
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
     assert read_adapter_config(ckpt)["router_trained"] is True
@@ -322,8 +370,13 @@ def test_extending_a_finished_run_uses_the_new_schedule_from_its_first_step(tiny
     """A finished cosine run ends at lr 0; continuing it with more steps must not run a step at that old rate."""
     from gptoss_tune.train.trainer import lr_lambda
 
-    recipe = write_recipe(tmp_path, tiny_ckpt, train={"max_steps": 3, "warmup_ratio": 0.0}, eval={"every_steps": 0},
-                          checkpoint={"every_steps": 0, "keep": 1})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_ckpt,
+        train={"max_steps": 3, "warmup_ratio": 0.0},
+        eval={"every_steps": 0},
+        checkpoint={"every_steps": 0, "keep": 1},
+    )
     _run(recipe)
     more = _run(recipe, "train.max_steps=5")
     assert more.step == 5
@@ -335,9 +388,10 @@ def test_extending_a_finished_run_uses_the_new_schedule_from_its_first_step(tiny
 def test_branching_from_another_runs_checkpoint(reference, tmp_path):
     """resume: PATH into a new output_dir: the recipe's lr applies, and the best checkpoint is one of the new
     run's (the old run's best is not in this directory, and was measured on other validation data)."""
-    from gptoss_tune.train.trainer import lr_lambda
-    from gptoss_tune.train.stream import TrainData
     from helpers.training import synthetic_rows
+
+    from gptoss_tune.train.stream import TrainData
+    from gptoss_tune.train.trainer import lr_lambda
 
     d, recipe, _ = reference
     ckpt = d / "run" / "checkpoints" / "step-00000009"
@@ -383,14 +437,18 @@ def test_data_with_tokens_outside_the_vocabulary_is_a_user_error(tiny_ckpt, tmp_
 
     data = synthetic_data()
     data.validation[0]["input_ids"][3] = 250_000
-    with pytest.raises(UserError, match=r"the validation data holds token id 250000, but the model's vocabulary has 201088 tokens"):
+    with pytest.raises(
+        UserError, match=r"the validation data holds token id 250000, but the model's vocabulary has 201088 tokens"
+    ):
         _run(write_recipe(tmp_path, tiny_ckpt), data=data)
 
 
 def test_best_json_follows_a_final_evaluation_at_an_already_saved_step(tiny_ckpt, tmp_path):
     """Step 9 is checkpointed (every 3) before the final evaluation (every 4: not at 9) finds it the best:
     best.json and the checkpoint's trainer state must say so (export reads best.json)."""
-    recipe = write_recipe(tmp_path, tiny_ckpt, train={"max_steps": 9}, eval={"every_steps": 4}, checkpoint={"every_steps": 3, "keep": 2})
+    recipe = write_recipe(
+        tmp_path, tiny_ckpt, train={"max_steps": 9}, eval={"every_steps": 4}, checkpoint={"every_steps": 3, "keep": 2}
+    )
     result = _run(recipe)
     losses = {e["step"]: e["eval_loss"] for e in result.evals}
     assert sorted(losses) == [4, 8, 9] and result.best_step == min(losses, key=losses.get) == 9, losses
@@ -406,8 +464,12 @@ def test_resume_with_dropout_restores_the_random_streams(tiny_ckpt, tmp_path, mo
     uninterrupted one only if the checkpoint's RNG states come back."""
     from gptoss_tune.train import tracking
 
-    kw = dict(lora={"rank": 8, "alpha": 16, "dropout": 0.3}, train={"max_steps": 4}, eval={"every_steps": 2},
-              checkpoint={"every_steps": 0, "keep": 1})
+    kw = dict(
+        lora={"rank": 8, "alpha": 16, "dropout": 0.3},
+        train={"max_steps": 4},
+        eval={"every_steps": 2},
+        checkpoint={"every_steps": 0, "keep": 1},
+    )
     _run(write_recipe(tmp_path, tiny_ckpt, name="ref.yaml", output_dir="ref", **kw))
     real = tracking.Tracker.train_step
 
@@ -430,8 +492,14 @@ def test_trained_router_stays_fp32_in_a_bf16_model(tiny_ckpt, tmp_path):
     like the LoRA weights, so AdamW's small updates are not rounded away."""
     from safetensors.torch import load_file
 
-    recipe = write_recipe(tmp_path, tiny_ckpt, router={"train": True}, train={"max_steps": 1, "lr": 1e-4}, eval={"every_steps": 0},
-                          checkpoint={"every_steps": 0, "keep": 1})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_ckpt,
+        router={"train": True},
+        train={"max_steps": 1, "lr": 1e-4},
+        eval={"every_steps": 0},
+        checkpoint={"every_steps": 0, "keep": 1},
+    )
     _run(recipe, "model.dtype=bf16")
     saved = load_file(tmp_path / "run" / "checkpoints" / "step-00000001" / "adapter.safetensors")
     router = {k: v for k, v in saved.items() if ".mlp.router." in k}

@@ -29,7 +29,10 @@ def test_aux_loss_equals_transformers(tiny_ckpt_topk4, masked):
     batch = _ragged_batch(cfg.vocab_size)
     out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
     logits = tuple(out.router_logits)
-    assert len(logits) == cfg.num_hidden_layers and logits[0].shape == (batch["input_ids"].numel(), cfg.num_local_experts)
+    assert len(logits) == cfg.num_hidden_layers and logits[0].shape == (
+        batch["input_ids"].numel(),
+        cfg.num_local_experts,
+    )
     mask = batch["token_mask"] if masked else None
     ours = load_balancing_loss(logits, cfg.num_local_experts, cfg.num_experts_per_tok, mask)
     ref = load_balancing_loss_func(logits, cfg.num_local_experts, cfg.num_experts_per_tok, mask)
@@ -40,7 +43,9 @@ def test_aux_loss_equals_transformers(tiny_ckpt_topk4, masked):
         torch.testing.assert_close(ours, full.aux_loss, rtol=1e-6, atol=1e-6)
     # padding changes the unmasked number: the mask is doing something
     if masked:
-        assert not torch.allclose(ours, load_balancing_loss(logits, cfg.num_local_experts, cfg.num_experts_per_tok, None))
+        assert not torch.allclose(
+            ours, load_balancing_loss(logits, cfg.num_local_experts, cfg.num_experts_per_tok, None)
+        )
 
 
 def test_objective_lm_loss_equals_transformers(tiny_ckpt):
@@ -94,7 +99,9 @@ def test_router_gets_gradients_only_when_trained(tiny_ckpt, train_router):
             assert p.grad is not None and p.grad.abs().sum() > 0, n
         else:
             assert p.grad is None, n
-    frozen = [n for n, p in model.named_parameters() if p.grad is not None and "lora_" not in n and ".mlp.router." not in n]
+    frozen = [
+        n for n, p in model.named_parameters() if p.grad is not None and "lora_" not in n and ".mlp.router." not in n
+    ]
     assert frozen == []
 
 
