@@ -15,7 +15,40 @@ from gptoss_tune.data.settings import DataSettings
 from gptoss_tune.data.sources import read_examples
 from gptoss_tune.errors import UserError
 
+NAME = "render"
 GREEN, RESET = "\033[1;32m", "\033[0m"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        NAME,
+        help="show how a data file is rendered in harmony and which tokens are trained",
+        description="Render a data file (.jsonl, .json, .parquet or a saved dataset directory) exactly as training "
+        "does: harmony text with the trained tokens marked, token counts and totals. With --json, one JSON object "
+        'per example: {"input_ids": [...], "loss_mask": [...]} (unpacked; loss_mask 1 where the loss falls).',
+    )
+    p.add_argument("data", help="data file or saved Hugging Face dataset directory")
+    p.add_argument("--n", type=int, default=None, help="examples to print (default: 3; with --json all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per example (input_ids, loss_mask)")
+    p.add_argument(
+        "--reasoning-effort", choices=["low", "medium", "high"], default=None, help="for examples without their own"
+    )
+    p.add_argument(
+        "--train-on",
+        choices=["last", "all"],
+        default="last",
+        help="train the last assistant turn or all (default: last)",
+    )
+    p.add_argument("--max-seq-len", type=int, default=2048, help="truncate or drop longer examples (default: 2048)")
+    p.add_argument(
+        "--overlong", choices=["truncate", "drop"], default="truncate", help="what to do with longer examples"
+    )
+    p.add_argument("--tools", default=None, metavar="FILE", help="JSON file with a list of OpenAI function schemas")
+    p.add_argument(
+        "--skip-bad-lines", action="store_true", help="skip bad records and list them (default: stop at the first)"
+    )
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="mark trained tokens in color")
+    p.set_defaults(run=run)
 
 
 def marked_text(input_ids: list[int], loss_mask: list[int], *, color: bool) -> str:

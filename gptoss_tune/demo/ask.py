@@ -37,8 +37,10 @@ def export_serve_and_ask(
             "the demo asks through the `openai` client: pip install openai (it is in the [dev] extra)"
         ) from None
     from gptoss_tune.export.exporter import export_run
-    from gptoss_tune.serve.app import ChatServer, load_for_serving, start_in_thread
+    from gptoss_tune.serve.app import ChatServer
     from gptoss_tune.serve.generate import ModelTokenSource
+    from gptoss_tune.serve.http import start_in_thread
+    from gptoss_tune.serve.loading import load_for_serving
 
     t0 = time.time()
     export_run(run_dir, fmt, out_dir, checkpoint=checkpoint, force=True, progress=progress)

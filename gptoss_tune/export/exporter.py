@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from gptoss_kernels.mxfp4 import dequantize, quantize
 from gptoss_tune import runs as rd
 from gptoss_tune.errors import UserError
+from gptoss_tune.export import FORMATS
 from gptoss_tune.export.card import model_card, run_dir_of  # noqa: F401  (public from here too)
 from gptoss_tune.export.drift import DRIFT_PROMPTS, drift_prompt_ids, logit_drift  # noqa: F401  (public from here too)
 from gptoss_tune.model.adapter import CONFIG_FILE as OUR_CONFIG
@@ -49,7 +50,6 @@ from gptoss_tune.model.lora import EXPERT_PROJECTIONS, LoraSettings
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("adapter", "merged-bf16", "merged-mxfp4")
 REPORT_FILE = "export_report.json"
 
 
@@ -431,17 +431,3 @@ def summary_lines(report: dict, out: Path) -> str:
             f"(the tuning itself moved them by max {b['max_abs_logit_diff']:.4f}, KL {b['mean_kl']:.2e})"
         )
     return "\n".join(lines)
-
-
-def run_cli(args) -> int:
-    export_run(
-        args.run_dir,
-        args.format,
-        args.out,
-        checkpoint=args.checkpoint,
-        base=args.base,
-        force=args.force,
-        drift=not args.no_drift,
-        device=args.device,
-    )
-    return 0

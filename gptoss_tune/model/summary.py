@@ -1,14 +1,12 @@
-"""`gptoss-tune inspect MODEL`: load a checkpoint the way training does and report what was loaded."""
+"""What a loaded model holds: layers, experts, resident bytes of the MXFP4 experts, LoRA parameters (`inspect`)."""
 
 from __future__ import annotations
 
-import json
+from gptoss_tune.model.experts import MXFP4Experts
+from gptoss_tune.model.lora import lora_parameter_count
 
 
 def summarize(model) -> dict:
-    from gptoss_tune.model.experts import MXFP4Experts
-    from gptoss_tune.model.lora import lora_parameter_count
-
     cfg = model.config
     experts = [m for m in model.modules() if isinstance(m, MXFP4Experts)]
     resident = sum(m.resident_bytes() for m in experts)
@@ -30,18 +28,3 @@ def summarize(model) -> dict:
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": str(next(model.parameters()).device),
     }
-
-
-def run_cli(args) -> int:
-    from gptoss_tune.model.loader import load_model
-
-    lora = {"rank": args.lora_rank} if args.lora_rank else None
-    model = load_model(args.model, lora=lora, device=args.device)
-    info = summarize(model)
-    if args.json:
-        print(json.dumps(info))
-    else:
-        width = max(map(len, info))
-        for k, v in info.items():
-            print(f"{k:<{width}}  {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k:<{width}}  {v}")
-    return 0

@@ -18,19 +18,12 @@ without batching; for throughput serve the export with vLLM (`--print-vllm-comma
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
-import ipaddress
 import json
 import logging
-import shlex
-import socket
-import sys
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from starlette.requests import Request  # module level: FastAPI resolves the handlers' string annotations here
 from starlette.responses import StreamingResponse
@@ -39,50 +32,10 @@ from gptoss_tune.errors import UserError
 from gptoss_tune.model.config import CALL_ID
 from gptoss_tune.serve.generate import STOP_TOKENS, SamplingParams
 from gptoss_tune.serve.harmony_output import HarmonyOutputParser
-from gptoss_tune.serve.loading import load_for_serving  # noqa: F401  (public: `from gptoss_tune.serve import load_for_serving`)
 from gptoss_tune.serve.openai_schema import ApiError, ChatCompletionRequest, parse_request
-from gptoss_tune.serve.vllm import VLLM_LORA_RANKS, vllm_command  # noqa: F401  (public, as above)
+from gptoss_tune.serve.prompt import render_prompt, tools_offered
 
 log = logging.getLogger(__name__)
-
-
-def _echoed(messages: list) -> list:
-    """Accept our own response messages sent back as history: they carry the chain of thought twice
-    (`reasoning` and `reasoning_content`, as clients of vLLM expect); keep one when both agree."""
-    out = []
-    for m in messages:
-        if (
-            isinstance(m, dict)
-            and m.get("role") == "assistant"
-            and m.get("reasoning") is not None
-            and m.get("reasoning") == m.get("reasoning_content")
-        ):
-            m = {k: v for k, v in m.items() if k != "reasoning_content"}
-        out.append(m)
-    return out
-
-
-def tools_offered(req: ChatCompletionRequest) -> bool:
-    """Whether the model is shown the request's tools (tool_choice 'none' hides them, so it cannot call them)."""
-    return bool(req.tools) and req.tool_choice != "none"
-
-
-def render_prompt(req: ChatCompletionRequest) -> list[int]:
-    """The request's messages as harmony prompt tokens (gptoss_tune.data.harmony, the renderer training
-    uses), ending with `<|start|>assistant`."""
-    from openai_harmony import RenderConversationConfig, Role
-
-    from gptoss_tune.data.harmony import to_harmony_conversation
-    from gptoss_tune.data.tokenizer import harmony_encoding
-
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if tools_offered(req) else None
-    try:
-        conv = to_harmony_conversation(_echoed(req.messages), tools=tools, reasoning_effort=req.reasoning_effort)
-    except UserError as e:
-        raise ApiError(400, str(e), param="messages") from None
-    # The converter already applied harmony's analysis-dropping rule; keep the renderer from redoing it.
-    config = RenderConversationConfig(auto_drop_analysis=False)
-    return list(harmony_encoding().render_conversation_for_completion(conv, Role.ASSISTANT, config))
 
 
 class _Slots:
@@ -400,138 +353,3 @@ class _SlotStreamingResponse(StreamingResponse):
                 await self._gen.aclose()
             finally:
                 self._slot.release()
-
-
-# ---- running it -----------------------------------------------------------------------------------
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind(host: str, api_key: str | None) -> None:
-    if not is_loopback(host) and not api_key:
-        raise UserError(
-            f"--host {host} would expose the server beyond this machine without authentication; "
-            f"pass --api-key KEY (clients send 'Authorization: Bearer KEY') or bind 127.0.0.1"
-        )
-
-
-@dataclass
-class RunningServer:
-    """A uvicorn server running in a background thread (tests and the demo)."""
-
-    server: object
-    thread: threading.Thread
-    host: str
-    port: int
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port (0 picks a free port), or a one-line UserError saying why not.
-
-    The command binds before it loads the model, so a busy port or a bad address is reported at once
-    rather than after minutes of loading, and the port stays reserved meanwhile."""
-    if not 0 <= port <= 65535:
-        raise UserError(f"--port {port}: must be between 0 and 65535 (0 picks a free port)")
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except (socket.gaierror, OSError) as e:
-        raise UserError(f"--host {host}: cannot resolve or use this address ({e.strerror or e})") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        hint = (
-            "another server is listening there; stop it or choose another --port"
-            if e.errno == errno.EADDRINUSE
-            else "check --host and --port"
-        )
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e} ({hint})") from None
-    return sock
-
-
-def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> RunningServer:
-    """Serve `app` with uvicorn in a daemon thread on host:port (0 picks a free port); returns once it listens."""
-    import uvicorn
-
-    sock = bind_socket(host, port)
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="gptoss-serve")
-    thread.start()
-    deadline = time.time() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.time() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.02)
-    return RunningServer(server, thread, host, port)
-
-
-# ---- the command ----------------------------------------------------------------------------------
-
-
-def run_cli(args) -> int:
-    if args.print_vllm_command:
-        cmd, notes = vllm_command(
-            args.model_dir, args.adapter, args.host, args.port, args.api_key, args.served_model_name
-        )
-        print(shlex.join(cmd))
-        for n in notes:
-            print(f"# note: {n}", file=sys.stderr)
-        return 0
-    # Every flag is checked, and the port bound, before the model loads (minutes for 120b).
-    check_bind(args.host, args.api_key)
-    if args.max_concurrency < 1:
-        raise UserError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
-    if args.max_model_len is not None and args.max_model_len < 1:
-        raise UserError(f"--max-model-len must be at least 1, got {args.max_model_len}")
-    from gptoss_tune.devices import check_device
-
-    check_device(args.device)
-    sock = bind_socket(args.host, args.port)
-    import uvicorn
-
-    from gptoss_tune.serve.generate import ModelTokenSource
-
-    try:
-        print(
-            f"loading {args.model_dir}" + (f" with adapter {args.adapter}" if args.adapter else "") + " ...",
-            file=sys.stderr,
-        )
-        model, default_name = load_for_serving(args.model_dir, args.adapter, args.checkpoint, args.device)
-        server = ChatServer(
-            ModelTokenSource(model),
-            args.served_model_name or default_name,
-            api_key=args.api_key,
-            max_concurrency=args.max_concurrency,
-            max_model_len=args.max_model_len,
-        )
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        print(
-            f"serving '{server.model_name}' on http://{host}:{sock.getsockname()[1]}/v1 (context {server.context_length} tokens, "
-            f"up to {args.max_concurrency} concurrent requests" + (", API key required" if args.api_key else "") + ")",
-            file=sys.stderr,
-        )
-        # On Ctrl-C / SIGTERM, in-flight requests get 10 s to finish, then their streams are cancelled.
-        config = uvicorn.Config(server.app, log_level=args.log_level, timeout_graceful_shutdown=10)
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        sock.close()
-    return 0

@@ -587,29 +587,3 @@ def check_recipe_paths(recipe: Recipe) -> None:
         raise UserError(
             f"{recipe.where('output_dir')}: output_dir: '{out}' cannot be written ({parent} is not a writable directory)"
         )
-
-
-# ---- CLI: gptoss-tune validate ---------------------------------------------------------------------
-
-
-def run_validate(args) -> int:
-    from gptoss_tune.train.resume import check_output_dir
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    plan = check_output_dir(recipe)
-    if plan.mode == "resume":
-        from gptoss_tune.train.checkpoint import read_trainer_state
-
-        try:
-            state = read_trainer_state(plan.checkpoint)
-        except (OSError, ValueError):
-            state = {}
-        if state.get("finished"):
-            plan = (
-                f"{plan} (the run finished at step {state.get('step')}, {state.get('stop_reason')}: training continues "
-                f"only if train.max_steps / train.epochs (or early_stopping.patience) now ask for more; resume=never overwrite=true starts over)"
-            )
-    if args.print:
-        print(recipe.to_yaml(), end="")
-    print(f"{args.recipe}: valid; {plan}")
-    return 0

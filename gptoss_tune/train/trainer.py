@@ -13,7 +13,6 @@ Same as `gptoss-tune train RECIPE.yaml [key=value ...]` (one process). One optim
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from gptoss_tune.atomic_io import atomic_write_text, fsync_path
 from gptoss_tune.errors import UserError
 from gptoss_tune.runs import CHECKPOINTS, DATA_REPORT, FINAL, METRICS, RECIPE, step_dir_name
 from gptoss_tune.train.memory import apply_memory_settings, build_optimizer
-from gptoss_tune.train.recipe import Recipe, load_recipe
+from gptoss_tune.train.recipe import Recipe
 from gptoss_tune.train.stream import MicroBatchStream, TrainData, eval_batches, load_train_data
 
 
@@ -722,38 +721,3 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         print("\n".join(lines), flush=True)
     accelerator.end_training()
     return result
-
-
-# ---- entry points ----------------------------------------------------------------------------------
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="gptoss_tune.train", description="Train a LoRA adapter on gpt-oss from a YAML recipe."
-    )
-    p.add_argument("recipe", help="recipe YAML (see docs/recipes.md)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe keys, e.g. train.lr=1e-4")
-    return p
-
-
-def run_cli(args) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
-    return train(recipe).exit_code
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m gptoss_tune.train` / `accelerate launch -m gptoss_tune.train`: user errors as one line."""
-    args = build_arg_parser().parse_args(argv)
-    try:
-        return run_cli(args)
-    except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # every process hits the same error; say it once
-            print(f"gptoss_tune.train: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("gptoss_tune.train: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -281,8 +281,8 @@ def test_exported_tokenizer_matches_tiktoken_and_harmony(exports):
         assert (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) == (200002, 199999, 199998)
 
     # The chat template against the server's prompts (harmony_messages rendered by openai-harmony).
-    from gptoss_tune.serve.app import render_prompt
     from gptoss_tune.serve.openai_schema import parse_request
+    from gptoss_tune.serve.prompt import render_prompt
 
     convs = [
         [{"role": "user", "content": "Hi"}],

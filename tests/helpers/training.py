@@ -82,6 +82,7 @@ def wrapper_script(dir: Path) -> Path:
         sys.path.insert(0, {str(Path(__file__).parents[1])!r})
         from helpers.training import synthetic_data
         import gptoss_tune.train.trainer as train_mod
+        from gptoss_tune.cli.main import train_main
         import gptoss_tune.train.checkpoint as ck
         train_mod.load_train_data = lambda recipe: synthetic_data()
         hang = os.environ.get("GPTOSS_TEST_HANG_AT_CHECKPOINT")
@@ -93,7 +94,7 @@ def wrapper_script(dir: Path) -> Path:
                     open(os.environ["GPTOSS_TEST_MARKER"], "w").close()
                     time.sleep(120)
             ck.write_checkpoint_files = slow
-        sys.exit(train_mod.main(sys.argv[1:]))
+        sys.exit(train_main(sys.argv[1:]))
     """)
     )
     return script

@@ -18,8 +18,9 @@ import torch
 
 from gptoss_tune.data.tokenizer import harmony_encoding
 from gptoss_tune.errors import UserError
-from gptoss_tune.serve.app import ChatServer, check_bind, start_in_thread
+from gptoss_tune.serve.app import ChatServer
 from gptoss_tune.serve.generate import ModelTokenSource, ScriptedTokenSource
+from gptoss_tune.serve.http import check_bind, start_in_thread
 
 MODEL = "tuned-tiny"
 KEY = "sk-test-key"

@@ -13,8 +13,9 @@ from gptoss_tune.data.tokenizer import tiktoken_encoding
 from gptoss_tune.errors import UserError
 from gptoss_tune.export.exporter import export_run
 from gptoss_tune.model.adapter import load_with_adapter
-from gptoss_tune.serve.app import load_for_serving, vllm_command
 from gptoss_tune.serve.harmony_output import HarmonyOutputParser, StopMatcher
+from gptoss_tune.serve.loading import load_for_serving
+from gptoss_tune.serve.vllm import vllm_command
 
 
 def _quiet(*_a, **_k):

@@ -181,9 +181,9 @@ def test_validate_cli(tmp_path, tiny_ckpt, capsys):
 
 
 def test_train_module_entry_reports_user_errors(tmp_path, tiny_ckpt, capsys):
-    from gptoss_tune.train.trainer import main
+    from gptoss_tune.cli.main import train_main
 
-    assert main([str(_recipe(tmp_path, tiny_ckpt)), "lora.rank=0"]) == 2
+    assert train_main([str(_recipe(tmp_path, tiny_ckpt)), "lora.rank=0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gptoss_tune.train: error: ") and err.count("\n") == 1
 

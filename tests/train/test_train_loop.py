@@ -223,12 +223,13 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tiny_ckpt, tmp_path, capsys):
     msg = str(e.value)
     assert "step 2:" in msg and "not finite" in msg and "step-00000001" in msg, msg
 
+    from gptoss_tune.cli.main import train_main
     from gptoss_tune.train import trainer as train_mod
 
     orig = train_mod.load_train_data
     train_mod.load_train_data = lambda r: synthetic_data()
     try:
-        assert train_mod.main([str(recipe), "resume=never", "overwrite=true"]) == 3
+        assert train_main([str(recipe), "resume=never", "overwrite=true"]) == 3
     finally:
         train_mod.load_train_data = orig
     err = capsys.readouterr().err
