@@ -20,7 +20,7 @@ import torch
 
 from gptoss_tune.model.config import PAD_ID
 
-IGNORE = -100
+IGNORE_INDEX = -100  # labels where no loss falls (torch cross_entropy's and transformers' ignore_index)
 
 
 def collate(
@@ -31,7 +31,7 @@ def collate(
         length = max(length, pad_to)
     B = len(rows)
     input_ids = torch.full((B, length), pad_id, dtype=torch.long)
-    labels = torch.full((B, length), IGNORE, dtype=torch.long)
+    labels = torch.full((B, length), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((B, length), dtype=torch.long)
     token_mask = torch.zeros((B, length), dtype=torch.long)
     for i, r in enumerate(rows):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-IGNORE = -100
+from gptoss_tune.data.batching import IGNORE_INDEX
 
 
 @dataclass
@@ -61,7 +61,7 @@ def to_row(examples: list[tuple[list[int], list[int]]]) -> dict[str, list[int]]:
     input_ids, labels, position_ids = [], [], []
     for ids, mask in examples:
         input_ids.extend(ids)
-        labels.extend(t if m else IGNORE for t, m in zip(ids, mask))
+        labels.extend(t if m else IGNORE_INDEX for t, m in zip(ids, mask))
         position_ids.extend(range(len(ids)))
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 

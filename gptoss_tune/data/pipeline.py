@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptoss_tune.data.batching import IGNORE_INDEX
 from gptoss_tune.data.packing import FitStats, fit, pack
 from gptoss_tune.data.rendering import RenderedExample, render_example  # noqa: F401  (one example, unpacked: `render --json`)
 from gptoss_tune.data.settings import DataSettings
@@ -129,7 +130,7 @@ def _rows(examples: list[Example], src: SourceExamples | None, settings: DataSet
         "dropped_no_target": stats.dropped_no_target,
         "dropped_reasons": stats.dropped_where[:MAX_LISTED],
         "tokens": tokens,
-        "trained_tokens": sum(sum(1 for x in r["labels"] if x != -100) for r in rows),
+        "trained_tokens": sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows),
         "longest_example": longest,
         "rows": len(rows),
         "fill": round(tokens / (len(rows) * settings.max_seq_len), 4) if rows else 0.0,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from gptoss_tune.settings import Settings
 
 
-class DataSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DataSettings(Settings):
     train: str = Field(
         description="training data: a .jsonl/.json/.parquet file or a saved Hugging Face dataset directory"
     )

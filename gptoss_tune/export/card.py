@@ -26,19 +26,11 @@ def _read_metrics(run: Path | None) -> dict:
     out: dict = {}
     if run is None:
         return out
-    f = run / rd.METRICS
-    if f.is_file():
-        for line in f.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(rec, dict):
-                continue
-            if "loss" in rec:
-                out["final train loss"] = (rec.get("step"), rec["loss"])
-            if "eval_loss" in rec:
-                out["final eval loss"] = (rec.get("step"), rec["eval_loss"])
+    for rec in rd.read_metrics(run / rd.METRICS):
+        if "loss" in rec:
+            out["final train loss"] = (rec.get("step"), rec["loss"])
+        if "eval_loss" in rec:
+            out["final eval loss"] = (rec.get("step"), rec["eval_loss"])
     if (run / rd.BEST).is_file():
         try:
             best = json.loads((run / rd.BEST).read_text())

@@ -45,8 +45,8 @@ from gptoss_tune.model.adapter import CONFIG_FILE as OUR_CONFIG
 from gptoss_tune.model.adapter import WEIGHTS_FILE as OUR_WEIGHTS
 from gptoss_tune.model.adapter import read_adapter_config
 from gptoss_tune.model.checkpoint import index_checkpoint, read_config, resolve_model_dir
-from gptoss_tune.model.config import GENERATION_CONFIG, QUANTIZATION_CONFIG
-from gptoss_tune.model.lora import EXPERT_PROJECTIONS, LoraSettings
+from gptoss_tune.model.config import EXPERT_PROJECTIONS, GENERATION_CONFIG, QUANTIZATION_CONFIG
+from gptoss_tune.model.lora import LoraSettings
 
 log = logging.getLogger(__name__)
 

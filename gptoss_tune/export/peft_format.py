@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from gptoss_tune.errors import UserError
-from gptoss_tune.model.lora import ATTENTION_PROJECTIONS, EXPERT_PROJECTIONS, LoraSettings
+from gptoss_tune.model.config import ATTENTION_PROJECTIONS, EXPERT_PROJECTIONS
+from gptoss_tune.model.lora import LoraSettings
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -178,5 +179,10 @@ def read_peft_settings(adapter_dir: str | Path) -> tuple[LoraSettings, dict]:
         raise UserError(
             f"{f}: needs a numeric 'r' and 'lora_alpha' (got {cfg.get('r')!r}, {cfg.get('lora_alpha')!r})"
         ) from None
-    settings = LoraSettings(rank=rank, alpha=alpha, dropout=0.0, attention=attention, experts=experts)
-    return settings.validate(), cfg
+    try:
+        settings = LoraSettings.coerce(
+            {"rank": rank, "alpha": alpha, "dropout": 0.0, "attention": attention, "experts": experts}
+        )
+    except UserError as e:
+        raise UserError(f"{f}: {e}") from None
+    return settings, cfg

@@ -18,6 +18,10 @@ VOCAB_SIZE = 201088
 BOS_ID, PAD_ID, EOS_ID = 199998, 199999, 200002  # <|startoftext|>, <|endoftext|>, <|return|>
 CALL_ID, END_ID = 200012, 200007  # <|call|>, <|end|>
 
+# The linear layers LoRA can adapt: transformers' GptOssAttention modules, and GptOssExperts' two 3-D weights.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
+
 _BASE = {
     "architectures": ["GptOssForCausalLM"],
     "attention_bias": True,

@@ -30,8 +30,7 @@ from torch import nn
 from gptoss_kernels.moe_reference import ExpertLoRA, ExpertWeights, moe_experts_reference
 from gptoss_kernels.mxfp4 import dequantize, packed_shapes
 from gptoss_tune.errors import UserError
-
-EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
+from gptoss_tune.model.config import EXPERT_PROJECTIONS
 
 
 class ExpertsBackendError(UserError, ValueError):

@@ -9,63 +9,49 @@ LoRA steps round away).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
-from gptoss_tune.errors import UserError
+from gptoss_tune.model.config import ATTENTION_PROJECTIONS, EXPERT_PROJECTIONS
+from gptoss_tune.model.experts import MXFP4Experts
+from gptoss_tune.settings import Settings
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
 
+class LoraSettings(Settings):
+    """The recipe's `lora:` section and `load_model(lora=...)`: one type, one set of rules."""
 
-@dataclass
-class LoraSettings:
-    rank: int = 8
-    alpha: float = 16.0
-    # Dropout applies to the attention LoRA inputs (through PEFT). Expert LoRA runs without dropout, as
-    # in PEFT, whose expert LoRA refuses dropout.
-    dropout: float = 0.0
-    attention: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
-    experts: list[str] = field(default_factory=lambda: list(EXPERT_PROJECTIONS))
+    rank: int = Field(8, gt=0, description="LoRA rank r of every adapted matrix")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank")
+    # Expert LoRA runs without dropout, as in PEFT, whose expert LoRA refuses dropout.
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="dropout on the attention LoRA inputs (expert LoRA runs without, as in PEFT)"
+    )
+    attention: list[Literal[ATTENTION_PROJECTIONS]] = Field(
+        default_factory=lambda: list(ATTENTION_PROJECTIONS), description="attention projections that get LoRA"
+    )
+    experts: list[Literal[EXPERT_PROJECTIONS]] = Field(
+        default_factory=lambda: list(EXPERT_PROJECTIONS),
+        description="expert projections that get per-expert LoRA in every layer (may be empty)",
+    )
 
-    def validate(self) -> "LoraSettings":
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise UserError(f"lora.rank must be a positive integer, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise UserError(f"lora.alpha must be positive, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
-        for key, allowed, values in (
-            ("attention", ATTENTION_PROJECTIONS, self.attention),
-            ("experts", EXPERT_PROJECTIONS, self.experts),
-        ):
-            bad = [v for v in values if v not in allowed]
-            if bad:
-                raise UserError(f"lora.{key}: unknown projection(s) {bad}; choose from {list(allowed)}")
+    @model_validator(mode="after")
+    def _something_to_train(self):
         if not self.attention and not self.experts:
-            raise UserError("lora.attention and lora.experts are both empty: nothing would be trained")
+            raise ValueError("lora.attention and lora.experts are both empty: nothing would be trained")
         return self
 
     @classmethod
-    def coerce(cls, value) -> "LoraSettings":
-        if isinstance(value, cls):
-            return value.validate()
-        if isinstance(value, dict):
-            unknown = set(value) - set(cls.__dataclass_fields__)
-            if unknown:
-                raise UserError(f"lora: unknown key(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-            return cls(**value).validate()
-        raise UserError(f"lora must be a LoraSettings or a dict, got {type(value).__name__}")
+    def coerce(cls, value, where: str = "lora") -> LoraSettings:
+        return super().coerce(value, where)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
 def attach_lora(model, settings: LoraSettings | dict):
     """Add LoRA in place; afterwards only LoRA parameters require grad. Returns the model."""
-    from gptoss_tune.model.experts import MXFP4Experts
-
     settings = LoraSettings.coerce(settings)
     model.requires_grad_(False)
     if settings.attention:

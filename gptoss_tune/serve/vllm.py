@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 from gptoss_tune.errors import UserError
+from gptoss_tune.model.adapter import CONFIG_FILE as ADAPTER_CONFIG
+from gptoss_tune.runs import CHECKPOINTS
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -35,9 +37,9 @@ def vllm_command(model_dir: str, adapter: str | None = None, host: str = "127.0.
             f"{base}: no such model directory (pass an export directory, or a hub id such as openai/gpt-oss-20b)"
         )
     if (
-        (p / "adapter.json").is_file()
-        or (p / "checkpoints").is_dir()
-        or (lora_dir and (Path(lora_dir) / "adapter.json").is_file())
+        (p / ADAPTER_CONFIG).is_file()
+        or (p / CHECKPOINTS).is_dir()
+        or (lora_dir and (Path(lora_dir) / ADAPTER_CONFIG).is_file())
     ):
         raise UserError(
             f"{lora_dir or base}: vLLM does not read gptoss_tune checkpoints; export first "

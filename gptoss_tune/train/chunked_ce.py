@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from gptoss_tune.data.batching import IGNORE_INDEX
+
 DEFAULT_CHUNK_TOKENS = 512
 
 

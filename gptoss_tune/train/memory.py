@@ -21,53 +21,62 @@ None of these numbers were measured on a GPU in this revision: see docs/memory-a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from gptoss_tune.errors import UserError
+from gptoss_tune.settings import Settings
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 
 
-@dataclass
-class MemorySettings:
-    """The recipe's memory knobs (all optional; the defaults are the ones the benchmarks use)."""
+class MemorySettings(Settings):
+    """The memory knobs (the defaults are the ones the benchmarks use). The recipe's `train:` section
+    carries them under the same names (TrainSection derives from this type)."""
 
-    gradient_checkpointing: bool = True
-    checkpoint_every_n_layers: int = 1  # 1: every decoder layer; 2: every other one (more memory, less recompute)
-    offload_checkpoints: bool = False  # keep each checkpointed layer input in pinned host memory
-    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (the last two need bitsandbytes)
-    loss_chunk_tokens: int = 512  # gptoss_tune.train.chunked_ce chunk size
+    gradient_checkpointing: bool = Field(
+        True, description="recompute each decoder layer in the backward pass instead of storing its activations"
+    )
+    checkpoint_every_n_layers: int = Field(
+        1,
+        ge=1,
+        description="with gradient_checkpointing: recompute every n-th decoder layer only (2 = half the recompute, "
+        "more activation memory)",
+    )
+    offload_checkpoints: bool = Field(
+        False,
+        description="with gradient_checkpointing: keep each layer's saved input in (pinned) host memory; for very "
+        "long sequences (131k tokens: 18 GB of layer inputs on 20b)",
+    )
+    optimizer: Literal[OPTIMIZERS] = Field(
+        "adamw",
+        description="adamw (fused on CUDA); the 8-bit variants keep AdamW's moments in 8 bits and need bitsandbytes",
+    )
+    loss_chunk_tokens: int = Field(
+        512,
+        ge=16,
+        description="trained tokens projected onto the 201,088-token vocabulary at once (about 0.6 GB of logits and "
+        "gradient at 512)",
+    )
 
-    def validate(self) -> "MemorySettings":
-        if not isinstance(self.checkpoint_every_n_layers, int) or self.checkpoint_every_n_layers < 1:
-            raise UserError(
-                f"memory.checkpoint_every_n_layers must be a positive integer, got {self.checkpoint_every_n_layers!r}"
-            )
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"memory.optimizer {self.optimizer!r} is not one of {list(OPTIMIZERS)}")
-        if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 1:
-            raise UserError(f"memory.loss_chunk_tokens must be a positive integer, got {self.loss_chunk_tokens!r}")
+    @model_validator(mode="after")
+    def _offload_needs_checkpointing(self):
         if self.offload_checkpoints and not self.gradient_checkpointing:
-            raise UserError("memory.offload_checkpoints needs memory.gradient_checkpointing: true")
+            raise ValueError("offload_checkpoints needs gradient_checkpointing: true")
         return self
 
     @classmethod
-    def coerce(cls, value) -> "MemorySettings":
-        if value is None:
-            return cls().validate()
-        if isinstance(value, cls):
-            return value.validate()
-        if isinstance(value, dict):
-            unknown = set(value) - set(cls.__dataclass_fields__)
-            if unknown:
-                raise UserError(f"memory: unknown key(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-            return cls(**value).validate()
-        raise UserError(f"memory must be a MemorySettings or a dict, got {type(value).__name__}")
+    def coerce(cls, value, where: str = "memory") -> MemorySettings:
+        return super().coerce({} if value is None else value, where)
+
+    def memory_settings(self) -> MemorySettings:
+        """Just the memory knobs (of a recipe's train section, say)."""
+        return MemorySettings(**{k: getattr(self, k) for k in MemorySettings.model_fields})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
 # ---------------------------------------------------------------------------------------------------

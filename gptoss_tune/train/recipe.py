@@ -10,7 +10,6 @@ as command-line overrides are resolved relative to the current directory (where 
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -18,22 +17,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from gptoss_tune.data.settings import DataSettings
 from gptoss_tune.errors import UserError
-from gptoss_tune.model.lora import ATTENTION_PROJECTIONS, EXPERT_PROJECTIONS, LoraSettings
-
-AttentionProj = Literal["q_proj", "k_proj", "v_proj", "o_proj"]
-ExpertProj = Literal["gate_up_proj", "down_proj"]
-assert set(AttentionProj.__args__) == set(ATTENTION_PROJECTIONS) and set(ExpertProj.__args__) == set(EXPERT_PROJECTIONS)
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from gptoss_tune.model.adapter import CONFIG_FILE as ADAPTER_CONFIG
+from gptoss_tune.model.lora import LoraSettings
+from gptoss_tune.settings import Settings, did_you_mean, first_error, section_class
+from gptoss_tune.train.checkpoint import TRAINER_STATE
+from gptoss_tune.train.memory import MemorySettings
 
 
-class ModelSection(_Section):
+class ModelSection(Settings):
     path: str = Field(
         description="gpt-oss checkpoint directory (config.json + *.safetensors, MXFP4 or bf16 experts), or a hub id already in the local Hugging Face cache"
     )
@@ -50,40 +45,7 @@ class ModelSection(_Section):
     )
 
 
-class LoraSection(_Section):
-    rank: int = Field(LoraSettings.rank, gt=0, description="LoRA rank r of every adapted matrix")
-    alpha: float = Field(LoraSettings.alpha, gt=0, description="LoRA alpha; the update is scaled by alpha / rank")
-    dropout: float = Field(
-        LoraSettings.dropout,
-        ge=0,
-        lt=1,
-        description="dropout on the attention LoRA inputs (expert LoRA runs without, as in PEFT)",
-    )
-    attention: list[AttentionProj] = Field(
-        default_factory=lambda: list(ATTENTION_PROJECTIONS), description="attention projections that get LoRA"
-    )
-    experts: list[ExpertProj] = Field(
-        default_factory=lambda: list(EXPERT_PROJECTIONS),
-        description="expert projections that get per-expert LoRA in every layer (may be empty)",
-    )
-
-    @model_validator(mode="after")
-    def _something_to_train(self):
-        if not self.attention and not self.experts:
-            raise ValueError("lora.attention and lora.experts are both empty: nothing would be trained")
-        return self
-
-    def to_settings(self) -> LoraSettings:
-        return LoraSettings(
-            rank=self.rank,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            attention=list(self.attention),
-            experts=list(self.experts),
-        ).validate()
-
-
-class RouterSection(_Section):
+class RouterSection(Settings):
     aux_loss_coef: float = Field(
         0.01,
         ge=0,
@@ -94,7 +56,9 @@ class RouterSection(_Section):
     )
 
 
-class TrainSection(_Section):
+class TrainSection(MemorySettings):
+    """`train:`: the run's length, batch, optimizer and schedule, and the memory knobs of MemorySettings."""
+
     epochs: float | None = Field(
         1.0, gt=0, description="passes over the training data (fractions allowed); null = run train.max_steps steps"
     )
@@ -115,52 +79,18 @@ class TrainSection(_Section):
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     max_grad_norm: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0 = no clipping)")
     seed: int = Field(42, description="seed for LoRA initialisation, data order, dropout")
-    gradient_checkpointing: bool = Field(
-        True, description="recompute each decoder layer in the backward pass instead of storing its activations"
-    )
-    checkpoint_every_n_layers: int = Field(
-        1,
-        ge=1,
-        description="with gradient_checkpointing: recompute every n-th decoder layer only (2 = half the recompute, more activation memory)",
-    )
-    offload_checkpoints: bool = Field(
-        False,
-        description="with gradient_checkpointing: keep each layer's saved input in (pinned) host memory; for very long sequences (131k tokens: 18 GB of layer inputs on 20b)",
-    )
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
-        "adamw",
-        description="adamw (fused on CUDA); the 8-bit variants keep AdamW's moments in 8 bits and need bitsandbytes",
-    )
     mixed_precision: Literal["auto", "bf16", "no"] = Field(
         "auto", description="auto = bf16 autocast on GPU, none on CPU"
-    )
-    loss_chunk_tokens: int = Field(
-        512,
-        ge=16,
-        description="trained tokens projected onto the 201,088-token vocabulary at once (about 0.6 GB of logits and gradient at 512)",
     )
 
     @model_validator(mode="after")
     def _some_length(self):
         if self.epochs is None and self.max_steps is None:
             raise ValueError("set train.epochs or train.max_steps (both are null)")
-        if self.offload_checkpoints and not self.gradient_checkpointing:
-            raise ValueError("train.offload_checkpoints needs train.gradient_checkpointing: true")
         return self
 
-    def memory_settings(self):
-        from gptoss_tune.train.memory import MemorySettings
 
-        return MemorySettings(
-            gradient_checkpointing=self.gradient_checkpointing,
-            checkpoint_every_n_layers=self.checkpoint_every_n_layers,
-            offload_checkpoints=self.offload_checkpoints,
-            optimizer=self.optimizer,
-            loss_chunk_tokens=self.loss_chunk_tokens,
-        )
-
-
-class EvalSection(_Section):
+class EvalSection(Settings):
     every_steps: int = Field(
         100, ge=0, description="evaluate every N optimizer steps (0 = only at the end); always also at the end"
     )
@@ -175,7 +105,7 @@ class EvalSection(_Section):
     )
 
 
-class EarlyStoppingSection(_Section):
+class EarlyStoppingSection(Settings):
     enabled: bool = Field(True, description="stop when the validation loss has not improved for `patience` evaluations")
     patience: int = Field(
         3, ge=0, description="evaluations without improvement before stopping (at least 1 when enabled)"
@@ -195,7 +125,7 @@ class EarlyStoppingSection(_Section):
         return self
 
 
-class CheckpointSection(_Section):
+class CheckpointSection(Settings):
     every_steps: int = Field(
         100,
         ge=0,
@@ -204,7 +134,7 @@ class CheckpointSection(_Section):
     keep: int = Field(2, ge=1, description="keep the newest N checkpoints, plus the best one")
 
 
-class WandbSection(_Section):
+class WandbSection(Settings):
     project: str = Field("gptoss-tune", min_length=1, description="Weights & Biases project")
     mode: Literal["offline", "online", "disabled"] = Field(
         "offline",
@@ -215,7 +145,7 @@ class WandbSection(_Section):
     tags: list[str] = Field(default_factory=list, description="run tags")
 
 
-class LoggingSection(_Section):
+class LoggingSection(Settings):
     every_steps: int = Field(
         1,
         ge=1,
@@ -230,9 +160,9 @@ class LoggingSection(_Section):
     wandb: WandbSection = Field(default_factory=WandbSection, description="Weights & Biases tracking")
 
 
-class Recipe(_Section):
+class Recipe(Settings):
     model: ModelSection
-    lora: LoraSection = Field(default_factory=LoraSection)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
     router: RouterSection = Field(default_factory=RouterSection)
     data: DataSettings
     train: TrainSection = Field(default_factory=TrainSection)
@@ -332,65 +262,6 @@ class Recipe(_Section):
         return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ---- errors --------------------------------------------------------------------------------------
-
-
-def _section_class(loc: tuple) -> type[BaseModel] | None:
-    cls: Any = Recipe
-    for part in loc:
-        field = cls.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            return None
-        ann = field.annotation
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        cls = ann
-    return cls
-
-
-def _did_you_mean(key: str, loc: tuple) -> str:
-    cls = _section_class(loc)
-    if cls is None:
-        return ""
-    known = list(cls.model_fields)
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    prefix = ".".join(str(p) for p in loc)
-    if close:
-        return f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
-    return f"; known keys{' under ' + prefix if prefix else ''}: {', '.join(known)}"
-
-
-def _short(value: Any) -> str:
-    s = repr(value)
-    return s if len(s) <= 60 else s[:57] + "..."
-
-
-def _format_error(err: dict, source: str) -> str:
-    loc = tuple(err.get("loc", ()))
-    path = ".".join(str(p) for p in loc)
-    kind = err.get("type", "")
-    if kind == "extra_forbidden":
-        return f"{source}: unknown key '{path}'{_did_you_mean(str(loc[-1]), loc[:-1])}"
-    if kind == "missing":
-        return f"{source}: '{path}' is required{_describe(loc)}"
-    msg = err.get("msg", "invalid")
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-        return f"{source}: {msg}" if not path or msg.startswith(path.split(".")[0]) else f"{source}: {path}: {msg}"
-    msg = msg[0].lower() + msg[1:]
-    got = f" (got {_short(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
-    return f"{source}: {path}: {msg}{got}"
-
-
-def _describe(loc: tuple) -> str:
-    cls = _section_class(loc[:-1])
-    if cls is not None and loc and loc[-1] in cls.model_fields:
-        desc = cls.model_fields[loc[-1]].description
-        if desc:
-            return f" ({desc})"
-    return ""
-
-
 def validate_dict(raw: Any, source: str = "recipe", lines: dict | None = None) -> Recipe:
     """Validate a recipe mapping; `lines` (key path -> line in the file) puts the line into errors."""
     if not isinstance(raw, dict):
@@ -401,10 +272,7 @@ def validate_dict(raw: Any, source: str = "recipe", lines: dict | None = None) -
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        errors = e.errors()
-        first = _format_error(errors[0], _at(source, lines, tuple(errors[0].get("loc", ()))))
-        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise UserError(first + more) from None
+        raise UserError(first_error(e, Recipe, lambda loc: _at(source, lines, loc))) from None
     recipe._source = source
     recipe._lines = lines
     return recipe
@@ -461,10 +329,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_override(raw: dict, parts: list[str], value: Any, source: str) -> None:
     node = raw
     for i, part in enumerate(parts[:-1]):
-        cls = _section_class(tuple(parts[:i]))
+        cls = section_class(Recipe, tuple(parts[:i]))
         if cls is not None and part not in cls.model_fields:
             raise UserError(
-                f"override {'.'.join(parts)}: unknown key '{'.'.join(parts[: i + 1])}'{_did_you_mean(part, tuple(parts[:i]))}"
+                f"override {'.'.join(parts)}: unknown key '{'.'.join(parts[: i + 1])}'{did_you_mean(Recipe, part, tuple(parts[:i]))}"
             )
         child = node.get(part)
         if child is None:
@@ -575,9 +443,9 @@ def check_recipe_paths(recipe: Recipe) -> None:
             raise UserError(f"{recipe.where('data', key)}: data.{key}: '{v}' does not exist")
     if recipe.resume not in ("auto", "never"):
         p = Path(recipe.resume)
-        if not (p / "adapter.json").is_file() or not (p / "trainer_state.json").is_file():
+        if not (p / ADAPTER_CONFIG).is_file() or not (p / TRAINER_STATE).is_file():
             raise UserError(
-                f"{recipe.where('resume')}: resume: '{p}' is not a training checkpoint (expected adapter.json and trainer_state.json); use auto, never or a checkpoints/step-* directory"
+                f"{recipe.where('resume')}: resume: '{p}' is not a training checkpoint (expected {ADAPTER_CONFIG} and {TRAINER_STATE}); use auto, never or a checkpoints/step-* directory"
             )
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():

@@ -12,14 +12,13 @@ may not (that would be a different run; pass overwrite=true or choose another ou
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from gptoss_tune.errors import UserError
-from gptoss_tune.runs import CHECKPOINTS, METRICS, RECIPE, list_checkpoints
+from gptoss_tune.runs import RECIPE, holds_run, list_checkpoints, trained
 
 
 @dataclass
@@ -62,16 +61,6 @@ def stored_fingerprint(out: Path) -> dict | None:
         return Recipe.model_validate(raw).fingerprint()
     except Exception:
         return None
-
-
-def holds_run(out: Path) -> bool:
-    return any((out / n).exists() for n in (RECIPE, METRICS, CHECKPOINTS))
-
-
-def trained(out: Path) -> bool:
-    """Whether the run in `out` got anywhere: a checkpoint, or a line in metrics.jsonl."""
-    metrics = out / METRICS
-    return bool(list_checkpoints(out)) or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
 def check_output_dir(recipe) -> ResumePlan:
@@ -170,55 +159,3 @@ def _step_of(ckpt: Path) -> int | None:
         return int(json.loads((Path(ckpt) / "trainer_state.json").read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def lock_run_dir(out: Path, source: str) -> int | None:
-    """Main process: create output_dir and hold an exclusive lock on it for the whole run, so a second
-    training in the same directory is refused instead of interleaving checkpoints. Returns the fd (the
-    lock lasts until it is closed or the process ends); None where the filesystem has no flock."""
-    import errno
-    import fcntl
-    import os
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(
-            f"{source}: output_dir '{out}' cannot be created ({e.strerror}); choose a writable directory"
-        ) from None
-    fd = os.open(str(out), os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-            raise UserError(
-                f"{source}: output_dir '{out}' is in use by another training process; wait for it to finish or choose another output_dir"
-            ) from None
-        return None
-    return fd
-
-
-def wipe(out: Path) -> None:
-    for p in Path(out).iterdir():
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics.jsonl lines after `step` (a resumed run writes them again) and any torn last line."""
-    from gptoss_tune.atomic_io import atomic_write_text
-
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
-            kept.append(line)
-    atomic_write_text(path, "".join(k + "\n" for k in kept))

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from gptoss_tune.atomic_io import atomic_write_text, fsync_path
+from gptoss_tune.data.batching import IGNORE_INDEX
 from gptoss_tune.errors import UserError
 from gptoss_tune.runs import CHECKPOINTS, DATA_REPORT, FINAL, METRICS, RECIPE, step_dir_name
 from gptoss_tune.train.memory import apply_memory_settings, build_optimizer
@@ -109,7 +110,7 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def _trained_in(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def _gather_trainable(accelerator, module) -> dict | None:
@@ -206,7 +207,7 @@ def train(recipe: Recipe, data: TrainData | None = None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    from gptoss_tune.train.resume import lock_run_dir
+    from gptoss_tune.runs import lock_run_dir
 
     # torch >= 2.12 renames DDP's broadcast_buffers; the MXFP4 buffers are excluded from DDP below either way.
     warnings.filterwarnings("ignore", message=".*broadcast_buffers. is deprecated", category=FutureWarning)
@@ -235,10 +236,11 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     from gptoss_tune.model.adapter import load_adapter_weights, read_adapter_config, save_adapter
     from gptoss_tune.model.experts import MXFP4Experts
     from gptoss_tune.model.loader import load_model
+    from gptoss_tune.runs import truncate_metrics, wipe
     from gptoss_tune.train import checkpoint as ck
     from gptoss_tune.train.losses import expert_load_stats
     from gptoss_tune.train.objective import Objective
-    from gptoss_tune.train.resume import check_output_dir, truncate_metrics, wipe
+    from gptoss_tune.train.resume import check_output_dir
     from gptoss_tune.train.tracking import Tracker
 
     t_start = time.time()
@@ -329,7 +331,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     device = accelerator.device if accelerator.device.type != "cpu" else torch.device("cpu")  # multi-CPU says cpu:0
     model = load_model(
         recipe.model.path,
-        lora=recipe.lora.to_settings(),
+        lora=recipe.lora,
         device=device,
         dtype=dtype,
         attn_implementation=recipe.model.attn_implementation,
@@ -354,9 +356,9 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         )
     if state is not None:
         meta = read_adapter_config(plan.checkpoint)
-        if meta.get("lora") != recipe.lora.to_settings().to_dict():
+        if meta.get("lora") != recipe.lora.to_dict():
             raise UserError(
-                f"{plan.checkpoint}: trained with lora {meta.get('lora')}, the recipe says {recipe.lora.to_settings().to_dict()}"
+                f"{plan.checkpoint}: trained with lora {meta.get('lora')}, the recipe says {recipe.lora.to_dict()}"
             )
         load_adapter_weights(model, plan.checkpoint)
     # Checkpointing (non-reentrant, per decoder layer, optional host offload) and the optimizer come from

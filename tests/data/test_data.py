@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from gptoss_tune.cli.main import main
-from gptoss_tune.data.batching import IGNORE
+from gptoss_tune.data.batching import IGNORE_INDEX
 from gptoss_tune.data.pipeline import load_data
 from gptoss_tune.data.rendering import render_example
 from gptoss_tune.data.settings import DataSettings
@@ -43,11 +43,11 @@ def test_sample_data_rows_follow_the_batching_contract(cache):
     for rows, split in ((b.train, "train"), (b.validation, "validation")):
         assert len(rows) == r[split]["rows"]
         assert sum(len(x["input_ids"]) for x in rows) == r[split]["tokens"]
-        assert sum(sum(lab != IGNORE for lab in x["labels"]) for x in rows) == r[split]["trained_tokens"]
+        assert sum(sum(lab != IGNORE_INDEX for lab in x["labels"]) for x in rows) == r[split]["trained_tokens"]
         assert sum(x["position_ids"].count(0) for x in rows) == r[split]["examples"]
         for x in rows:
             assert len(x["input_ids"]) == len(x["labels"]) == len(x["position_ids"]) <= 1024
-            assert all(lab == IGNORE or lab == t for lab, t in zip(x["labels"], x["input_ids"]))
+            assert all(lab == IGNORE_INDEX or lab == t for lab, t in zip(x["labels"], x["input_ids"]))
     assert r["train"]["fill"] > 0.9  # packing fills rows
     # every example is packed exactly as render_example renders it
     first = json.loads((SAMPLE / "train.jsonl").read_text().splitlines()[0])

@@ -3,7 +3,7 @@ the summed loss of a packed row equals the sum of the examples' losses computed 
 
 import torch
 
-from gptoss_tune.data.batching import IGNORE, collate
+from gptoss_tune.data.batching import IGNORE_INDEX, collate
 from gptoss_tune.data.packing import FitStats, fit, pack, to_row
 from gptoss_tune.data.rendering import render_example
 
@@ -20,7 +20,7 @@ def test_pack_places_every_example_once_within_max_len():
         # positions restart exactly where a new example (a new token value here) begins
         for i, p in enumerate(r["position_ids"]):
             assert (p == 0) == (i == 0 or r["input_ids"][i] != r["input_ids"][i - 1])
-        assert all(lab == IGNORE or lab == t for lab, t in zip(r["labels"], r["input_ids"]))
+        assert all(lab == IGNORE_INDEX or lab == t for lab, t in zip(r["labels"], r["input_ids"]))
     assert [len(r["input_ids"]) for r in pack(examples, 100, packing=False)] == [50, 20, 90, 10, 60, 40, 30, 100]
 
 
@@ -58,7 +58,10 @@ def _summed_loss(model, batch):
         logits = model(**batch, use_cache=False).logits.float()
     # transformers' causal-LM loss, summed: position t predicts labels[t + 1]
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
 
 

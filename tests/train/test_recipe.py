@@ -36,7 +36,7 @@ def test_defaults_paths_and_overrides(tmp_path, tiny_ckpt, monkeypatch):
     assert r.data.train == str(tmp_path / "data" / "train.jsonl")  # relative to the recipe file
     assert r.output_dir == str(tmp_path / "data" / "here")  # a command-line path: relative to the current directory
     assert r.train.lr == 1e-3 and r.router.train is True
-    assert r.lora.to_settings() == LoraSettings(
+    assert r.lora == LoraSettings(
         rank=8, alpha=16.0, dropout=0.0, attention=["q_proj", "v_proj"], experts=["gate_up_proj", "down_proj"]
     )
     assert r.router.aux_loss_coef == 0.01 and r.train.scheduler == "cosine" and r.resume == "auto"
@@ -206,7 +206,7 @@ def test_shipped_recipes_validate(name):
 def test_a_second_training_in_the_same_output_dir_is_refused(tmp_path):
     import os
 
-    from gptoss_tune.train.resume import lock_run_dir
+    from gptoss_tune.runs import lock_run_dir
 
     fd = lock_run_dir(tmp_path / "run", "r.yaml")
     try:
@@ -269,7 +269,7 @@ def test_a_run_that_never_trained_is_replaced_by_the_corrected_recipe(tmp_path, 
 
 
 def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path, tiny_ckpt):
-    from gptoss_tune.train.resume import lock_run_dir
+    from gptoss_tune.runs import lock_run_dir
 
     (tmp_path / "afile").write_text("x")
     bad = tmp_path / "afile" / "run"
