@@ -15,7 +15,7 @@ is rendered the same way in both. Input, in the shape of OpenAI's chat API:
 schemas ({"type": "function", "function": {"name", "description", "parameters"}}, or the flat
 {"name", "description", "parameters"}).
 
-The harmony messages produced (see ../shared/GPT-OSS-FACTS.md):
+The harmony messages produced (see docs/gpt-oss-facts.md):
 - a system message: harmony's default identity, `Reasoning: low|medium|high`, the valid channels;
 - a developer message `# Instructions` (system and developer messages at the start, joined by a blank
   line) and `# Tools` with the functions as `namespace functions`, when there is either;

@@ -16,15 +16,10 @@ from pathlib import Path
 
 import torch
 
-DEMO_DIR = Path("runs/demo")
-RECIPE = Path("recipes/tiny-demo.yaml")
-
-
-def _repo_file(rel: Path) -> Path:
-    """A file of the repository: from the current directory (make demo), else next to the package."""
-    if rel.exists():
-        return rel
-    return Path(__file__).resolve().parents[1] / rel
+DEMO_DIR = Path("runs/demo")  # under the current directory
+# Shipped with the package (links to the repository's recipes/ and data/ in a checkout, copies in a wheel),
+# so the demo runs the same from a checkout and from an installed wheel.
+RECIPE = Path(__file__).parent / "recipes" / "tiny-demo.yaml"
 
 
 def write_model(ctx: dict) -> str:
@@ -66,7 +61,7 @@ def train_model(ctx: dict) -> str:
     from gptoss_tune.train.recipe import load_recipe
     from gptoss_tune.train.trainer import train
 
-    recipe_path = _repo_file(RECIPE)
+    recipe_path = RECIPE.resolve()
     print(
         f"      training {recipe_path} (LoRA on the sample support conversations; evaluation and early stopping)",
         flush=True,

@@ -1,4 +1,4 @@
-"""gpt-oss configurations in the published config.json layout (see ../shared/GPT-OSS-FACTS.md)."""
+"""gpt-oss configurations in the published config.json layout (see docs/gpt-oss-facts.md)."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Benchmark harness at the real gpt-oss dimensions (driven by scripts/bench_*.py)."""
+"""Benchmark harness at the real gpt-oss dimensions with random weights (driven by scripts/bench_*.py)."""

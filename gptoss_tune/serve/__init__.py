@@ -1,1 +1,14 @@
-"""The serving stage: a model or export -> an OpenAI-compatible chat-completions server."""
+"""The serving stage: a model or export -> an OpenAI-compatible chat-completions server.
+
+Takes a checkpoint, merged export, run directory or adapter (`loading.load_for_serving`); gives a FastAPI
+app (`app.ChatServer`) speaking /v1/chat/completions in harmony in and out.
+
+    loading         what MODEL_DIR [--adapter DIR] loads
+    prompt          a request -> harmony prompt tokens (the renderer training uses)
+    openai_schema   the request schema and the OpenAI error shape
+    generate        KV-cache generation, one token per call
+    harmony_output  completion tokens -> content, reasoning and tool calls as they arrive
+    app             ChatServer: routes, streaming, concurrency limit, API key
+    http            binding the socket before the model loads, the loopback rule, a background thread
+    vllm            the equivalent `vllm serve` command for production
+"""

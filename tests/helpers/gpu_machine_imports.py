@@ -2,7 +2,7 @@
 
     python tests/helpers/gpu_machine_imports.py scripts/bench_train.py --model tiny ...
 
-The GPU machines (GPT-OSS-FACTS.md, the device README) have torch, transformers, peft, accelerate,
+The GPU machines (the device tool's README) have torch, transformers, peft, accelerate,
 safetensors, triton, pyyaml, but not the project's other dependencies, and nothing can be installed there
 without carrying wheels. The script runs as `__main__`; at exit, if any module below was imported, this
 prints them and exits 3 (the script's own exit status otherwise).

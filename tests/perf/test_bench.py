@@ -55,7 +55,7 @@ def test_ours_and_baseline_hold_the_same_weights():
 
 
 def test_active_parameters_match_the_published_counts():
-    # GPT-OSS-FACTS: active per token 3.61 B (20b), 5.13 B (120b), lm_head included
+    # docs/gpt-oss-facts.md: active per token 3.61 B (20b), 5.13 B (120b), lm_head included
     assert round(bench.active_params(bench.bench_config("20b"), 8, "all")["matmul"] / 1e9, 2) == 3.61
     assert round(bench.active_params(bench.bench_config("120b"), 8, "all")["matmul"] / 1e9, 2) == 5.13
     # the issue: bf16 experts alone are 229 GB for 120b
