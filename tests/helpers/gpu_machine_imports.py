@@ -6,12 +6,17 @@ The GPU machines (the device tool's README) have torch, transformers, peft, acce
 safetensors, triton, pyyaml, but not the project's other dependencies, and nothing can be installed there
 without carrying wheels. The script runs as `__main__`; at exit, if any module below was imported, this
 prints them and exits 3 (the script's own exit status otherwise).
+
+pydantic is the exception: the settings types of the model stage (LoraSettings) are pydantic models, so
+every GPU plan installs it from the wheels scripts/gpu_wheels.sh carries (CARRIED; a test checks that the
+script lists them).
 """
 
 import runpy
 import sys
 
-ABSENT_ON_GPU_MACHINE = ("datasets", "pydantic", "fastapi", "starlette", "uvicorn", "openai_harmony", "openai",
+CARRIED = ("pydantic", "pydantic-core", "typing-inspection", "annotated-types", "typing-extensions")
+ABSENT_ON_GPU_MACHINE = ("datasets", "fastapi", "starlette", "uvicorn", "openai_harmony", "openai",
                          "wandb", "deepspeed", "quicktok", "bitsandbytes")  # fmt: skip
 
 
