@@ -30,6 +30,7 @@ from gptoss_tune.errors import UserError
 from gptoss_tune.runs import CHECKPOINTS, DATA_REPORT, FINAL, METRICS, RECIPE, step_dir_name
 from gptoss_tune.train.memory import apply_memory_settings, build_optimizer
 from gptoss_tune.train.recipe import Recipe, load_recipe
+from gptoss_tune.train.schedule import apply_recipe_hyperparameters, lr_lambda
 from gptoss_tune.train.stream import MicroBatchStream, TrainData, eval_batches, load_train_data
 
 
@@ -52,23 +53,6 @@ class TrainResult:
 
 
 # ---- small pieces ----------------------------------------------------------------------------------
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, kind: str, min_ratio: float):
-    """Multiplier of the peak lr for optimizer step s (0-based): linear warmup to 1 over warmup_steps
-    (the first step already gets 1/warmup of the peak), then cosine/linear decay to min_ratio, or constant."""
-
-    def f(s: int) -> float:
-        if s < warmup_steps:
-            return (s + 1) / warmup_steps
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
-        if kind == "cosine":
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return min_ratio + (1 - min_ratio) * (1 - progress)
-
-    return f
 
 
 class StopSignal:
@@ -133,29 +117,6 @@ def _gather_trainable(accelerator, module) -> dict | None:
             t = p.full_tensor() if hasattr(p, "full_tensor") else p
             out[n] = t.detach().to("cpu", copy=True)
     return out
-
-
-def _apply_recipe_hyperparameters(optimizer, scheduler, schedule, cfg_t) -> None:
-    """After loading a checkpoint's optimizer and scheduler state, make this recipe's settings current.
-
-    Both states carry the settings of the run that wrote them: the optimizer its lr, betas, eps and weight
-    decay, LambdaLR the peak lr and the learning rate its last step() computed from the old schedule. A
-    continuation that changes the length (train.max_steps, train.epochs) has another schedule, and its
-    first step would run at the old one's rate (0 at the end of a finished cosine run); a run branched
-    with resume: PATH may change lr or weight decay, which would be silently ignored. Unchanged settings
-    give the same numbers, so exact resume is unaffected."""
-    sched = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper under DeepSpeed
-    factor = schedule(sched.last_epoch)
-    sched.base_lrs = [cfg_t.lr for _ in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group.update(
-            initial_lr=cfg_t.lr,
-            lr=cfg_t.lr * factor,
-            betas=(cfg_t.adam_beta1, cfg_t.adam_beta2),
-            eps=cfg_t.adam_eps,
-            weight_decay=cfg_t.weight_decay,
-        )
-    sched._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _train_routers(model) -> None:
@@ -407,7 +368,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     if state is not None:
         ck.load_optimizer_state(plan.checkpoint, optimizer, rank, sharded, accelerator.device)
         ck.load_scheduler_state(plan.checkpoint, scheduler)
-        _apply_recipe_hyperparameters(optimizer, scheduler, schedule, cfg_t)
+        apply_recipe_hyperparameters(optimizer, scheduler, schedule, cfg_t)
         if plan.branch:
             # A new run from another run's checkpoint: its best checkpoint is not in this directory, and its
             # validation data may differ; the best adapter and early stopping start afresh here.

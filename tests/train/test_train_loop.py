@@ -356,7 +356,7 @@ def test_branching_with_another_micro_batch_size_keeps_the_data_position(referen
 
 
 def test_learning_rate_schedules():
-    from gptoss_tune.train.trainer import lr_lambda
+    from gptoss_tune.train.schedule import lr_lambda
 
     f = lr_lambda(total_steps=10, warmup_steps=2, kind="cosine", min_ratio=0.1)
     assert [f(0), f(1)] == [0.5, 1.0]  # the first step already moves
@@ -368,7 +368,7 @@ def test_learning_rate_schedules():
 
 def test_extending_a_finished_run_uses_the_new_schedule_from_its_first_step(tiny_ckpt, tmp_path):
     """A finished cosine run ends at lr 0; continuing it with more steps must not run a step at that old rate."""
-    from gptoss_tune.train.trainer import lr_lambda
+    from gptoss_tune.train.schedule import lr_lambda
 
     recipe = write_recipe(
         tmp_path,
@@ -390,8 +390,8 @@ def test_branching_from_another_runs_checkpoint(reference, tmp_path):
     run's (the old run's best is not in this directory, and was measured on other validation data)."""
     from helpers.training import synthetic_rows
 
+    from gptoss_tune.train.schedule import lr_lambda
     from gptoss_tune.train.stream import TrainData
-    from gptoss_tune.train.trainer import lr_lambda
 
     d, recipe, _ = reference
     ckpt = d / "run" / "checkpoints" / "step-00000009"
