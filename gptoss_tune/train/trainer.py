@@ -31,6 +31,7 @@ from gptoss_tune.runs import CHECKPOINTS, DATA_REPORT, FINAL, METRICS, RECIPE, s
 from gptoss_tune.train.memory import apply_memory_settings, build_optimizer
 from gptoss_tune.train.recipe import Recipe, load_recipe
 from gptoss_tune.train.schedule import apply_recipe_hyperparameters, lr_lambda
+from gptoss_tune.train.state import TrainerState
 from gptoss_tune.train.stream import MicroBatchStream, TrainData, eval_batches, load_train_data
 
 
@@ -221,7 +222,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     # -- output directory: every process decides from the same files, then only the main one writes.
     plan = check_output_dir(recipe)
     accelerator.wait_for_everyone()
-    state = ck.read_trainer_state(plan.checkpoint) if plan.mode == "resume" else None
+    state = TrainerState.from_dict(ck.read_trainer_state(plan.checkpoint)) if plan.mode == "resume" else None
     if main:
         if plan.wipe and run_dir.exists():
             wipe(run_dir)
@@ -229,7 +230,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         ck.clean_stale(run_dir)
         atomic_write_text(run_dir / RECIPE, recipe.to_yaml())
         if state is not None:
-            truncate_metrics(run_dir / METRICS, state["step"])
+            truncate_metrics(run_dir / METRICS, state.step)
         elif (run_dir / METRICS).exists():
             (run_dir / METRICS).unlink()
     accelerator.wait_for_everyone()
@@ -256,9 +257,12 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         )
     stream = MicroBatchStream(data.train, cfg_t.micro_batch_size, cfg_t.seed, recipe.data.packing)
     per_step = P * G
-    start_step = state["step"] if state else 0
+    start_step = state.step if state else 0
     mb_consumed = (
-        stream.position_from(state["micro_batches_consumed"], state.get("micro_batch_size", cfg_t.micro_batch_size))
+        stream.position_from(
+            state.micro_batches_consumed,
+            state.micro_batch_size if state.micro_batch_size is not None else cfg_t.micro_batch_size,
+        )
         if state
         else 0
     )
@@ -270,16 +274,16 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     if cfg_t.max_steps is not None:
         total_steps = min(total_steps, cfg_t.max_steps)
     total_steps = max(total_steps, start_step)
-    if state is not None and state.get("finished"):
+    if state is not None and state.finished:
         stopped_early = (
-            state.get("stop_reason") == "early_stopping"
+            state.stop_reason == "early_stopping"
             and recipe.early_stopping.enabled
             and not plan.branch
-            and state.get("evals_without_improvement", 0) >= recipe.early_stopping.patience
+            and state.evals_without_improvement >= recipe.early_stopping.patience
         )
         if stopped_early or total_steps <= start_step:
             say(
-                f"{plan.checkpoint if plan.branch else run_dir}: this run already finished at step {start_step} ({state.get('stop_reason')}); nothing to do. "
+                f"{plan.checkpoint if plan.branch else run_dir}: this run already finished at step {start_step} ({state.stop_reason}); nothing to do. "
                 f"Raise train.max_steps / train.epochs (or early_stopping.patience) to continue it, "
                 f"or pass resume=never overwrite=true to start over."
             )
@@ -309,10 +313,10 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     )
     if recipe.router.train:
         _train_routers(model)
-    if state is not None and sharded and state.get("num_processes") != P:
+    if state is not None and sharded and state.num_processes != P:
         raise UserError(
-            f"{plan.checkpoint}: written by {state.get('num_processes')} processes with sharded optimizer state; "
-            f"resume it with --num_processes {state.get('num_processes')}"
+            f"{plan.checkpoint}: written by {state.num_processes} processes with sharded optimizer state; "
+            f"resume it with --num_processes {state.num_processes}"
         )
     if state is not None:
         meta = read_adapter_config(plan.checkpoint)
@@ -345,7 +349,7 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
         eps=cfg_t.adam_eps,
         weight_decay=cfg_t.weight_decay,
     )
-    warmup = math.ceil(cfg_t.warmup_ratio * total_steps) if state is None else state.get("warmup_steps", 0)
+    warmup = math.ceil(cfg_t.warmup_ratio * total_steps) if state is None else state.warmup_steps
     schedule = lr_lambda(total_steps, warmup, cfg_t.scheduler, cfg_t.min_lr_ratio)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed owns the optimizer step and steps the schedule itself; it cannot infer the micro-batch
@@ -377,15 +381,14 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
                 f"and early stopping start afresh"
             )
         else:
-            if state.get("best"):
-                best_step, best_value = state["best"]["step"], state["best"]["value"]
-            bad_evals = state.get("evals_without_improvement", 0)
-            evals = state.get("evals", [])
-        tokens_seen = state.get("tokens_seen", 0)
-        if not ck.load_rng_state(plan.checkpoint, rank) or state.get("num_processes") != P:
+            best_step, best_value = state.best_step, state.best_value
+            bad_evals = state.evals_without_improvement
+            evals = state.evals
+        tokens_seen = state.tokens_seen
+        if not ck.load_rng_state(plan.checkpoint, rank) or state.num_processes != P:
             set_seed(cfg_t.seed + 1000 * start_step + rank)
             say(
-                f"note: the checkpoint was written by {state.get('num_processes')} process(es), this run has {P}: "
+                f"note: the checkpoint was written by {state.num_processes} process(es), this run has {P}: "
                 f"data position is kept, random streams (dropout) restart"
             )
     else:
@@ -396,23 +399,24 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
     last_ckpt: Path | None = plan.checkpoint if state is not None else None
 
     def trainer_state(step, finished=False, stop_reason=None) -> dict:
-        return {
-            "step": step,
-            "micro_batches_consumed": mb_consumed,
-            "epoch": round(stream.epoch_at(mb_consumed), 6),
-            "num_processes": P,
-            "grad_accum": G,
-            "micro_batch_size": cfg_t.micro_batch_size,
-            "total_steps": total_steps,
-            "warmup_steps": warmup,
-            "best": {"step": best_step, "value": best_value} if best_step is not None else None,
-            "evals_without_improvement": bad_evals,
-            "tokens_seen": tokens_seen,
-            "evals": evals,
-            "finished": finished,
-            "stop_reason": stop_reason,
-            "fingerprint": recipe.fingerprint_hash(),
-        }
+        return TrainerState(
+            step=step,
+            micro_batches_consumed=mb_consumed,
+            epoch=round(stream.epoch_at(mb_consumed), 6),
+            num_processes=P,
+            grad_accum=G,
+            micro_batch_size=cfg_t.micro_batch_size,
+            total_steps=total_steps,
+            warmup_steps=warmup,
+            best_step=best_step,
+            best_value=best_value,
+            evals_without_improvement=bad_evals,
+            tokens_seen=tokens_seen,
+            evals=evals,
+            finished=finished,
+            stop_reason=stop_reason,
+            fingerprint=recipe.fingerprint_hash(),
+        ).to_dict()
 
     def save_checkpoint(step: int, **flags) -> Path:
         nonlocal last_ckpt
