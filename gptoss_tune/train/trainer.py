@@ -214,6 +214,8 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        """Everything train() needs, in this order (each step's prints, files and RNG use come in the order
+        they always did); stops after the schedule when a finished run has nothing left to do."""
         self._setup_accelerator()
         self.t_start = time.time()
         self._setup_output_dir()
@@ -304,9 +306,9 @@ class Trainer:
         """Where this run starts and ends (in steps and in the data), its learning-rate schedule, and the
         live TrainerState. A resumed run keeps its data position and warmup; its length is this recipe's."""
         cfg, resumed = self.cfg, self.resumed
-        start_step = resumed.step if resumed else 0
+        start_step = resumed.step if resumed is not None else 0
         mb_consumed = 0
-        if resumed:
+        if resumed is not None:
             # the position is counted in the micro-batches of the run that wrote it (its micro_batch_size)
             mbs = resumed.micro_batch_size if resumed.micro_batch_size is not None else cfg.micro_batch_size
             mb_consumed = self.stream.position_from(resumed.micro_batches_consumed, mbs)
@@ -373,9 +375,8 @@ class Trainer:
         for m in model.modules():
             if isinstance(m, MXFP4Experts):
                 m.backend = recipe.model.experts_backend
-                backends.add(
-                    m.resolved_backend(device)
-                )  # a backend that cannot run here is a one-line error now, not at the first step
+                # a backend that cannot run here is a one-line error now, not at the first step
+                backends.add(m.resolved_backend(device))
         self.runs_on = (
             f"on {device} in {str(next(model.parameters()).dtype).replace('torch.', '')}; experts: "
             f"{'/'.join(sorted(backends)) or 'none'}; attention: {model.config._attn_implementation}"
@@ -386,6 +387,7 @@ class Trainer:
             self._load_checkpoint_adapter()
 
     def _load_checkpoint_adapter(self) -> None:
+        """The trainable weights of the checkpoint resumed from, after checking it fits this recipe and launch."""
         resumed, ckpt = self.resumed, self.plan.checkpoint
         if self.sharded and resumed.num_processes != self.num_processes:
             raise UserError(
@@ -399,6 +401,7 @@ class Trainer:
         load_adapter_weights(self.model, ckpt)
 
     def _setup_optimizer(self) -> None:
+        """Memory settings (checkpointing, offload), the training objective and the optimizer, unwrapped."""
         cfg, model = self.cfg, self.model
         # Checkpointing (non-reentrant, per decoder layer, optional host offload) and the optimizer come from
         # gptoss_tune.train.memory, the same code path scripts/bench_train.py measures.
@@ -486,7 +489,7 @@ class Trainer:
             f"{' + router' if recipe.router.train else ''}: {n_params:,} trainable parameters; {len(data.train)} train rows, "
             f"{len(data.validation)} validation rows; {self.num_processes} process(es){_mode(self.accelerator)} x {cfg.grad_accum} accumulation x {cfg.micro_batch_size} rows per step; "
             f"steps {self.start_step}->{self.total_steps}"
-            + (f" (resumed from {self.plan.checkpoint})" if self.resumed else "")
+            + (f" (resumed from {self.plan.checkpoint})" if self.resumed is not None else "")
             + f"; {self.runs_on}; writing to {self.run_dir}"
         )
 
@@ -524,6 +527,8 @@ class Trainer:
         return result
 
     def _loop(self) -> None:
+        """Evaluate the untrained adapter if asked; steps, each followed by its evaluation, checkpoint and stop
+        checks; at the end a last evaluation and the finished checkpoint (a plain one when interrupted)."""
         recipe, state = self.recipe, self.state
         if self.evaluating and recipe.eval.at_start and self.resumed is None:
             self.evaluate(0)  # the untrained adapter (B = 0): the base model's loss
@@ -548,6 +553,7 @@ class Trainer:
             self.save_checkpoint(state.step)
 
     def _early_stop(self) -> bool:
+        """Whether the validation loss stopped improving for early_stopping.patience evaluations (and say so)."""
         es, state = self.recipe.early_stopping, self.state
         if not (self.evaluating and es.enabled and state.evals_without_improvement >= es.patience):
             return False
