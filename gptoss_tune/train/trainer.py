@@ -9,6 +9,11 @@ Same as `gptoss-tune train RECIPE.yaml [key=value ...]` (one process). One optim
    sum(token losses)/N + coef * mean(aux): every trained token weighs the same wherever it falls),
 4. stop on a NaN/inf loss or gradient norm before the update, clip, AdamW, schedule,
 5. log, evaluate every eval.every_steps, checkpoint, early-stop; SIGINT/SIGTERM save and exit.
+
+`train(recipe)` runs a Trainer: setup() (accelerator, output directory, data, schedule, model, optimizer,
+distribution, resume, tracking), train() (the loop, one _train_step per optimizer step, evaluate,
+save_checkpoint, the final adapter and the summary), cleanup(). What resume needs is one TrainerState
+(gptoss_tune.train.state), written as each checkpoint's trainer_state.json.
 """
 
 from __future__ import annotations
@@ -16,21 +21,49 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gptoss_tune.atomic_io import atomic_write_text, fsync_path
 from gptoss_tune.data.batching import IGNORE_INDEX
+from gptoss_tune.data.pipeline import format_report
 from gptoss_tune.errors import UserError
-from gptoss_tune.runs import CHECKPOINTS, DATA_REPORT, FINAL, METRICS, RECIPE, step_dir_name
+from gptoss_tune.model.adapter import load_adapter_weights, read_adapter_config, save_adapter
+from gptoss_tune.model.checkpoint import read_config, resolve_model_dir
+from gptoss_tune.model.experts import MXFP4Experts
+from gptoss_tune.runs import (
+    CHECKPOINTS,
+    DATA_REPORT,
+    FINAL,
+    METRICS,
+    RECIPE,
+    lock_run_dir,
+    step_dir_name,
+    truncate_metrics,
+    wipe,
+)
+from gptoss_tune.train import checkpoint as ck  # a module: tests replace ck.write_checkpoint_files
+from gptoss_tune.train.losses import expert_load_stats
 from gptoss_tune.train.memory import apply_memory_settings, build_optimizer
+from gptoss_tune.train.objective import Objective
 from gptoss_tune.train.recipe import Recipe
+from gptoss_tune.train.resume import check_output_dir
+from gptoss_tune.train.schedule import apply_recipe_hyperparameters, lr_lambda
+from gptoss_tune.train.state import TrainerState
+
+# load_train_data is looked up here at each run: tests replace trainer.load_train_data with synthetic rows.
 from gptoss_tune.train.stream import MicroBatchStream, TrainData, eval_batches, load_train_data
+from gptoss_tune.train.tracking import Tracker
 
 
 class TrainingDiverged(UserError):
@@ -52,23 +85,6 @@ class TrainResult:
 
 
 # ---- small pieces ----------------------------------------------------------------------------------
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, kind: str, min_ratio: float):
-    """Multiplier of the peak lr for optimizer step s (0-based): linear warmup to 1 over warmup_steps
-    (the first step already gets 1/warmup of the peak), then cosine/linear decay to min_ratio, or constant."""
-
-    def f(s: int) -> float:
-        if s < warmup_steps:
-            return (s + 1) / warmup_steps
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
-        if kind == "cosine":
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return min_ratio + (1 - min_ratio) * (1 - progress)
-
-    return f
 
 
 class StopSignal:
@@ -116,14 +132,12 @@ def _trained_in(batch: dict) -> int:
 def _gather_trainable(accelerator, module) -> dict | None:
     """Full trainable tensors for saving when parameters are sharded (FSDP2 DTensors, DeepSpeed ZeRO-3);
     every process must call this. None when parameters are whole (single process, DDP)."""
-    from accelerate.utils import DistributedType
-
     if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return None
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     out = {}
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        import deepspeed
+        import deepspeed  # optional: installed only where DeepSpeed launches run
 
         with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
             for n, p in named:
@@ -133,29 +147,6 @@ def _gather_trainable(accelerator, module) -> dict | None:
             t = p.full_tensor() if hasattr(p, "full_tensor") else p
             out[n] = t.detach().to("cpu", copy=True)
     return out
-
-
-def _apply_recipe_hyperparameters(optimizer, scheduler, schedule, cfg_t) -> None:
-    """After loading a checkpoint's optimizer and scheduler state, make this recipe's settings current.
-
-    Both states carry the settings of the run that wrote them: the optimizer its lr, betas, eps and weight
-    decay, LambdaLR the peak lr and the learning rate its last step() computed from the old schedule. A
-    continuation that changes the length (train.max_steps, train.epochs) has another schedule, and its
-    first step would run at the old one's rate (0 at the end of a finished cosine run); a run branched
-    with resume: PATH may change lr or weight decay, which would be silently ignored. Unchanged settings
-    give the same numbers, so exact resume is unaffected."""
-    sched = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper under DeepSpeed
-    factor = schedule(sched.last_epoch)
-    sched.base_lrs = [cfg_t.lr for _ in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group.update(
-            initial_lr=cfg_t.lr,
-            lr=cfg_t.lr * factor,
-            betas=(cfg_t.adam_beta1, cfg_t.adam_beta2),
-            eps=cfg_t.adam_eps,
-            weight_decay=cfg_t.weight_decay,
-        )
-    sched._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _train_routers(model) -> None:
@@ -175,8 +166,6 @@ def _input_to_weight_dtype(module, args):
 def _check_token_ids(recipe, data) -> None:
     """Every token id of the data must exist in the model's vocabulary (a smaller custom vocabulary would
     fail deep inside the embedding lookup instead)."""
-    from gptoss_tune.model.checkpoint import read_config, resolve_model_dir
-
     vocab = read_config(resolve_model_dir(recipe.model.path))["vocab_size"]
     for split, rows in (("train", data.train), ("validation", data.validation)):
         top = max((max(r["input_ids"]) for r in rows if r["input_ids"]), default=-1)
@@ -202,314 +191,537 @@ def _mode(accelerator) -> str:
 def train(recipe: Recipe, data: TrainData | None = None) -> TrainResult:
     """Run a recipe (in every process of a launch). Returns what happened; raises UserError on bad input
     and TrainingDiverged on a NaN/inf loss."""
-    import warnings
-
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    from gptoss_tune.runs import lock_run_dir
-
-    # torch >= 2.12 renames DDP's broadcast_buffers; the MXFP4 buffers are excluded from DDP below either way.
-    warnings.filterwarnings("ignore", message=".*broadcast_buffers. is deprecated", category=FutureWarning)
-    cfg_t = recipe.train
-    cuda = torch.cuda.is_available()
-    mixed = cfg_t.mixed_precision if cfg_t.mixed_precision != "auto" else ("bf16" if cuda else "no")
-    accelerator = Accelerator(
-        # Without a GPU, processes started by torchrun (`accelerate launch --multi_gpu`) talk over gloo.
-        cpu=not cuda,
-        mixed_precision=mixed,
-        gradient_accumulation_steps=cfg_t.grad_accum,
-        # MXFP4 experts are uint8 buffers (10 GB for 20b): never re-broadcast them every step.
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-    )
-    lock = lock_run_dir(Path(recipe.output_dir), recipe.where("output_dir")) if accelerator.is_main_process else None
+    trainer = Trainer(recipe, data)
     try:
-        return _train(recipe, data, accelerator, mixed)
+        trainer.setup()
+        return trainer.train()
     finally:
-        if lock is not None:
-            os.close(lock)
+        trainer.cleanup()
 
 
-def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> TrainResult:
-    from accelerate.utils import DistributedType, set_seed
+class Trainer:
+    """One run of a recipe, in every process of a launch. Only the main process writes files and prints.
 
-    from gptoss_tune.model.adapter import load_adapter_weights, read_adapter_config, save_adapter
-    from gptoss_tune.model.experts import MXFP4Experts
-    from gptoss_tune.model.loader import load_model
-    from gptoss_tune.runs import truncate_metrics, wipe
-    from gptoss_tune.train import checkpoint as ck
-    from gptoss_tune.train.losses import expert_load_stats
-    from gptoss_tune.train.objective import Objective
-    from gptoss_tune.train.resume import check_output_dir
-    from gptoss_tune.train.tracking import Tracker
+    setup() prepares everything (and finds out whether a finished run has anything left to do), train()
+    runs the loop to the end and returns a TrainResult, cleanup() releases the output directory's lock
+    (call it in a finally). The live TrainerState is self.state; everything else the loop, evaluation
+    and checkpoints share is an attribute set in setup()."""
 
-    t_start = time.time()
-    cfg_t = recipe.train
-    P, G, rank, main = (
-        accelerator.num_processes,
-        cfg_t.grad_accum,
-        accelerator.process_index,
-        accelerator.is_main_process,
-    )
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    run_dir = Path(recipe.output_dir)
+    def __init__(self, recipe: Recipe, data: TrainData | None = None):
+        self.recipe = recipe
+        self.cfg = recipe.train
+        self.data = data  # None: the recipe's data, through the data stage (load_train_data)
+        self.run_dir = Path(recipe.output_dir)
+        self.already_finished = False
+        self.tracker: Tracker | None = None
+        self._lock: int | None = None
 
-    def say(text: str) -> None:
-        if main:
+    def _say(self, text: str) -> None:
+        if self.is_main:
             print(text, flush=True)
 
-    # -- output directory: every process decides from the same files, then only the main one writes.
-    plan = check_output_dir(recipe)
-    accelerator.wait_for_everyone()
-    state = ck.read_trainer_state(plan.checkpoint) if plan.mode == "resume" else None
-    if main:
-        if plan.wipe and run_dir.exists():
-            wipe(run_dir)
-        (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-        ck.clean_stale(run_dir)
-        atomic_write_text(run_dir / RECIPE, recipe.to_yaml())
-        if state is not None:
-            truncate_metrics(run_dir / METRICS, state["step"])
-        elif (run_dir / METRICS).exists():
-            (run_dir / METRICS).unlink()
-    accelerator.wait_for_everyone()
+    # ---- setup -------------------------------------------------------------------------------------
 
-    # -- data
-    if data is None:
-        data = load_train_data(recipe)
-    if not data.train:
-        raise UserError(
-            f"{recipe.where('data', 'train')}: data.train: no training examples after rendering and filtering"
-        )
-    if main:
-        atomic_write_text(run_dir / DATA_REPORT, json.dumps(data.report, indent=2, default=str) + "\n")
-        from gptoss_tune.data.pipeline import format_report
+    def setup(self) -> None:
+        """Everything train() needs, in this order (each step's prints, files and RNG use come in the order
+        they always did); stops after the schedule when a finished run has nothing left to do."""
+        self._setup_accelerator()
+        self.t_start = time.time()
+        self._setup_output_dir()
+        self._setup_data()
+        self._setup_schedule()
+        if self.already_finished:
+            return
+        self._setup_model()
+        self._setup_optimizer()
+        self._wrap_for_distribution()
+        self._resume()
+        self._setup_tracking()
 
-        if isinstance(data.report.get("train"), dict):
-            say(format_report(data.report, listed=3) + f"\n  (data report: {run_dir / DATA_REPORT})")
-    _check_token_ids(recipe, data)
-    evaluating = bool(data.validation)
-    if recipe.early_stopping.enabled and not evaluating:
-        raise UserError(
-            f"{recipe.where('early_stopping')}: early_stopping needs validation examples, and the validation set is empty; "
-            f"raise data.val_fraction or set data.validation, or early_stopping.enabled=false"
+    def _setup_accelerator(self) -> None:
+        """The Accelerator of this launch; then the main process locks the output directory for the run."""
+        # torch >= 2.12 renames DDP's broadcast_buffers; the MXFP4 buffers are excluded from DDP below either way.
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers. is deprecated", category=FutureWarning)
+        cfg = self.cfg
+        cuda = torch.cuda.is_available()
+        mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
+        self.accelerator = acc = Accelerator(
+            # Without a GPU, processes started by torchrun (`accelerate launch --multi_gpu`) talk over gloo.
+            cpu=not cuda,
+            mixed_precision=mixed,
+            gradient_accumulation_steps=cfg.grad_accum,
+            # MXFP4 experts are uint8 buffers (10 GB for 20b): never re-broadcast them every step.
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
-    stream = MicroBatchStream(data.train, cfg_t.micro_batch_size, cfg_t.seed, recipe.data.packing)
-    per_step = P * G
-    start_step = state["step"] if state else 0
-    mb_consumed = (
-        stream.position_from(state["micro_batches_consumed"], state.get("micro_batch_size", cfg_t.micro_batch_size))
-        if state
-        else 0
-    )
-    if cfg_t.epochs is not None:
-        total_mb = stream.total_micro_batches(cfg_t.epochs)
-        total_steps = start_step + max(0, math.ceil((total_mb - mb_consumed) / per_step))
-    else:
-        total_steps = cfg_t.max_steps
-    if cfg_t.max_steps is not None:
-        total_steps = min(total_steps, cfg_t.max_steps)
-    total_steps = max(total_steps, start_step)
-    if state is not None and state.get("finished"):
-        stopped_early = (
-            state.get("stop_reason") == "early_stopping"
-            and recipe.early_stopping.enabled
-            and not plan.branch
-            and state.get("evals_without_improvement", 0) >= recipe.early_stopping.patience
-        )
-        if stopped_early or total_steps <= start_step:
-            say(
-                f"{plan.checkpoint if plan.branch else run_dir}: this run already finished at step {start_step} ({state.get('stop_reason')}); nothing to do. "
-                f"Raise train.max_steps / train.epochs (or early_stopping.patience) to continue it, "
-                f"or pass resume=never overwrite=true to start over."
-            )
-            return TrainResult(run_dir, start_step, "already_finished")
+        self.num_processes, self.rank, self.is_main = acc.num_processes, acc.process_index, acc.is_main_process
+        self.per_step = self.num_processes * cfg.grad_accum  # micro-batches per optimizer step, all processes
+        self.sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if self.is_main:
+            self._lock = lock_run_dir(self.run_dir, self.recipe.where("output_dir"))
 
-    # -- model: identical LoRA initialisation on every process, then per-process RNG streams.
-    set_seed(cfg_t.seed)
-    dtype = None if recipe.model.dtype == "auto" else recipe.model.dtype
-    device = accelerator.device if accelerator.device.type != "cpu" else torch.device("cpu")  # multi-CPU says cpu:0
-    model = load_model(
-        recipe.model.path,
-        lora=recipe.lora,
-        device=device,
-        dtype=dtype,
-        attn_implementation=recipe.model.attn_implementation,
-    )
-    backends = set()
-    for m in model.modules():
-        if isinstance(m, MXFP4Experts):
-            m.backend = recipe.model.experts_backend
-            backends.add(
-                m.resolved_backend(device)
-            )  # a backend that cannot run here is a one-line error now, not at the first step
-    runs_on = (
-        f"on {device} in {str(next(model.parameters()).dtype).replace('torch.', '')}; experts: "
-        f"{'/'.join(sorted(backends)) or 'none'}; attention: {model.config._attn_implementation}"
-    )
-    if recipe.router.train:
-        _train_routers(model)
-    if state is not None and sharded and state.get("num_processes") != P:
-        raise UserError(
-            f"{plan.checkpoint}: written by {state.get('num_processes')} processes with sharded optimizer state; "
-            f"resume it with --num_processes {state.get('num_processes')}"
-        )
-    if state is not None:
-        meta = read_adapter_config(plan.checkpoint)
-        if meta.get("lora") != recipe.lora.to_dict():
+    def _setup_output_dir(self) -> None:
+        """Fresh, resume or refuse: every process decides from the same files, then only the main one writes."""
+        self.plan = check_output_dir(self.recipe)
+        self.accelerator.wait_for_everyone()
+        resuming = self.plan.mode == "resume"
+        self.resumed = TrainerState.from_dict(ck.read_trainer_state(self.plan.checkpoint)) if resuming else None
+        run_dir = self.run_dir
+        if self.is_main:
+            if self.plan.wipe and run_dir.exists():
+                wipe(run_dir)
+            (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+            ck.clean_stale(run_dir)
+            atomic_write_text(run_dir / RECIPE, self.recipe.to_yaml())
+            if self.resumed is not None:
+                truncate_metrics(run_dir / METRICS, self.resumed.step)
+            elif (run_dir / METRICS).exists():
+                (run_dir / METRICS).unlink()
+        self.accelerator.wait_for_everyone()
+
+    def _setup_data(self) -> None:
+        """Training and validation rows, their report, the micro-batch stream and this process's validation batches."""
+        recipe, cfg = self.recipe, self.cfg
+        if self.data is None:
+            self.data = load_train_data(recipe)
+        data = self.data
+        if not data.train:
             raise UserError(
-                f"{plan.checkpoint}: trained with lora {meta.get('lora')}, the recipe says {recipe.lora.to_dict()}"
+                f"{recipe.where('data', 'train')}: data.train: no training examples after rendering and filtering"
             )
-        load_adapter_weights(model, plan.checkpoint)
-    # Checkpointing (non-reentrant, per decoder layer, optional host offload) and the optimizer come from
-    # gptoss_tune.train.memory, the same code path scripts/bench_train.py measures.
-    memory = apply_memory_settings(model, cfg_t.memory_settings())
-    model.config.use_cache = False
-    model.train()
-    objective = Objective(model, chunk_tokens=cfg_t.loss_chunk_tokens)
-    trainable = [p for p in objective.parameters() if p.requires_grad]
-    if accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        if self.is_main:
+            atomic_write_text(self.run_dir / DATA_REPORT, json.dumps(data.report, indent=2, default=str) + "\n")
+            if isinstance(data.report.get("train"), dict):
+                self._say(format_report(data.report, listed=3) + f"\n  (data report: {self.run_dir / DATA_REPORT})")
+        _check_token_ids(recipe, data)
+        self.evaluating = bool(data.validation)
+        if recipe.early_stopping.enabled and not self.evaluating:
+            raise UserError(
+                f"{recipe.where('early_stopping')}: early_stopping needs validation examples, and the validation set is empty; "
+                f"raise data.val_fraction or set data.validation, or early_stopping.enabled=false"
+            )
+        self.stream = MicroBatchStream(data.train, cfg.micro_batch_size, cfg.seed, recipe.data.packing)
+        self.val_batches = []
+        if self.evaluating:
+            self.val_batches = eval_batches(
+                data.validation,
+                recipe.eval.micro_batch_size or cfg.micro_batch_size,
+                recipe.data.packing,
+                self.num_processes,
+                self.rank,
+                recipe.eval.max_batches,
+            )
 
-        # Frozen weights and MXFP4 buffers are identical on every process (same checkpoint): skip their
-        # broadcast when DDP wraps the model (10 GB for 20b).
-        frozen = [n for n, p in objective.named_parameters() if not p.requires_grad] + [
-            n for n, _ in objective.named_buffers()
-        ]
-        DDP._set_params_and_buffers_to_ignore_for_model(objective, frozen)
-    optimizer = build_optimizer(
-        trainable,
-        memory.optimizer,
-        lr=cfg_t.lr,
-        betas=(cfg_t.adam_beta1, cfg_t.adam_beta2),
-        eps=cfg_t.adam_eps,
-        weight_decay=cfg_t.weight_decay,
-    )
-    warmup = math.ceil(cfg_t.warmup_ratio * total_steps) if state is None else state.get("warmup_steps", 0)
-    schedule = lr_lambda(total_steps, warmup, cfg_t.scheduler, cfg_t.min_lr_ratio)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # DeepSpeed owns the optimizer step and steps the schedule itself; it cannot infer the micro-batch
-        # size without a prepared DataLoader. (Not exercised in CI: no GPUs there.)
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg_t.micro_batch_size
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
-    else:
-        objective, optimizer = accelerator.prepare(objective, optimizer)
-        # Stepped here once per optimizer step (accelerate's wrapper would step it once per process).
-        scheduler = torch.optim.lr_scheduler.LambdaLR(getattr(optimizer, "optimizer", optimizer), schedule)
-    trainable = [p for p in objective.parameters() if p.requires_grad]  # FSDP2 replaces them with DTensors
-    unwrapped = accelerator.unwrap_model(objective)
+    def _setup_schedule(self) -> None:
+        """Where this run starts and ends (in steps and in the data), its learning-rate schedule, and the
+        live TrainerState. A resumed run keeps its data position and warmup; its length is this recipe's."""
+        cfg, resumed = self.cfg, self.resumed
+        start_step = resumed.step if resumed is not None else 0
+        mb_consumed = 0
+        if resumed is not None:
+            # the position is counted in the micro-batches of the run that wrote it (its micro_batch_size)
+            mbs = resumed.micro_batch_size if resumed.micro_batch_size is not None else cfg.micro_batch_size
+            mb_consumed = self.stream.position_from(resumed.micro_batches_consumed, mbs)
+        if cfg.epochs is not None:
+            total_mb = self.stream.total_micro_batches(cfg.epochs)
+            total_steps = start_step + max(0, math.ceil((total_mb - mb_consumed) / self.per_step))
+        else:
+            total_steps = cfg.max_steps
+        if cfg.max_steps is not None:
+            total_steps = min(total_steps, cfg.max_steps)
+        self.start_step = start_step
+        self.total_steps = total_steps = max(total_steps, start_step)
+        warmup = math.ceil(cfg.warmup_ratio * total_steps) if resumed is None else resumed.warmup_steps
+        self.schedule = lr_lambda(total_steps, warmup, cfg.scheduler, cfg.min_lr_ratio)
+        self.state = TrainerState(
+            step=start_step,
+            micro_batches_consumed=mb_consumed,
+            num_processes=self.num_processes,
+            grad_accum=cfg.grad_accum,
+            micro_batch_size=cfg.micro_batch_size,
+            total_steps=total_steps,
+            warmup_steps=warmup,
+            fingerprint=self.recipe.fingerprint_hash(),
+        )
+        self.already_finished = self._finished_before()
 
-    # -- resume trainer state
-    best_step = best_value = None
-    bad_evals = 0
-    tokens_seen = 0
-    evals: list[dict] = []
-    if state is not None:
-        ck.load_optimizer_state(plan.checkpoint, optimizer, rank, sharded, accelerator.device)
-        ck.load_scheduler_state(plan.checkpoint, scheduler)
-        _apply_recipe_hyperparameters(optimizer, scheduler, schedule, cfg_t)
+    def _finished_before(self) -> bool:
+        """A resumed run that finished has nothing to do unless the recipe now asks for more steps (or, after
+        early stopping, more patience): say so."""
+        resumed, plan, es = self.resumed, self.plan, self.recipe.early_stopping
+        if resumed is None or not resumed.finished:
+            return False
+        stopped_early = (
+            resumed.stop_reason == "early_stopping"
+            and es.enabled
+            and not plan.branch
+            and resumed.evals_without_improvement >= es.patience
+        )
+        if not (stopped_early or self.total_steps <= self.start_step):
+            return False
+        self._say(
+            f"{plan.checkpoint if plan.branch else self.run_dir}: this run already finished at step {self.start_step} ({resumed.stop_reason}); nothing to do. "
+            f"Raise train.max_steps / train.epochs (or early_stopping.patience) to continue it, "
+            f"or pass resume=never overwrite=true to start over."
+        )
+        return True
+
+    def _setup_model(self) -> None:
+        """The model with LoRA attached: identical initialisation on every process (per-process RNG streams
+        start in _resume), the experts' backend checked here, the adapter of the checkpoint resumed from."""
+        # model.loader imports transformers (4 s here): only once a run starts, so a mistake in the recipe or
+        # on the command line is reported without that wait.
+        from gptoss_tune.model.loader import load_model
+
+        recipe = self.recipe
+        set_seed(self.cfg.seed)
+        dtype = None if recipe.model.dtype == "auto" else recipe.model.dtype
+        acc = self.accelerator
+        device = acc.device if acc.device.type != "cpu" else torch.device("cpu")  # multi-CPU says cpu:0
+        self.model = model = load_model(
+            recipe.model.path,
+            lora=recipe.lora,
+            device=device,
+            dtype=dtype,
+            attn_implementation=recipe.model.attn_implementation,
+        )
+        backends = set()
+        for m in model.modules():
+            if isinstance(m, MXFP4Experts):
+                m.backend = recipe.model.experts_backend
+                # a backend that cannot run here is a one-line error now, not at the first step
+                backends.add(m.resolved_backend(device))
+        self.runs_on = (
+            f"on {device} in {str(next(model.parameters()).dtype).replace('torch.', '')}; experts: "
+            f"{'/'.join(sorted(backends)) or 'none'}; attention: {model.config._attn_implementation}"
+        )
+        if recipe.router.train:
+            _train_routers(model)
+        if self.resumed is not None:
+            self._load_checkpoint_adapter()
+
+    def _load_checkpoint_adapter(self) -> None:
+        """The trainable weights of the checkpoint resumed from, after checking it fits this recipe and launch."""
+        resumed, ckpt = self.resumed, self.plan.checkpoint
+        if self.sharded and resumed.num_processes != self.num_processes:
+            raise UserError(
+                f"{ckpt}: written by {resumed.num_processes} processes with sharded optimizer state; "
+                f"resume it with --num_processes {resumed.num_processes}"
+            )
+        lora = self.recipe.lora.to_dict()
+        meta = read_adapter_config(ckpt)
+        if meta.get("lora") != lora:
+            raise UserError(f"{ckpt}: trained with lora {meta.get('lora')}, the recipe says {lora}")
+        load_adapter_weights(self.model, ckpt)
+
+    def _setup_optimizer(self) -> None:
+        """Memory settings (checkpointing, offload), the training objective and the optimizer, unwrapped."""
+        cfg, model = self.cfg, self.model
+        # Checkpointing (non-reentrant, per decoder layer, optional host offload) and the optimizer come from
+        # gptoss_tune.train.memory, the same code path scripts/bench_train.py measures.
+        memory = apply_memory_settings(model, cfg.memory_settings())
+        model.config.use_cache = False
+        model.train()
+        self.objective = Objective(model, chunk_tokens=cfg.loss_chunk_tokens)
+        self.optimizer = build_optimizer(
+            [p for p in self.objective.parameters() if p.requires_grad],
+            memory.optimizer,
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+        )
+
+    def _wrap_for_distribution(self) -> None:
+        """accelerate.prepare for this launch (one process, DDP, FSDP or DeepSpeed) and the LR scheduler,
+        created where each expects it: every distribution-specific branch of the setup is here."""
+        acc, objective, optimizer = self.accelerator, self.objective, self.optimizer
+        if acc.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+            # Frozen weights and MXFP4 buffers are identical on every process (same checkpoint): skip their
+            # broadcast when DDP wraps the model (10 GB for 20b).
+            frozen = [n for n, p in objective.named_parameters() if not p.requires_grad] + [
+                n for n, _ in objective.named_buffers()
+            ]
+            DDP._set_params_and_buffers_to_ignore_for_model(objective, frozen)
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed owns the optimizer step and steps the schedule itself; it cannot infer the micro-batch
+            # size without a prepared DataLoader. (Not exercised in CI: no GPUs there.)
+            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.micro_batch_size
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
+            objective, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
+        else:
+            objective, optimizer = acc.prepare(objective, optimizer)
+            # Stepped here once per optimizer step (accelerate's wrapper would step it once per process).
+            scheduler = torch.optim.lr_scheduler.LambdaLR(getattr(optimizer, "optimizer", optimizer), self.schedule)
+        self.objective, self.optimizer, self.scheduler = objective, optimizer, scheduler
+        self.trainable = [p for p in objective.parameters() if p.requires_grad]  # FSDP2 replaces them with DTensors
+        self.unwrapped = acc.unwrap_model(objective)
+
+    def _resume(self) -> None:
+        """From the checkpoint: optimizer and scheduler state under this recipe's hyperparameters, the best
+        checkpoint and early stopping (not when branching into a new run), token count and RNG streams."""
+        resumed, plan, state = self.resumed, self.plan, self.state
+        # The checkpoint resumed from is this run's (nothing to write again at its step) unless it lies elsewhere.
+        self.saved_steps: set[int] = {self.start_step} if resumed is not None and not plan.branch else set()
+        self.last_ckpt: Path | None = plan.checkpoint if resumed is not None else None
+        self.last_eval_step: int | None = None
+        if resumed is None:
+            set_seed(self.cfg.seed + self.rank)  # dropout differs between processes, as data does
+            return
+        ck.load_optimizer_state(plan.checkpoint, self.optimizer, self.rank, self.sharded, self.accelerator.device)
+        ck.load_scheduler_state(plan.checkpoint, self.scheduler)
+        apply_recipe_hyperparameters(self.optimizer, self.scheduler, self.schedule, self.cfg)
         if plan.branch:
             # A new run from another run's checkpoint: its best checkpoint is not in this directory, and its
             # validation data may differ; the best adapter and early stopping start afresh here.
-            say(
-                f"note: starting a new run in {run_dir} from {plan.checkpoint} (step {start_step}): the best checkpoint "
+            self._say(
+                f"note: starting a new run in {self.run_dir} from {plan.checkpoint} (step {self.start_step}): the best checkpoint "
                 f"and early stopping start afresh"
             )
         else:
-            if state.get("best"):
-                best_step, best_value = state["best"]["step"], state["best"]["value"]
-            bad_evals = state.get("evals_without_improvement", 0)
-            evals = state.get("evals", [])
-        tokens_seen = state.get("tokens_seen", 0)
-        if not ck.load_rng_state(plan.checkpoint, rank) or state.get("num_processes") != P:
-            set_seed(cfg_t.seed + 1000 * start_step + rank)
-            say(
-                f"note: the checkpoint was written by {state.get('num_processes')} process(es), this run has {P}: "
+            state.best_step, state.best_value = resumed.best_step, resumed.best_value
+            state.evals_without_improvement = resumed.evals_without_improvement
+            state.evals = resumed.evals
+        state.tokens_seen = resumed.tokens_seen
+        if not ck.load_rng_state(plan.checkpoint, self.rank) or resumed.num_processes != self.num_processes:
+            set_seed(self.cfg.seed + 1000 * self.start_step + self.rank)
+            self._say(
+                f"note: the checkpoint was written by {resumed.num_processes} process(es), this run has {self.num_processes}: "
                 f"data position is kept, random streams (dropout) restart"
             )
-    else:
-        set_seed(cfg_t.seed + rank)  # dropout differs between processes, as data does
+        if state.evals and state.evals[-1]["step"] == self.start_step:
+            self.last_eval_step = self.start_step  # evaluated at the checkpoint's step: not again at the end
 
-    # The checkpoint resumed from is this run's (nothing to write again at its step) unless it lies elsewhere.
-    saved_steps: set[int] = {start_step} if state is not None and not plan.branch else set()
-    last_ckpt: Path | None = plan.checkpoint if state is not None else None
+    def _setup_tracking(self) -> None:
+        """metrics.jsonl / W&B (main process), and the one line that says what this run trains, how and where."""
+        recipe, cfg, data = self.recipe, self.cfg, self.data
+        if self.is_main:
+            self.tracker = Tracker(recipe, self.run_dir, self.total_steps, self.start_step)
+        n_params = sum(p.numel() for p in self.trainable)
+        self._say(
+            f"training {recipe.model.path} with LoRA r={recipe.lora.rank} on {', '.join(recipe.lora.attention + recipe.lora.experts) or 'nothing'}"
+            f"{' + router' if recipe.router.train else ''}: {n_params:,} trainable parameters; {len(data.train)} train rows, "
+            f"{len(data.validation)} validation rows; {self.num_processes} process(es){_mode(self.accelerator)} x {cfg.grad_accum} accumulation x {cfg.micro_batch_size} rows per step; "
+            f"steps {self.start_step}->{self.total_steps}"
+            + (f" (resumed from {self.plan.checkpoint})" if self.resumed is not None else "")
+            + f"; {self.runs_on}; writing to {self.run_dir}"
+        )
 
-    def trainer_state(step, finished=False, stop_reason=None) -> dict:
-        return {
+    # ---- the loop ----------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        """Train to the end (or early stop, or a signal), save the final adapter, print the summary."""
+        if self.already_finished:
+            return TrainResult(self.run_dir, self.start_step, "already_finished")
+        self.stop = StopSignal().install()
+        self.stop_reason = "completed"
+        state = self.state
+        try:
+            self._loop()
+        finally:
+            self.stop.restore()
+            if self.tracker is not None:
+                self.tracker.close(
+                    {
+                        "best_eval_loss": state.best_value,
+                        "best_step": state.best_step,
+                        "stop_reason": self.stop_reason,
+                        "step": state.step,
+                    }
+                )
+        final_dir = self._save_final_adapter() if self.stop_reason != "interrupted" else None
+        result = TrainResult(
+            self.run_dir, state.step, self.stop_reason, state.best_step, state.best_value, state.evals, final_dir
+        )
+        if self.stop_reason == "interrupted":
+            result.exit_code = 128 + (self.stop.signum or signal.SIGINT)
+        if self.is_main:
+            self._print_summary(final_dir)
+        self.accelerator.end_training()
+        return result
+
+    def _loop(self) -> None:
+        """Evaluate the untrained adapter if asked; steps, each followed by its evaluation, checkpoint and stop
+        checks; at the end a last evaluation and the finished checkpoint (a plain one when interrupted)."""
+        recipe, state = self.recipe, self.state
+        if self.evaluating and recipe.eval.at_start and self.resumed is None:
+            self.evaluate(0)  # the untrained adapter (B = 0): the base model's loss
+        while state.step < self.total_steps:
+            interrupted = self._train_step()
+            step = state.step
+            if self.evaluating and recipe.eval.every_steps and step % recipe.eval.every_steps == 0:
+                self.evaluate(step)
+            if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0:
+                self.save_checkpoint(step)
+            if interrupted:
+                self.stop_reason = "interrupted"
+                break
+            if self._early_stop():
+                self.stop_reason = "early_stopping"
+                break
+        if self.stop_reason != "interrupted":
+            if self.evaluating and self.last_eval_step != state.step:
+                self.evaluate(state.step)
+            self.save_checkpoint(state.step, finished=True, stop_reason=self.stop_reason)
+        else:
+            self.save_checkpoint(state.step)
+
+    def _early_stop(self) -> bool:
+        """Whether the validation loss stopped improving for early_stopping.patience evaluations (and say so)."""
+        es, state = self.recipe.early_stopping, self.state
+        if not (self.evaluating and es.enabled and state.evals_without_improvement >= es.patience):
+            return False
+        if self.is_main:
+            gain = f"by more than min_delta {es.min_delta:g}" if es.min_delta else "at all"
+            self.tracker.info(
+                f"early stopping at step {state.step}: the validation loss has not improved {gain} for {state.evals_without_improvement} "
+                f"evaluation(s); best {state.best_value:.4f} at step {state.best_step}"
+            )
+        return True
+
+    def _train_step(self) -> bool:
+        """One optimizer step over the next P*G micro-batches of the stream; True when a stop signal reached
+        any process during it (the loop then saves and stops)."""
+        t0 = time.time()
+        acc, state, stream = self.accelerator, self.state, self.stream
+        indices = stream.step_indices(state.micro_batches_consumed, self.num_processes, self.cfg.grad_accum, self.rank)
+        batches = [stream.batch(i) for i in indices]
+        local = torch.tensor([float(sum(_trained_in(b) for b in batches))], device=acc.device)
+        n_trained = acc.reduce(local, "sum").item()
+        lm_sum, aux_sum, real, counts = self._forward_backward(batches, scale=self.per_step / max(n_trained, 1.0))
+        flag = 1.0 if self.stop.signum is not None else 0.0
+        totals = acc.reduce(
+            torch.stack(
+                [
+                    lm_sum,
+                    aux_sum,
+                    torch.tensor(real, dtype=torch.float64, device=lm_sum.device),
+                    torch.tensor(flag, dtype=torch.float64, device=lm_sum.device),
+                ]
+            ),
+            "sum",
+        )
+        counts = acc.reduce(counts, "sum")
+        lm = totals[0].item() / max(n_trained, 1.0)
+        aux = totals[1].item() / self.per_step
+        lr, grad_norm = self._optimizer_step(lm, aux)
+        state.step += 1
+        state.micro_batches_consumed += self.per_step
+        state.tokens_seen += int(totals[2].item())
+        dt = time.time() - t0
+        if self.is_main:
+            record = {
+                "step": state.step,
+                "loss": lm,
+                "aux_loss": aux,
+                "total_loss": lm + self.recipe.router.aux_loss_coef * aux,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "epoch": round(stream.epoch_at(state.micro_batches_consumed), 4),
+                "tokens": int(totals[2].item()),
+                "trained_tokens": int(n_trained),
+                "tokens_per_s": totals[2].item() / max(dt, 1e-9),
+                "step_time_s": dt,
+            }
+            self._log_step(record, counts)
+        return totals[3].item() > 0
+
+    def _forward_backward(self, batches: list[dict], scale: float):
+        """Forward and backward of this process's micro-batches (accelerate accumulates the gradients);
+        returns this process's LM loss sum, aux loss sum, real tokens and expert counts."""
+        acc = self.accelerator
+        coef = self.recipe.router.aux_loss_coef
+        lm_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+        aux_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+        counts = torch.zeros(self.model.config.num_hidden_layers, self.unwrapped.num_experts, device=acc.device)
+        real = 0.0
+        for batch in batches:
+            batch = _to_device(batch, acc.device)
+            with acc.accumulate(self.objective):
+                out = self.objective(**batch)
+                loss = out.lm_loss_sum * scale + coef * out.aux_loss
+                acc.backward(loss)
+            lm_sum += out.lm_loss_sum.detach().double()
+            aux_sum += out.aux_loss.detach().double()
+            counts += out.expert_counts
+            real += float(out.real_tokens)
+        return lm_sum, aux_sum, real, counts
+
+    def _optimizer_step(self, lm: float, aux: float) -> tuple[float, float]:
+        """Stop on a NaN/inf loss or gradient norm before the update; else clip, step the optimizer and the
+        schedule. Returns the learning rate this step used and the gradient norm before clipping."""
+        acc, cfg, step = self.accelerator, self.cfg, self.state.step
+        where = f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
+        if not (math.isfinite(lm) and math.isfinite(aux)):
+            raise TrainingDiverged(
+                f"step {step + 1}: the loss is not finite (lm {lm}, aux {aux}); stopped before applying the step; {where} "
+                f"(resume from it with a lower train.lr, e.g. resume=PATH train.lr={cfg.lr / 4:g})"
+            )
+        grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if acc.distributed_type != DistributedType.DEEPSPEED and not math.isfinite(grad_norm):
+            raise TrainingDiverged(
+                f"step {step + 1}: the gradient norm is {grad_norm}; stopped before applying the step; {where} "
+                f"(resume from it with a lower train.lr)"
+            )
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr, grad_norm
+
+    def _log_step(self, record: dict, counts: torch.Tensor) -> None:
+        """Main process: the step's line of metrics.jsonl with the router's load statistics, and W&B."""
+        stats = expert_load_stats(counts)
+        record.update(router_entropy=stats["entropy"], router_max_min=stats["max_min"], router_idle=stats["idle"])
+        every = self.recipe.logging.expert_share_every_steps
+        if every and record["step"] % every == 0:
+            record["router_share"] = stats["share"]
+        extra = {f"router/entropy_layer{i}": v for i, v in enumerate(stats["entropy"])}
+        extra.update({f"router/max_min_layer{i}": v for i, v in enumerate(stats["max_min"]) if v is not None})
+        self.tracker.train_step(record, extra)
+
+    # ---- evaluation and checkpoints ----------------------------------------------------------------
+
+    def evaluate(self, step: int) -> dict:
+        """Validation loss, perplexity and accuracy over all processes; keeps the best adapter (a checkpoint
+        at this step when it improved) and early stopping's patience count."""
+        state, es = self.state, self.recipe.early_stopping
+        sums = self._validation_sums()
+        n = max(sums[1].item(), 1.0)
+        loss = sums[0].item() / n
+        # The best adapter is the lowest validation loss, however small the gain; min_delta only decides
+        # whether an evaluation resets the patience count (as transformers' EarlyStoppingCallback does).
+        improved_enough = state.best_value is None or loss < state.best_value - es.min_delta
+        improved = state.best_value is None or loss < state.best_value
+        if improved:
+            state.best_step, state.best_value = step, loss
+        state.evals_without_improvement = 0 if improved_enough else state.evals_without_improvement + 1
+        rec = {
             "step": step,
-            "micro_batches_consumed": mb_consumed,
-            "epoch": round(stream.epoch_at(mb_consumed), 6),
-            "num_processes": P,
-            "grad_accum": G,
-            "micro_batch_size": cfg_t.micro_batch_size,
-            "total_steps": total_steps,
-            "warmup_steps": warmup,
-            "best": {"step": best_step, "value": best_value} if best_step is not None else None,
-            "evals_without_improvement": bad_evals,
-            "tokens_seen": tokens_seen,
-            "evals": evals,
-            "finished": finished,
-            "stop_reason": stop_reason,
-            "fingerprint": recipe.fingerprint_hash(),
+            "eval_loss": loss,
+            "eval_perplexity": math.exp(min(loss, 700.0)),
+            "eval_accuracy": sums[2].item() / n,
+            "eval_tokens": int(sums[1].item()),
+            "best_eval_loss": state.best_value,
+            "best_step": state.best_step,
+            "evals_without_improvement": state.evals_without_improvement,
         }
+        state.evals.append({"step": step, "eval_loss": loss})
+        self.last_eval_step = step
+        if self.is_main:
+            self.tracker.eval_step(rec)
+        if improved:
+            self.save_checkpoint(step)  # the best adapter is always a checkpoint (best.json points to it)
+        return rec
 
-    def save_checkpoint(step: int, **flags) -> Path:
-        nonlocal last_ckpt
-        path = run_dir / CHECKPOINTS / step_dir_name(step)
-        if step in saved_steps:
-            # Same weights, optimizer and RNG; the bookkeeping may have changed since (an evaluation at this
-            # step made it the best, the run finished here): write that, and best.json.
-            if main:
-                atomic_write_text(path / ck.TRAINER_STATE, json.dumps(trainer_state(step, **flags), indent=2) + "\n")
-                if best_step is not None:
-                    ck.write_best(run_dir, best_step, best_value)
-            accelerator.wait_for_everyone()
-            return path
-        if main:
-            ck.prepare_tmp(run_dir, step)
-        accelerator.wait_for_everyone()
-        adapter_state = _gather_trainable(accelerator, unwrapped.model)
-        ck.write_checkpoint_files(
-            ck.tmp_dir_for(run_dir, step),
-            rank=rank,
-            is_main=main,
-            sharded=sharded,
-            model=unwrapped.model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            trainer_state=trainer_state(step, **flags),
-            adapter_state=adapter_state,
-        )
-        accelerator.wait_for_everyone()
-        if main:
-            ck.commit(run_dir, step)
-            if best_step is not None:
-                ck.write_best(run_dir, best_step, best_value)
-            ck.prune(run_dir, recipe.checkpoint.keep, best_step)
-        accelerator.wait_for_everyone()
-        saved_steps.add(step)
-        last_ckpt = path
-        return path
-
-    val_batches = []
-    if evaluating:
-        val_batches = eval_batches(
-            data.validation,
-            recipe.eval.micro_batch_size or cfg_t.micro_batch_size,
-            recipe.data.packing,
-            P,
-            rank,
-            recipe.eval.max_batches,
-        )
-
-    def evaluate(step: int) -> dict:
-        nonlocal best_step, best_value, bad_evals
-        model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
-        with torch.no_grad(), accelerator.autocast():
-            for batch, weight in val_batches:
-                out = unwrapped(**_to_device(batch, accelerator.device), evaluate=True)
+    def _validation_sums(self) -> torch.Tensor:
+        """[LM loss sum, trained tokens, correct predictions, aux loss] over the validation set, all processes."""
+        acc = self.accelerator
+        self.model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=acc.device)
+        with torch.no_grad(), acc.autocast():
+            for batch, weight in self.val_batches:
+                out = self.unwrapped(**_to_device(batch, acc.device), evaluate=True)
                 if weight:
                     sums += torch.stack(
                         [
@@ -519,207 +731,95 @@ def _train(recipe: Recipe, data: TrainData | None, accelerator, mixed: str) -> T
                             out.aux_loss.double(),
                         ]
                     )
-        model.train()
-        sums = accelerator.reduce(sums, "sum")
-        n = max(sums[1].item(), 1.0)
-        loss = sums[0].item() / n
-        # The best adapter is the lowest validation loss, however small the gain; min_delta only decides
-        # whether an evaluation resets the patience count (as transformers' EarlyStoppingCallback does).
-        improved_enough = best_value is None or loss < best_value - recipe.early_stopping.min_delta
-        improved = best_value is None or loss < best_value
-        if improved:
-            best_step, best_value = step, loss
-        bad_evals = 0 if improved_enough else bad_evals + 1
-        rec = {
-            "step": step,
-            "eval_loss": loss,
-            "eval_perplexity": math.exp(min(loss, 700.0)),
-            "eval_accuracy": sums[2].item() / n,
-            "eval_tokens": int(sums[1].item()),
-            "best_eval_loss": best_value,
-            "best_step": best_step,
-            "evals_without_improvement": bad_evals,
-        }
-        evals.append({"step": step, "eval_loss": loss})
-        if main:
-            tracker.eval_step(rec)
-        if improved:
-            save_checkpoint(step)  # the best adapter is always a checkpoint (best.json points to it)
-        return rec
+        self.model.train()
+        return acc.reduce(sums, "sum")
 
-    tracker = Tracker(recipe, run_dir, total_steps, start_step) if main else None
-    n_params = sum(p.numel() for p in trainable)
-    say(
-        f"training {recipe.model.path} with LoRA r={recipe.lora.rank} on {', '.join(recipe.lora.attention + recipe.lora.experts) or 'nothing'}"
-        f"{' + router' if recipe.router.train else ''}: {n_params:,} trainable parameters; {len(data.train)} train rows, "
-        f"{len(data.validation)} validation rows; {P} process(es){_mode(accelerator)} x {G} accumulation x {cfg_t.micro_batch_size} rows per step; "
-        f"steps {start_step}->{total_steps}"
-        + (f" (resumed from {plan.checkpoint})" if state else "")
-        + f"; {runs_on}; writing to {run_dir}"
-    )
+    def _state_to_write(self, step: int, finished: bool, stop_reason: str | None) -> dict:
+        epoch = round(self.stream.epoch_at(self.state.micro_batches_consumed), 6)
+        return replace(self.state, step=step, epoch=epoch, finished=finished, stop_reason=stop_reason).to_dict()
 
-    stop = StopSignal().install()
-    stop_reason = "completed"
-    step = start_step
-    last_eval_step = start_step if (state and evals and evals[-1]["step"] == start_step) else None
-    coef = recipe.router.aux_loss_coef
-    n_layers = model.config.num_hidden_layers
-    try:
-        if evaluating and recipe.eval.at_start and state is None:
-            evaluate(0)  # the untrained adapter (B = 0): the base model's loss
-            last_eval_step = 0
-        while step < total_steps:
-            t0 = time.time()
-            batches = [stream.batch(i) for i in stream.step_indices(mb_consumed, P, G, rank)]
-            local = torch.tensor([float(sum(_trained_in(b) for b in batches))], device=accelerator.device)
-            n_trained = accelerator.reduce(local, "sum").item()
-            scale = per_step / max(n_trained, 1.0)
-            lm_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-            aux_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-            counts = torch.zeros(n_layers, unwrapped.num_experts, device=accelerator.device)
-            real = 0.0
-            for batch in batches:
-                batch = _to_device(batch, accelerator.device)
-                with accelerator.accumulate(objective):
-                    out = objective(**batch)
-                    loss = out.lm_loss_sum * scale + coef * out.aux_loss
-                    accelerator.backward(loss)
-                lm_sum += out.lm_loss_sum.detach().double()
-                aux_sum += out.aux_loss.detach().double()
-                counts += out.expert_counts
-                real += float(out.real_tokens)
-            flag = 1.0 if stop.signum is not None else 0.0
-            totals = accelerator.reduce(
-                torch.stack(
-                    [
-                        lm_sum,
-                        aux_sum,
-                        torch.tensor(real, dtype=torch.float64, device=lm_sum.device),
-                        torch.tensor(flag, dtype=torch.float64, device=lm_sum.device),
-                    ]
-                ),
-                "sum",
-            )
-            counts = accelerator.reduce(counts, "sum")
-            lm = totals[0].item() / max(n_trained, 1.0)
-            aux = totals[1].item() / per_step
-            where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-            if not (math.isfinite(lm) and math.isfinite(aux)):
-                raise TrainingDiverged(
-                    f"step {step + 1}: the loss is not finite (lm {lm}, aux {aux}); stopped before applying the step; {where} "
-                    f"(resume from it with a lower train.lr, e.g. resume=PATH train.lr={cfg_t.lr / 4:g})"
-                )
-            grad_norm = accelerator.clip_grad_norm_(
-                trainable, cfg_t.max_grad_norm if cfg_t.max_grad_norm > 0 else float("inf")
-            )
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            if accelerator.distributed_type != DistributedType.DEEPSPEED and not math.isfinite(grad_norm):
-                raise TrainingDiverged(
-                    f"step {step + 1}: the gradient norm is {grad_norm}; stopped before applying the step; {where} "
-                    f"(resume from it with a lower train.lr)"
-                )
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            mb_consumed += per_step
-            tokens_seen += int(totals[2].item())
-            dt = time.time() - t0
-            if main:
-                stats = expert_load_stats(counts)
-                rec = {
-                    "step": step,
-                    "loss": lm,
-                    "aux_loss": aux,
-                    "total_loss": lm + coef * aux,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "epoch": round(stream.epoch_at(mb_consumed), 4),
-                    "tokens": int(totals[2].item()),
-                    "trained_tokens": int(n_trained),
-                    "tokens_per_s": totals[2].item() / max(dt, 1e-9),
-                    "step_time_s": dt,
-                    "router_entropy": stats["entropy"],
-                    "router_max_min": stats["max_min"],
-                    "router_idle": stats["idle"],
-                }
-                every = recipe.logging.expert_share_every_steps
-                if every and step % every == 0:
-                    rec["router_share"] = stats["share"]
-                extra = {f"router/entropy_layer{i}": v for i, v in enumerate(stats["entropy"])}
-                extra.update({f"router/max_min_layer{i}": v for i, v in enumerate(stats["max_min"]) if v is not None})
-                tracker.train_step(rec, extra)
-            if evaluating and recipe.eval.every_steps and step % recipe.eval.every_steps == 0:
-                evaluate(step)
-                last_eval_step = step
-            if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0:
-                save_checkpoint(step)
-            if totals[3].item() > 0:
-                stop_reason = "interrupted"
-                break
-            if evaluating and recipe.early_stopping.enabled and bad_evals >= recipe.early_stopping.patience:
-                stop_reason = "early_stopping"
-                if main:
-                    delta = recipe.early_stopping.min_delta
-                    gain = f"by more than min_delta {delta:g}" if delta else "at all"
-                    tracker.info(
-                        f"early stopping at step {step}: the validation loss has not improved {gain} for {bad_evals} "
-                        f"evaluation(s); best {best_value:.4f} at step {best_step}"
-                    )
-                break
-        if stop_reason != "interrupted":
-            if evaluating and last_eval_step != step:
-                evaluate(step)
-                last_eval_step = step
-            save_checkpoint(step, finished=True, stop_reason=stop_reason)
-        else:
-            save_checkpoint(step)
-    finally:
-        stop.restore()
-        if main and tracker is not None:
-            tracker.close(
-                {"best_eval_loss": best_value, "best_step": best_step, "stop_reason": stop_reason, "step": step}
-            )
+    def save_checkpoint(self, step: int, finished: bool = False, stop_reason: str | None = None) -> Path:
+        """checkpoints/step-N (every process takes part), then best.json and pruning. At a step already
+        saved only the bookkeeping is rewritten."""
+        acc, run_dir, is_main, best = self.accelerator, self.run_dir, self.is_main, self.state.best_step
+        path = run_dir / CHECKPOINTS / step_dir_name(step)
+        if step in self.saved_steps:
+            # Same weights, optimizer and RNG; the bookkeeping may have changed since (an evaluation at this
+            # step made it the best, the run finished here): write that, and best.json.
+            if is_main:
+                text = json.dumps(self._state_to_write(step, finished, stop_reason), indent=2) + "\n"
+                atomic_write_text(path / ck.TRAINER_STATE, text)
+                if best is not None:
+                    ck.write_best(run_dir, best, self.state.best_value)
+            acc.wait_for_everyone()
+            return path
+        if is_main:
+            ck.prepare_tmp(run_dir, step)
+        acc.wait_for_everyone()
+        adapter_state = _gather_trainable(acc, self.unwrapped.model)
+        ck.write_checkpoint_files(
+            ck.tmp_dir_for(run_dir, step),
+            rank=self.rank,
+            is_main=is_main,
+            sharded=self.sharded,
+            model=self.unwrapped.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state=self._state_to_write(step, finished, stop_reason),
+            adapter_state=adapter_state,
+        )
+        acc.wait_for_everyone()
+        if is_main:
+            ck.commit(run_dir, step)
+            if best is not None:
+                ck.write_best(run_dir, best, self.state.best_value)
+            ck.prune(run_dir, self.recipe.checkpoint.keep, best)
+        acc.wait_for_everyone()
+        self.saved_steps.add(step)
+        self.last_ckpt = path
+        return path
 
-    final_dir = None
-    if stop_reason != "interrupted":
-        # final/: the adapter at the end of training, written atomically like a checkpoint
-        adapter_state = _gather_trainable(accelerator, unwrapped.model)
-        if main:
-            import shutil
+    # ---- the end -----------------------------------------------------------------------------------
 
+    def _save_final_adapter(self) -> Path:
+        """final/: the adapter at the end of training, written atomically like a checkpoint."""
+        run_dir = self.run_dir
+        adapter_state = _gather_trainable(self.accelerator, self.unwrapped.model)
+        if self.is_main:
             tmp = run_dir / f".tmp-{FINAL}"
             if tmp.exists():
                 shutil.rmtree(tmp)
-            save_adapter(unwrapped.model, tmp, state=adapter_state, extra={"step": step})
+            save_adapter(self.unwrapped.model, tmp, state=adapter_state, extra={"step": self.state.step})
             ck.fsync_tree(tmp)
             final_dir = run_dir / FINAL
             if final_dir.exists():
                 shutil.rmtree(final_dir)
             tmp.rename(final_dir)
             fsync_path(run_dir)
-        accelerator.wait_for_everyone()
-        final_dir = run_dir / FINAL
-    result = TrainResult(run_dir, step, stop_reason, best_step, best_value, evals, final_dir)
-    if stop_reason == "interrupted":
-        result.exit_code = 128 + (stop.signum or signal.SIGINT)
-    if main:
-        took = time.time() - t_start
+        self.accelerator.wait_for_everyone()
+        return run_dir / FINAL
+
+    def _print_summary(self, final_dir: Path | None) -> None:
+        run_dir, state, reason = self.run_dir, self.state, self.stop_reason
+        took = time.time() - self.t_start
         lines = [
-            f"{'stopped early' if stop_reason == 'early_stopping' else 'interrupted' if stop_reason == 'interrupted' else 'finished'} "
-            f"at step {step}/{total_steps} in {took:.0f}s; run directory {run_dir}"
+            f"{'stopped early' if reason == 'early_stopping' else 'interrupted' if reason == 'interrupted' else 'finished'} "
+            f"at step {state.step}/{self.total_steps} in {took:.0f}s; run directory {run_dir}"
         ]
-        if best_step is not None:
+        if state.best_step is not None:
             lines.append(
-                f"  best: eval_loss {best_value:.4f} at step {best_step} -> {run_dir / CHECKPOINTS / step_dir_name(best_step)} (best.json)"
+                f"  best: eval_loss {state.best_value:.4f} at step {state.best_step} -> {run_dir / CHECKPOINTS / step_dir_name(state.best_step)} (best.json)"
             )
         if final_dir is not None:
             lines.append(f"  final adapter: {final_dir}")
-        if stop_reason == "interrupted":
-            again = "run the same command again" if recipe.resume == "auto" else "run it again with resume=auto"
-            lines.append(f"  checkpoint: {last_ckpt}; {again} to continue")
+        if reason == "interrupted":
+            again = "run the same command again" if self.recipe.resume == "auto" else "run it again with resume=auto"
+            lines.append(f"  checkpoint: {self.last_ckpt}; {again} to continue")
         lines.append(f"  metrics: {run_dir / METRICS}")
         print("\n".join(lines), flush=True)
-    accelerator.end_training()
-    return result
+
+    def cleanup(self) -> None:
+        """Release the output directory's lock (held by the main process from setup on)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None

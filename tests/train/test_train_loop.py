@@ -344,6 +344,35 @@ def test_resume_from_a_checkpoint_path_into_a_new_run(reference, tmp_path):
     assert got_eval[-1]["eval_loss"] == ref_eval[-1]["eval_loss"]
 
 
+def test_trainer_state_files_round_trip_and_resume_without_optional_keys(reference, tmp_path):
+    """Every trainer_state.json the reference wrote reads back to the same text; a checkpoint whose file
+    holds only what resume needs (no micro_batch_size: the recipe's; no tokens_seen, epoch, ...) still
+    resumes: from step 9 the branch repeats the reference's steps 10-12."""
+    import shutil
+
+    from gptoss_tune.train.state import TrainerState
+
+    d, recipe, _ = reference
+    files = sorted((d / "run" / "checkpoints").glob("step-*/trainer_state.json"))
+    assert files
+    for f in files:
+        text = f.read_text()
+        assert json.dumps(TrainerState.from_dict(json.loads(text)).to_dict(), indent=2) + "\n" == text
+    ckpt = tmp_path / "old-step-9"
+    shutil.copytree(d / "run" / "checkpoints" / "step-00000009", ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    for key in ("epoch", "grad_accum", "micro_batch_size", "total_steps", "tokens_seen", "fingerprint"):
+        del state[key]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    result = _run(recipe, f"resume={ckpt}", f"output_dir={tmp_path / 'branch'}")
+    assert result.step == 12 and result.stop_reason == "completed"
+    got, _ = read_metrics(tmp_path / "branch")
+    ref, _ = read_metrics(d / "run")
+    assert [l["loss"] for l in got] == [l["loss"] for l in ref[9:]]
+    written = json.loads((tmp_path / "branch" / "checkpoints" / "step-00000012" / "trainer_state.json").read_text())
+    assert written["micro_batch_size"] == 2 and written["epoch"] == 1.5 and written["tokens_seen"] > 0
+
+
 def test_branching_with_another_micro_batch_size_keeps_the_data_position(reference, tmp_path):
     """The reference (32 rows, 2 a micro-batch, 2 micro-batches a step) has used 18 micro-batches, 1.125 epochs,
     at step 9; branched with 3 rows a micro-batch (11 an epoch) it goes on from the same place, micro-batch
@@ -357,7 +386,7 @@ def test_branching_with_another_micro_batch_size_keeps_the_data_position(referen
 
 
 def test_learning_rate_schedules():
-    from gptoss_tune.train.trainer import lr_lambda
+    from gptoss_tune.train.schedule import lr_lambda
 
     f = lr_lambda(total_steps=10, warmup_steps=2, kind="cosine", min_ratio=0.1)
     assert [f(0), f(1)] == [0.5, 1.0]  # the first step already moves
@@ -369,7 +398,7 @@ def test_learning_rate_schedules():
 
 def test_extending_a_finished_run_uses_the_new_schedule_from_its_first_step(tiny_ckpt, tmp_path):
     """A finished cosine run ends at lr 0; continuing it with more steps must not run a step at that old rate."""
-    from gptoss_tune.train.trainer import lr_lambda
+    from gptoss_tune.train.schedule import lr_lambda
 
     recipe = write_recipe(
         tmp_path,
@@ -391,8 +420,8 @@ def test_branching_from_another_runs_checkpoint(reference, tmp_path):
     run's (the old run's best is not in this directory, and was measured on other validation data)."""
     from helpers.training import synthetic_rows
 
+    from gptoss_tune.train.schedule import lr_lambda
     from gptoss_tune.train.stream import TrainData
-    from gptoss_tune.train.trainer import lr_lambda
 
     d, recipe, _ = reference
     ckpt = d / "run" / "checkpoints" / "step-00000009"
