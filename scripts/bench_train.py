@@ -7,7 +7,8 @@
     python scripts/bench_train.py --model tiny --seq 64 --steps 1 --warmup 1 --baseline   # CPU smoke run
 
 Prints one line of JSON, then a short table (tokens/s, peak GiB, MFU; the FLOP formula is in the JSON
-and in gptoss_tune/perf/bench.py). See docs/benchmarks.md.
+and in gptoss_tune/perf/flops.py). The flags are the fields of gptoss_tune.perf.bench.BenchConfig (same
+names), plus --json-out. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -69,6 +70,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def config_from_args(args):
+    """The BenchConfig the flags describe (every field has a flag of the same name)."""
+    from dataclasses import fields
+
+    from gptoss_tune.perf.bench import BenchConfig
+
+    return BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig)})
+
+
 def main(argv=None) -> int:
     _ensure_importable()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,10 +86,11 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5.2x renames checkpointing APIs
     args = parse_args(argv)
     from gptoss_tune.errors import UserError
-    from gptoss_tune.perf.bench import format_table, run, to_json
+    from gptoss_tune.perf.bench import run
+    from gptoss_tune.perf.report import format_table, to_json
 
     try:
-        result = run(args)
+        result = run(config_from_args(args))
     except UserError as e:
         print(f"bench_train: error: {e}", file=sys.stderr)
         return 2
