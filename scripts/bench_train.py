@@ -66,7 +66,16 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak dense bf16 TFLOP/s for MFU")
     p.add_argument("--profile", type=int, default=0, help="profile this many extra steps of ours; prints top ops")
-    p.add_argument("--json-out", default=None, help="also write the JSON here")
+    p.add_argument(
+        "--time-limit",
+        dest="time_limit_s",
+        type=float,
+        default=None,
+        help="seconds for the whole run: fewer timed steps (at least one) and no baseline once it is used up",
+    )
+    p.add_argument(
+        "--json-out", default=None, help="also write the JSON here (ours' part first, before the baseline runs)"
+    )
     return p.parse_args(argv)
 
 
@@ -85,12 +94,18 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5.2x renames checkpointing APIs
     args = parse_args(argv)
+    from gptoss_tune.atomic_io import atomic_write_text
     from gptoss_tune.errors import UserError
     from gptoss_tune.perf.bench import run
     from gptoss_tune.perf.report import format_table, to_json
 
+    def keep(partial):  # a run killed during the baseline still leaves ours' figures
+        if args.json_out:
+            ours = {k: v for k, v in partial["ours"].items() if k != "profile"}
+            atomic_write_text(args.json_out, to_json({**partial, "ours": ours}) + "\n")
+
     try:
-        result = run(config_from_args(args))
+        result = run(config_from_args(args), on_partial=keep)
     except UserError as e:
         print(f"bench_train: error: {e}", file=sys.stderr)
         return 2
@@ -98,7 +113,7 @@ def main(argv=None) -> int:
     text = to_json(result)
     print(text, flush=True)
     if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+        atomic_write_text(args.json_out, text + "\n")
     if profile:
         print(profile)
     print(format_table(result), flush=True)

@@ -57,6 +57,9 @@ class BenchConfig:
     seed: int = 0
     peak_tflops: float | None = None  # device peak dense bf16 TFLOP/s for the MFU; None: by device name
     profile: int = 0  # profile this many extra steps of ours (top ops in result["ours"]["profile"])
+    # Wall seconds for the whole run (a device call's slot): timed steps stop once the next one would pass
+    # it (at least one is timed), and the baseline is skipped if ours used it up. None: no limit.
+    time_limit_s: float | None = None
 
     def __post_init__(self):
         for name, value, allowed in (("model", self.model, MODELS), ("lora_on", self.lora_on, ("all", "attention")),
@@ -69,6 +72,8 @@ class BenchConfig:
                 raise UserError(f"benchmark {name}={getattr(self, name)!r}: must be at least 1")
         if self.warmup < 0 or self.profile < 0:
             raise UserError("benchmark warmup and profile must be 0 or more")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise UserError(f"benchmark time_limit_s={self.time_limit_s!r}: must be positive (or None)")
 
     @property
     def lora_alpha(self) -> float:
@@ -113,6 +118,7 @@ class StepResult:
     peak_gib: float | None
     peak_reserved_gib: float | None
     peak_gib_with_warmup: float | None
+    cut_by_time_limit: bool = False
 
 
 def _sync(device):
@@ -120,8 +126,9 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_steps(step, device, warmup: int, steps: int) -> StepResult:
-    """Warm up (compilation, autotuning, allocator), then time `steps` steps one by one."""
+def run_steps(step, device, warmup: int, steps: int, deadline: float | None = None) -> StepResult:
+    """Warm up (compilation, autotuning, allocator), then time `steps` steps one by one; fewer (at least one)
+    when the next step would end after `deadline` (time.monotonic())."""
     losses = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -131,8 +138,11 @@ def run_steps(step, device, warmup: int, steps: int) -> StepResult:
     warm_peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = []
-    for _ in range(steps):
+    seconds, cut = [], False
+    for i in range(steps):
+        if i and deadline is not None and time.monotonic() + seconds[-1] > deadline:
+            cut = True
+            break
         _sync(device)
         t0 = time.perf_counter()
         losses.append(step())
@@ -140,7 +150,8 @@ def run_steps(step, device, warmup: int, steps: int) -> StepResult:
         seconds.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     reserved = torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else None
-    return StepResult(seconds, losses, peak, reserved, max(warm_peak or 0, peak or 0) if peak is not None else None)
+    with_warmup = max(warm_peak or 0, peak or 0) if peak is not None else None
+    return StepResult(seconds, losses, peak, reserved, with_warmup, cut)
 
 
 def _inputs(cfg, batch, seq, device, seed):
@@ -206,6 +217,8 @@ def _summary(res: StepResult, tokens_per_step: int, flops: dict, peak: float | N
         "loss_last": res.losses[-1] if res.losses else None,
     }
     out.update(mfu(tps, flops, peak))
+    if res.cut_by_time_limit:
+        out["cut_by_time_limit"] = True  # fewer timed steps than asked for: the median is less robust
     return out
 
 
@@ -231,15 +244,15 @@ def _out_of_memory(what: str, device, run) -> dict:
     return {"skipped": f"out of memory ({what}): {first[:240]}", "out_of_memory": True, "peak_gib_before_oom": peak}
 
 
-def run_ours(setup: Setup) -> dict:
-    return _out_of_memory("ours", setup.device, lambda: _run_ours(setup))
+def run_ours(setup: Setup, deadline: float | None = None) -> dict:
+    return _out_of_memory("ours", setup.device, lambda: _run_ours(setup, deadline))
 
 
-def run_baseline(setup: Setup) -> dict:
-    return _out_of_memory("baseline", setup.device, lambda: _run_baseline(setup))
+def run_baseline(setup: Setup, deadline: float | None = None) -> dict:
+    return _out_of_memory("baseline", setup.device, lambda: _run_baseline(setup, deadline))
 
 
-def _run_ours(setup: Setup) -> dict:
+def _run_ours(setup: Setup, deadline: float | None = None) -> dict:
     from gptoss_tune.model.attention import clear_block_mask_cache
     from gptoss_tune.model.lora import LoraSettings, attach_lora
     from gptoss_tune.train.memory import build_optimizer, enable_checkpointing, training_state_bytes
@@ -255,7 +268,7 @@ def _run_ours(setup: Setup) -> dict:
     optimizer = build_optimizer(model.parameters(), c.optimizer, lr=1e-4)
     ids, pos = _inputs(setup.cfg, c.batch, c.seq, device, c.seed)
     step = ours_step_fn(model, ids, pos, optimizer, c.chunk_tokens, mixed_precision=setup.mixed_precision)
-    res = run_steps(step, device, c.warmup, c.steps)
+    res = run_steps(step, device, c.warmup, c.steps, deadline)
     backend = model.model.layers[0].mlp.experts.resolved_backend(device)
     profile = _profile(step, device, c.profile) if c.profile else None
     del model, optimizer, step
@@ -270,7 +283,7 @@ def _run_ours(setup: Setup) -> dict:
     }
 
 
-def _run_baseline(setup: Setup) -> dict:
+def _run_baseline(setup: Setup, deadline: float | None = None) -> dict:
     from peft import LoraConfig, get_peft_model
 
     c, device = setup.config, setup.device
@@ -298,7 +311,7 @@ def _run_baseline(setup: Setup) -> dict:
     )
     ids, pos = _inputs(setup.cfg, c.batch, c.seq, device, c.seed)
     step = baseline_step_fn(model, ids, pos, optimizer, mixed_precision=setup.mixed_precision)
-    res = run_steps(step, device, c.warmup, c.steps)
+    res = run_steps(step, device, c.warmup, c.steps, deadline)
     experts_impl = getattr(model.base_model.model.config, "_experts_implementation", None)
     del model, optimizer, step
     _free(device)
@@ -318,8 +331,12 @@ def _profile(step, device, n: int) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=25)
 
 
-def run(config: BenchConfig) -> dict:
-    """Measure the case `config` names; returns the result dict (JSON-able through perf.report.to_json)."""
+def run(config: BenchConfig, on_partial=None) -> dict:
+    """Measure the case `config` names; returns the result dict (JSON-able through perf.report.to_json).
+
+    on_partial(result) is called with ours' result before the baseline starts (with an "incomplete" key),
+    so a caller that may be killed meanwhile can keep what was measured."""
+    deadline = time.monotonic() + config.time_limit_s if config.time_limit_s else None
     setup = resolve(config)
     device, c = setup.device, config
     flops = flops_per_token(setup.cfg, c.seq, c.rank, c.lora_on)
@@ -353,10 +370,11 @@ def run(config: BenchConfig) -> dict:
             "warmup": c.warmup,
             "steps": c.steps,
             "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+            "time_limit_s": c.time_limit_s,
         },  # fmt: skip
     }
     if not c.baseline_only:
-        o = run_ours(setup)
+        o = run_ours(setup, deadline)
         if "skipped" in o:
             result["ours"] = o
         else:
@@ -365,7 +383,12 @@ def run(config: BenchConfig) -> dict:
             if o["profile"]:
                 result["ours"]["profile"] = o["profile"]
     if c.baseline or c.baseline_only:
-        b = run_baseline(setup)
+        if on_partial is not None and "ours" in result:
+            on_partial({**result, "incomplete": "the baseline was still to run"})
+        if deadline is not None and time.monotonic() >= deadline:
+            b = {"skipped": f"time limit: ours used the {c.time_limit_s:g} s of --time-limit"}
+        else:
+            b = run_baseline(setup, deadline)
         if "skipped" in b:
             result["baseline"] = b
         else:

@@ -145,7 +145,7 @@ def test_an_out_of_memory_run_is_reported_and_freed_and_the_other_still_runs(mon
 
     held = []
 
-    def oom_baseline(setup):
+    def oom_baseline(setup, deadline=None):
         model = torch.nn.Linear(8, 8)  # stands for the model the failed run had built
         held.append(weakref.ref(model))
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
@@ -231,3 +231,18 @@ def test_perf_sits_on_top_and_nothing_in_the_library_imports_it():
             assert not [m for m in ours if m.startswith("gptoss_tune.perf")], path
     assert {"model", "train", "perf"} <= seen_perf  # the scan sees perf's own imports
     assert seen_perf <= {"model", "data", "train", "perf", "errors", "devices", "atomic_io", "runs"}, seen_perf
+
+
+def test_a_time_limit_cuts_the_timed_steps_and_skips_the_baseline():
+    """--time-limit (the quick GPU plan gives each stage one): at least one timed step, then no more once
+    the next would end past the limit, and no baseline once ours used it up; ours' part is handed out first."""
+    partial = []
+    r = bench.run(_config(baseline=True, steps=4, time_limit_s=0.01), on_partial=partial.append)
+    assert len(r["ours"]["step_s"]) == 1 and r["ours"]["cut_by_time_limit"] is True
+    assert r["baseline"]["skipped"].startswith("time limit") and "speedup" not in r
+    assert r["settings"]["time_limit_s"] == 0.01
+    assert [p["incomplete"] for p in partial] == ["the baseline was still to run"] and "baseline" not in partial[0]
+
+    timed = iter(range(100))
+    res = bench.run_steps(lambda: float(next(timed)), torch.device("cpu"), warmup=1, steps=3, deadline=None)
+    assert len(res.seconds) == 3 and not res.cut_by_time_limit and res.losses == [0.0, 1.0, 2.0, 3.0]
