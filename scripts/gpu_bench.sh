@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
+# FIRST CALL: scripts/gpu_quick.py (issue 15), the verdict and the headline figures in one call of <= 8 min;
+# a task now gets 15 minutes of device time in all. This staged runner keeps the follow-ups (tiles, demo,
+# kernels with the behaviour checks, 131k-offload, 20b-attn, 20b-4096, moe at four shapes): one call per
+# later session. docs/benchmarks.md has both.
+#
 # Everything issues 6 and 7 need measured on a GPU, from the repository root of a plain checkout (no
 # install: the repo and a `gptoss_kernels` shim go on PYTHONPATH; only torch, transformers, peft,
 # safetensors and triton are needed, which the lent GPU machines have):
@@ -26,7 +31,8 @@
 #
 # Time: one device call may run 600 s. The whole invocation stays within BUDGET seconds (default 560);
 # each stage gets min(STAGE_TIMEOUT, what is left) and a stage that cannot get MIN_STAGE seconds is
-# skipped (and named), so a call always returns its results. Suggested calls for a 30-minute session:
+# skipped (and named), so a call always returns its results. Suggested calls for a 30-minute session
+# (planned before the budget became 15 minutes: after gpu_quick.py, pick one):
 #   kernels tiles | demo 20b | 120b 131k | moe | tests | 20b-attn 20b-4096   (131k-offload only if 131k ran out of memory)
 #
 # Output: $OUT (default ./bench-out) gets at most three files, whatever the stages (the device tool
