@@ -23,7 +23,8 @@ before it (weights excluded).
 
     python scripts/bench_moe.py                                # all four shapes; JSON to bench_moe.json
     python scripts/bench_moe.py --shapes 120b-2048 --json out.json --skip-peft
-    TRITON_INTERPRET=1 python scripts/bench_moe.py --device cpu --small   # plumbing only, on CPU
+    TRITON_INTERPRET=1 python scripts/bench_moe.py --device cpu --small   # plumbing only, on CPU (minutes)
+    python scripts/bench_moe.py --device cpu --tiny                        # plumbing in seconds (gpu_quick --dry-run)
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ def parse(argv=None):
     ap.add_argument("--json", default="bench_moe.json")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="hidden = intermediate = 64, tokens / 16 (for --device cpu)")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="hidden = intermediate = 32, 16 tokens, 4 experts for every shape: the interpreter's plumbing in seconds "
+        "(--small at E = 32 takes minutes interpreted)",
+    )
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
@@ -76,7 +83,7 @@ def main(argv=None) -> int:
         return 2
     dtype = torch.bfloat16 if cuda else torch.float32
     dev = torch.device(args.device)
-    H = I = 64 if args.small else 2880
+    H = I = 32 if args.tiny else 64 if args.small else 2880
     k = args.top_k
 
     def bench(fn):
@@ -85,7 +92,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
         times = []
-        for _ in range(3):
+        for _ in range(1 if args.tiny else 3):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
@@ -123,7 +130,9 @@ def main(argv=None) -> int:
 
     for shape in args.shapes:
         E, T = SHAPES[shape]
-        if args.small:
+        if args.tiny:
+            E, T = 4, 16
+        elif args.small:
             T //= 16
         P = T * k
         flops_fwd = 2.0 * P * 3 * H * I

@@ -7,7 +7,8 @@
     python scripts/bench_train.py --model tiny --seq 64 --steps 1 --warmup 1 --baseline   # CPU smoke run
 
 Prints one line of JSON, then a short table (tokens/s, peak GiB, MFU; the FLOP formula is in the JSON
-and in gptoss_tune/perf/bench.py). See docs/benchmarks.md.
+and in gptoss_tune/perf/flops.py). The flags are the fields of gptoss_tune.perf.bench.BenchConfig (same
+names), plus --json-out. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -65,8 +66,26 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak dense bf16 TFLOP/s for MFU")
     p.add_argument("--profile", type=int, default=0, help="profile this many extra steps of ours; prints top ops")
-    p.add_argument("--json-out", default=None, help="also write the JSON here")
+    p.add_argument(
+        "--time-limit",
+        dest="time_limit_s",
+        type=float,
+        default=None,
+        help="seconds for the whole run: fewer timed steps (at least one) and no baseline once it is used up",
+    )
+    p.add_argument(
+        "--json-out", default=None, help="also write the JSON here (ours' part first, before the baseline runs)"
+    )
     return p.parse_args(argv)
+
+
+def config_from_args(args):
+    """The BenchConfig the flags describe (every field has a flag of the same name)."""
+    from dataclasses import fields
+
+    from gptoss_tune.perf.bench import BenchConfig
+
+    return BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig)})
 
 
 def main(argv=None) -> int:
@@ -75,11 +94,18 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5.2x renames checkpointing APIs
     args = parse_args(argv)
+    from gptoss_tune.atomic_io import atomic_write_text
     from gptoss_tune.errors import UserError
-    from gptoss_tune.perf.bench import format_table, run, to_json
+    from gptoss_tune.perf.bench import run
+    from gptoss_tune.perf.report import format_table, to_json
+
+    def keep(partial):  # a run killed during the baseline still leaves ours' figures
+        if args.json_out:
+            ours = {k: v for k, v in partial["ours"].items() if k != "profile"}
+            atomic_write_text(args.json_out, to_json({**partial, "ours": ours}) + "\n")
 
     try:
-        result = run(args)
+        result = run(config_from_args(args), on_partial=keep)
     except UserError as e:
         print(f"bench_train: error: {e}", file=sys.stderr)
         return 2
@@ -87,7 +113,7 @@ def main(argv=None) -> int:
     text = to_json(result)
     print(text, flush=True)
     if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+        atomic_write_text(args.json_out, text + "\n")
     if profile:
         print(profile)
     print(format_table(result), flush=True)

@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
+# FIRST CALL: scripts/gpu_quick.py (issue 15), the verdict and the headline figures in one call of <= 8 min;
+# a task now gets 15 minutes of device time in all. This staged runner keeps the follow-ups (tiles, demo,
+# kernels with the behaviour checks, 131k-offload, 20b-attn, 20b-4096, moe at four shapes): one call per
+# later session. docs/benchmarks.md has both.
+#
 # Everything issues 6 and 7 need measured on a GPU, from the repository root of a plain checkout (no
 # install: the repo and a `gptoss_kernels` shim go on PYTHONPATH; only torch, transformers, peft,
 # safetensors and triton are needed, which the lent GPU machines have):
@@ -26,7 +31,8 @@
 #
 # Time: one device call may run 600 s. The whole invocation stays within BUDGET seconds (default 560);
 # each stage gets min(STAGE_TIMEOUT, what is left) and a stage that cannot get MIN_STAGE seconds is
-# skipped (and named), so a call always returns its results. Suggested calls for a 30-minute session:
+# skipped (and named), so a call always returns its results. Suggested calls for a 30-minute session
+# (planned before the budget became 15 minutes: after gpu_quick.py, pick one):
 #   kernels tiles | demo 20b | 120b 131k | moe | tests | 20b-attn 20b-4096   (131k-offload only if 131k ran out of memory)
 #
 # Output: $OUT (default ./bench-out) gets at most three files, whatever the stages (the device tool
@@ -46,6 +52,17 @@ echo "gpu_bench.sh $* ($(date -u +%Y-%m-%dT%H:%M:%SZ))" >> "$LOG"
 TMP=$(mktemp -d)
 ln -s "$PWD/kernels" "$TMP/gptoss_kernels"  # kernels/ imports as gptoss_kernels (never as `kernels`)
 export PYTHONPATH="$PWD:$TMP${PYTHONPATH:+:$PYTHONPATH}"
+# Every stage imports the model stage, whose settings types are pydantic models, which the GPU image lacks:
+# unpack the carried wheels (.whl/, bash scripts/gpu_wheels.sh here first, then carry [".whl"]) first.
+if ! $PY -c "import pydantic" 2> /dev/null; then
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$TMP/site" .whl/*.whl >> "$LOG" 2>&1
+    export PYTHONPATH="$PYTHONPATH:$TMP/site"
+  else
+    echo "gpu_bench.sh: pydantic is not importable and .whl/ holds no wheels: run bash scripts/gpu_wheels.sh where PyPI is reachable, then carry .whl" >&2
+    exit 2
+  fi
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 START=$SECONDS
 SUMMARY=()
@@ -125,7 +142,7 @@ for stage in ${@:-kernels tiles demo 20b 120b 131k moe tests 20b-attn 20b-4096};
       # stopping, export, server, openai client), which needs the packages the image lacks: carried as
       # wheels in .whl/ (bash scripts/gpu_wheels.sh here first, then carry [".whl"]).
       if compgen -G ".whl/*.whl" > /dev/null; then
-        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$TMP/site" .whl/*.whl >> "$LOG" 2>&1
+        [ -d "$TMP/site" ] || $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$TMP/site" .whl/*.whl >> "$LOG" 2>&1
         run demo "$TMP/stage.log" 12 env PYTHONPATH="$PYTHONPATH:$TMP/site" WANDB_MODE=disabled $PY -m gptoss_tune.demo
       else
         echo "== demo SKIPPED: no wheels in .whl/ (run bash scripts/gpu_wheels.sh where PyPI is reachable, then carry .whl)"
