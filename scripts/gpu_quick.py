@@ -491,22 +491,9 @@ def carried_site(work: Path, python: str) -> Path | None:
             '`bash scripts/gpu_wheels.sh` where PyPI is reachable and pass carry [".whl"] to the call'
         )
     site = work / "site"
-    subprocess.run(
-        [
-            python,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-index",
-            "--no-deps",
-            "--no-compile",
-            "--target",
-            str(site),
-            *wheels,
-        ],
-        check=True,
-    )
+    # pip of the plan's own interpreter (the GPU machine's python3, the same one the stages run with)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target"]
+    subprocess.run([*pip, str(site), *map(str, wheels)], check=True)
     return site
 
 

@@ -148,3 +148,31 @@ def test_the_whole_plan_dry_runs_on_the_cpu(tmp_path):
     assert {row["shape"] for row in stages["moe"]["summary"]["rows"]} == {"20b-2048", "120b-2048"}
     assert sorted(p.name for p in out.iterdir()) == ["quick.json", "quick.log"]
     assert proc.stdout.rstrip().splitlines()[-1].startswith("files:") and "== quick plan" in proc.stdout
+
+
+def test_the_carried_pydantic_wheels_are_unpacked_where_the_interpreter_lacks_pydantic(tmp_path, monkeypatch):
+    """The GPU image has no pydantic (the model stage's settings types need it): the plan unpacks the carried
+    wheels from .whl/ for the stages, stops at once naming gpu_wheels.sh when there are none, and adds
+    nothing where pydantic imports."""
+    assert quick.carried_site(tmp_path, sys.executable) is None  # this interpreter has it
+    bare = tmp_path / "bare-python"  # an interpreter without site-packages: no pydantic, like the GPU image
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    bare.chmod(0o755)
+    repo = tmp_path / "repo"
+    (repo / ".whl").mkdir(parents=True)
+    monkeypatch.setattr(quick, "ROOT", repo)
+    with pytest.raises(SystemExit, match=r"gpu_wheels\.sh.*carry \[\"\.whl\"\]"):
+        quick.carried_site(tmp_path, str(bare))
+    # a wheel is a zip; pip unpacks it with --target (the stand-in wheel holds a module named pydantic)
+    import zipfile
+
+    wheel = repo / ".whl" / "pydantic-9.9.9-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("pydantic/__init__.py", "VERSION = '9.9.9'\n")
+        z.writestr("pydantic-9.9.9.dist-info/METADATA", "Metadata-Version: 2.1\nName: pydantic\nVersion: 9.9.9\n")
+        z.writestr("pydantic-9.9.9.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("pydantic-9.9.9.dist-info/RECORD", "")
+    (repo / ".whl" / "datasets-1.0-py3-none-any.whl").write_bytes(b"not a wheel: must not be touched")
+    site = quick.carried_site(tmp_path, str(bare))
+    assert (site / "pydantic" / "__init__.py").read_text() == "VERSION = '9.9.9'\n"
+    assert not (site / "datasets").exists()
