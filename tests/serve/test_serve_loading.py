@@ -264,3 +264,22 @@ def test_serve_cli_refuses_bad_flags_before_loading_the_model(tiny_ckpt, tmp_pat
         assert message in capsys.readouterr().err
     assert main(["serve", "--print-vllm-command", "openai/gpt-oss-20b"]) == 0  # a hub id passes through to vLLM
     assert capsys.readouterr().out.startswith("vllm serve openai/gpt-oss-20b ")
+
+
+def test_parser_streams_text_that_is_not_harmony_token_by_token():
+    """Text in a harmony header is held until `<|message|>`; text that cannot be a header (plain text, a
+    garbled header) is passed on as it arrives, not at the end. Real headers still parse."""
+    enc = tiktoken_encoding()
+    for text, first in (
+        ("Plain words, never harmony." + " more" * 30, 0),
+        ("<|channel|>final and then no message" + " more" * 30, 5),  # up to 3 words may follow the channel
+        ("<|start|>assistant<|channel|>final<|message|>ok" + " more" * 30, 5),
+        ("<|channel|>analysis<|message|>a<|end|><|start|>assistant" + " more" * 30, 7),
+    ):
+        p = HarmonyOutputParser()
+        emitted = [i for i, t in enumerate(enc.encode(text, allowed_special="all")) if p.feed(t)]
+        assert emitted[0] <= first and len(emitted) >= 30, (text, emitted[:5])
+    p = HarmonyOutputParser(functions=True)
+    call = " to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{}<|call|>"
+    events = [e for t in enc.encode(call, allowed_special="all") for e in p.feed(t)]
+    assert [e.kind for e in events] == ["tool_call", "tool_args"] and not p.content
