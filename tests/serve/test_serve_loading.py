@@ -3,6 +3,7 @@ cases, and the demo helper."""
 
 from __future__ import annotations
 
+import re
 import shlex
 
 import pytest
@@ -213,6 +214,9 @@ def test_serve_command_in_a_subprocess(run):
             proc.kill()
             out, _ = proc.communicate()
     assert "serving 'mine' on http://127.0.0.1:" in out and "Traceback" not in out
+    # the context is the estimate from free memory (or the model's limit), and the request limits are shown
+    assert re.search(r"context: \d+ tokens \((estimated: [\d.]+ GiB free hold|the model's limit)", out), out
+    assert "request limits: 8388608 bytes, 2048 messages, strings of 131072 characters" in out
 
 
 def test_sampling_follows_the_distribution_and_top_p():
@@ -248,6 +252,11 @@ def test_serve_cli_refuses_bad_flags_before_loading_the_model(tiny_ckpt, tmp_pat
             (["--max-concurrency", "0"], "--max-concurrency must be at least 1, got 0"),
             (["--device", "gpu0"], "--device 'gpu0': not a torch device; use cpu, cuda or cuda:N"),
             (["--host", "no-such-host.invalid", "--api-key", "k"], "--host no-such-host.invalid: cannot resolve"),
+            (["--max-request-bytes", "0"], "--max-request-bytes must be a positive integer, got 0"),
+            (["--max-messages", "-1"], "--max-messages must be a positive integer, got -1"),
+            (["--max-string-chars", "0"], "--max-string-chars must be a positive integer, got 0"),
+            (["--allowed-host", "http://proxy.example/"], "--allowed-host 'http://proxy.example/': give a host name"),
+            (["--cors-origin", "app.example.com"], "--cors-origin 'app.example.com': give an origin"),
         ]
         if not torch.cuda.is_available():
             cases.append((["--device", "cuda"], "--device 'cuda': no CUDA device is available"))
