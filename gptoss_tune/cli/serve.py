@@ -132,6 +132,7 @@ def run(args) -> int:
     sock = bind_socket(args.host, args.port)
     import uvicorn
 
+    server = None
     try:
         adapter = f" with adapter {args.adapter}" if args.adapter else ""
         print(f"loading {args.model_dir}{adapter} ...", file=sys.stderr)
@@ -177,9 +178,12 @@ def run(args) -> int:
             f"{limits.max_string_chars} characters (--max-request-bytes, --max-messages, --max-string-chars)",
             file=sys.stderr,
         )
+        server.render_pool.start()  # the prompt-rendering processes, before the first request waits for them
         # On Ctrl-C / SIGTERM, in-flight requests get 10 s to finish, then their streams are cancelled.
         config = uvicorn.Config(server.app, log_level=args.log_level, timeout_graceful_shutdown=10)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+        if server is not None:
+            server.render_pool.close()
     return 0

@@ -10,8 +10,9 @@ Errors are always `{"error": {"message", "type", "param", "code"}}`, never a tra
 Before a request costs anything (limits.py, guard.py): the Host header and CORS (every route), the API
 key, `Content-Type: application/json`, the body's size (before parsing), then the parsed body's nesting,
 strings and message count (in a worker thread). A request slot is taken next, and the prompt rendered
-and tokenized in a worker thread too, so the event loop (and /health) never waits for a big prompt; a
-prompt longer than the context is refused with 400 before any model work.
+and tokenized in a worker process (prompt.RenderPool: openai-harmony holds the GIL while it works), so
+the event loop (and /health) never waits for a big prompt; a prompt longer than the context is refused
+with 400 before any model work.
 
 Concurrency: up to --max-concurrency requests generate at once (each a token at a time in a worker
 thread); one more is refused with 429 at once rather than queued, so clients see back-pressure. A
@@ -43,7 +44,7 @@ from gptoss_tune.serve.harmony_output import HarmonyOutputParser
 from gptoss_tune.serve.http import check_api_key
 from gptoss_tune.serve.limits import ServerLimits, check_declared_size, parse_body, read_body
 from gptoss_tune.serve.openai_schema import ApiError, ChatCompletionRequest, parse_request
-from gptoss_tune.serve.prompt import render_prompt, tools_offered
+from gptoss_tune.serve.prompt import RenderPool, shared_render_pool, tools_offered
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class ChatServer:
         host: str = "127.0.0.1",
         allowed_hosts: tuple[str, ...] | list[str] = (),
         cors_origins: tuple[str, ...] | list[str] = (),
+        render_pool: RenderPool | None = None,
     ):
         if max_concurrency < 1:
             raise UserError(f"--max-concurrency must be at least 1, got {max_concurrency}")
@@ -103,6 +105,7 @@ class ChatServer:
         self.model_name = model_name
         self.api_key = api_key
         self.limits = limits or ServerLimits()
+        self.render_pool = render_pool or shared_render_pool()
         self.slots = _Slots(max_concurrency)
         ctx = int(getattr(source, "context_length", 131072))
         self.context_length = min(ctx, max_model_len) if max_model_len else ctx
@@ -188,8 +191,7 @@ class ChatServer:
             slot = self.slots.acquire()
             handed_over = False
             try:
-                loop = asyncio.get_running_loop()
-                prompt = await loop.run_in_executor(self.pool, render_prompt, req)
+                prompt = await self.render_pool.render(req)
                 params = self._sampling(req, len(prompt))
                 if req.stream:
                     include_usage = bool(req.stream_options and req.stream_options.include_usage)

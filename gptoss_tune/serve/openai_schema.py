@@ -33,6 +33,9 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def __reduce__(self):  # raised in a render worker process and sent back (prompt.RenderPool)
+        return (ApiError, (self.status, self.message, self.param, self.code, self.type))
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
