@@ -10,6 +10,7 @@ FLEX_MIN_PREFILL (1,024) tokens the sink attention takes its flex route, which n
 against the KV cache (`prefill_chunk_size`): each chunk's scores are [heads, chunk, tokens so far], and
 the chunk shrinks as the prompt grows so they stay near PREFILL_SCORE_BUDGET (before: one 10,052-token
 prompt on the tiny model peaked at 5.5 GB of [4, 10k, 10k] fp32 scores and their copies).
+Each chunk takes the model's lock on its own, so other requests' tokens go on while a long prompt fills.
 Experts stay MXFP4 (the model is `load_model`'s). Sampling: temperature 0 is greedy; otherwise softmax
 at the temperature, nucleus (top_p) filtering, on the model's device, with a per-request torch.Generator
 when a seed is given, so a seeded request is reproducible (on the same kind of device) whatever runs
@@ -142,10 +143,11 @@ class _ModelGeneration(Generation):
             feeds = [self.prompt[i : i + size] for i in range(0, len(self.prompt), size)]
         else:
             feeds = [[self.last]]
-        with self.source.lock, torch.inference_mode():
-            for feed in feeds:
+        for feed in feeds:  # the lock is taken per chunk: other requests' tokens go on during a long prefill
+            with self.source.lock, torch.inference_mode():
                 logits = self.source.forward(feed, self.cache)
-                self.forward_lengths.append(len(feed))
+            self.forward_lengths.append(len(feed))
+        with self.source.lock, torch.inference_mode():
             tok = sample_token(logits, self.params.temperature, self.params.top_p, self.generator)
         self.last = tok
         return tok
