@@ -166,6 +166,7 @@ def run(args) -> int:
             allowed_hosts=args.allowed_host,
             cors_origins=args.cors_origin,
         )
+        server.render_pool.start()  # the prompt-rendering processes, before the first request waits for them
         if args.max_model_len is not None and server.context_length < args.max_model_len:
             how = f"--max-model-len {args.max_model_len}, capped at the model's limit"
         host = f"[{args.host}]" if ":" in args.host else args.host
@@ -178,7 +179,6 @@ def run(args) -> int:
             f"{limits.max_string_chars} characters (--max-request-bytes, --max-messages, --max-string-chars)",
             file=sys.stderr,
         )
-        server.render_pool.start()  # the prompt-rendering processes, before the first request waits for them
         # On Ctrl-C / SIGTERM, in-flight requests get 10 s to finish, then their streams are cancelled.
         config = uvicorn.Config(server.app, log_level=args.log_level, timeout_graceful_shutdown=10)
         uvicorn.Server(config).run(sockets=[sock])
