@@ -7,6 +7,13 @@ with a KV cache on the MXFP4-resident model (generate.py) and parsed back by cha
 Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (stream or not), GET /health.
 Errors are always `{"error": {"message", "type", "param", "code"}}`, never a traceback.
 
+Before a request costs anything (limits.py, guard.py): the Host header and CORS (every route), the API
+key, `Content-Type: application/json`, the body's size (before parsing), then the parsed body's nesting,
+strings and message count (in a worker thread). A request slot is taken next, and the prompt rendered
+and tokenized in a worker process (prompt.RenderPool: openai-harmony holds the GIL while it works), so
+the event loop (and /health) never waits for a big prompt; a prompt longer than the context is refused
+with 400 before any model work.
+
 Concurrency: up to --max-concurrency requests generate at once (each a token at a time in a worker
 thread); one more is refused with 429 at once rather than queued, so clients see back-pressure. A
 request's slot is freed when it finishes, fails, or its client goes away (checked between tokens).
@@ -25,15 +32,19 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request  # module level: FastAPI resolves the handlers' string annotations here
 from starlette.responses import StreamingResponse
 
 from gptoss_tune.errors import UserError
 from gptoss_tune.model.config import CALL_ID
 from gptoss_tune.serve.generate import STOP_TOKENS, SamplingParams
+from gptoss_tune.serve.guard import RequestGuard
 from gptoss_tune.serve.harmony_output import HarmonyOutputParser
+from gptoss_tune.serve.http import check_api_key
+from gptoss_tune.serve.limits import ServerLimits, check_declared_size, parse_body, read_body
 from gptoss_tune.serve.openai_schema import ApiError, ChatCompletionRequest, parse_request
-from gptoss_tune.serve.prompt import render_prompt, tools_offered
+from gptoss_tune.serve.prompt import RenderPool, shared_render_pool, tools_offered
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +79,11 @@ class _Slot:
 
 
 class ChatServer:
-    """The app around a token source (`ModelTokenSource` for a model, `ScriptedTokenSource` in tests)."""
+    """The app around a token source (`ModelTokenSource` for a model, `ScriptedTokenSource` in tests).
+
+    `app` is the ASGI app to run (the FastAPI app inside RequestGuard); `host` is the address it is bound
+    to, which Host headers must name unless listed in `allowed_hosts`; `cors_origins` are the web origins
+    whose pages may call it (none by default)."""
 
     def __init__(
         self,
@@ -77,18 +92,27 @@ class ChatServer:
         api_key: str | None = None,
         max_concurrency: int = 4,
         max_model_len: int | None = None,
+        limits: ServerLimits | None = None,
+        host: str = "127.0.0.1",
+        allowed_hosts: tuple[str, ...] | list[str] = (),
+        cors_origins: tuple[str, ...] | list[str] = (),
+        render_pool: RenderPool | None = None,
     ):
         if max_concurrency < 1:
             raise UserError(f"--max-concurrency must be at least 1, got {max_concurrency}")
+        check_api_key(api_key)
         self.source = source
         self.model_name = model_name
         self.api_key = api_key
+        self.limits = limits or ServerLimits()
+        self.render_pool = render_pool or shared_render_pool()
         self.slots = _Slots(max_concurrency)
         ctx = int(getattr(source, "context_length", 131072))
         self.context_length = min(ctx, max_model_len) if max_model_len else ctx
         self.created = int(time.time())
         self.pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="gptoss-generate")
-        self.app = self._build_app()
+        self.fastapi = self._build_app()
+        self.app = RequestGuard(self.fastapi, host, allowed_hosts, cors_origins)
 
     # ---- app --------------------------------------------------------------------------------------
     def _build_app(self):
@@ -159,29 +183,27 @@ class ChatServer:
         @internal_errors
         async def chat(request: Request):
             self._auth(request)
-            raw = await request.body()
-            try:
-                data = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-            req = parse_request(data)
+            _check_json_content_type(request.headers.get("content-type"))
+            check_declared_size(request.headers.get("content-length"), self.limits.max_request_bytes)
+            raw = await read_body(request.stream(), self.limits.max_request_bytes)
+            req = await run_in_threadpool(lambda: parse_request(parse_body(raw, self.limits)))
             self._check_model(req.model)
-            prompt = render_prompt(req)
-            params = self._sampling(req, len(prompt))
             slot = self.slots.acquire()
-            if req.stream:
-                include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                try:
-                    return _SlotStreamingResponse(
+            handed_over = False
+            try:
+                prompt = await self.render_pool.render(req)
+                params = self._sampling(req, len(prompt))
+                if req.stream:
+                    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                    response = _SlotStreamingResponse(
                         self._stream(req, prompt, params, include_usage), slot, media_type="text/event-stream"
                     )
-                except BaseException:
-                    slot.release()
-                    raise
-            try:
+                    handed_over = True  # the response frees the slot when it ends
+                    return response
                 return await self._complete(req, prompt, params, request)
             finally:
-                slot.release()
+                if not handed_over:
+                    slot.release()
 
         return app
 
@@ -334,6 +356,17 @@ class ChatServer:
         if include_usage:
             yield chunk({}, usage=self._usage(prompt, parser), choices=False)
         yield "data: [DONE]\n\n"
+
+
+def _check_json_content_type(value: str | None) -> None:
+    media = (value or "").split(";")[0].strip().lower()
+    if media != "application/json":
+        got = f"'{value[:100]}'" if value else "none"
+        raise ApiError(
+            415,
+            f"the request body must be sent with 'Content-Type: application/json' (got {got})",
+            code="unsupported_media_type",
+        )
 
 
 class _SlotStreamingResponse(StreamingResponse):

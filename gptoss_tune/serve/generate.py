@@ -3,6 +3,14 @@
 `ModelTokenSource.start(prompt_ids, params)` returns a `Generation` whose `next_token()` runs one forward
 step: the prompt once (prefill, logits for its last position only), then each new token alone against
 transformers' DynamicCache (sliding-window layers keep their window), so no prefix is ever recomputed.
+
+Prefill memory grows linearly with the prompt. On CUDA the prompt goes through in one pass: from
+FLEX_MIN_PREFILL (1,024) tokens the sink attention takes its flex route, which never builds the
+[prompt x prompt] score matrix. On the CPU attention is dense math, so the prompt goes through in chunks
+against the KV cache (`prefill_chunk_size`): each chunk's scores are [heads, chunk, tokens so far], and
+the chunk shrinks as the prompt grows so they stay near PREFILL_SCORE_BUDGET (before: one 10,052-token
+prompt on the tiny model peaked at 5.5 GB of [4, 10k, 10k] fp32 scores and their copies).
+Each chunk takes the model's lock on its own, so other requests' tokens go on while a long prompt fills.
 Experts stay MXFP4 (the model is `load_model`'s). Sampling: temperature 0 is greedy; otherwise softmax
 at the temperature, nucleus (top_p) filtering, on the model's device, with a per-request torch.Generator
 when a seed is given, so a seeded request is reproducible (on the same kind of device) whatever runs
@@ -37,6 +45,22 @@ from gptoss_tune.model.config import CALL_ID, EOS_ID, PAD_ID
 # published generation_config.json also stops on (eos_token_id [200002, 199999, 200012]), as transformers'
 # generate and vLLM do: text after it is not part of the answer.
 STOP_TOKENS = (EOS_ID, CALL_ID, PAD_ID)
+
+# Dense attention of q query rows against k keys holds about this many bytes per (head, row, key) at its
+# peak: fp32 scores, their masked copy, the fp32 probabilities, their copy in the value dtype, the bool mask.
+DENSE_ATTENTION_BYTES = 16
+PREFILL_SCORE_BUDGET = 512 * 2**20  # bytes of one chunk's attention temporaries, while the chunk >= MIN
+MIN_PREFILL_CHUNK = 32  # below this the per-forward overhead dominates; temporaries then grow linearly
+MAX_PREFILL_CHUNK = 1024
+
+
+def prefill_chunk_size(prompt_len: int, num_heads: int, device: torch.device) -> int:
+    """Tokens per prefill forward: the whole prompt on CUDA (the flex route is memory-linear), else a chunk
+    whose dense scores against the whole prompt fit PREFILL_SCORE_BUDGET (at least MIN_PREFILL_CHUNK rows)."""
+    if torch.device(device).type == "cuda":
+        return max(prompt_len, 1)
+    rows = PREFILL_SCORE_BUDGET // max(1, num_heads * prompt_len * DENSE_ATTENTION_BYTES)
+    return max(MIN_PREFILL_CHUNK, min(MAX_PREFILL_CHUNK, rows))
 
 
 @dataclass
@@ -112,12 +136,19 @@ class _ModelGeneration(Generation):
         self.forward_lengths: list[int] = []  # tokens fed per forward (tests check there is no recompute)
 
     def _step(self) -> int:
-        feed = self.prompt if self.last is None else [self.last]
+        if self.last is None:
+            size = self.source.prefill_chunk or prefill_chunk_size(
+                len(self.prompt), self.source.num_heads, self.source.device
+            )
+            feeds = [self.prompt[i : i + size] for i in range(0, len(self.prompt), size)]
+        else:
+            feeds = [[self.last]]
+        for feed in feeds:  # the lock is taken per chunk: other requests' tokens go on during a long prefill
+            with self.source.lock, torch.inference_mode():
+                logits = self.source.forward(feed, self.cache)
+            self.forward_lengths.append(len(feed))
         with self.source.lock, torch.inference_mode():
-            ids = torch.tensor([feed], device=self.source.device)
-            out = self.source.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-            tok = sample_token(out.logits[0, -1], self.params.temperature, self.params.top_p, self.generator)
-        self.forward_lengths.append(len(feed))
+            tok = sample_token(logits, self.params.temperature, self.params.top_p, self.generator)
         self.last = tok
         return tok
 
@@ -125,11 +156,22 @@ class _ModelGeneration(Generation):
 class ModelTokenSource:
     """Samples from a loaded GptOssForCausalLM (load_model / load_with_adapter) with a KV cache."""
 
-    def __init__(self, model):
+    def __init__(self, model, prefill_chunk: int | None = None):
+        """prefill_chunk: tokens per prefill forward (default: `prefill_chunk_size`, chosen per prompt)."""
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.model = model
         self.device = next(model.parameters()).device
         self.lock = threading.Lock()  # one forward of this model at a time (see the module docstring)
         self.context_length = int(getattr(model.config, "max_position_embeddings", 131072))
+        self.num_heads = int(model.config.num_attention_heads)
+        self.prefill_chunk = prefill_chunk
+
+    def forward(self, ids: Sequence[int], cache) -> torch.Tensor:
+        """Feeds `ids` after what `cache` holds (and appends them to it); the [vocab] logits of the last one."""
+        x = torch.tensor([list(ids)], device=self.device)
+        out = self.model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]
 
     def start(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
         return _ModelGeneration(self, prompt_ids, params)

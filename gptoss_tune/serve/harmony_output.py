@@ -16,6 +16,11 @@ Special tokens inside a message's text are dropped rather than shown by name.
 A model that does not follow the format (an untrained tiny model, a broken fine-tune) makes the parser
 fail; from then on the text is passed through as content with special tokens dropped, and if nothing at
 all was parsed the whole completion is returned as content, so the user sees what the model wrote.
+harmony's parser holds a message header's text until `<|message|>` ends it, so a model writing plain
+text would be held back until the end (a client with a 30 s read timeout timed out after 3,000 tokens).
+Hence each header is checked as it grows (`_header_ok`): once it cannot be a harmony header (anything
+but a role, `to=RECIPIENT`, `<|channel|>NAME` and up to three words such as `<|constrain|>json`), or
+passes HEADER_MAX_TOKENS, the output is taken as plain text and streamed token by token from there.
 
 User stop strings apply to the content: text is held back while it could still be the start of a stop
 string, and generation ends at the first match (finish_reason "stop", the stop string not included).
@@ -24,12 +29,25 @@ string, and generation ends at the first match (finish_reason "stop", the stop s
 from __future__ import annotations
 
 import codecs
+import re
 import uuid
 from dataclasses import dataclass, field
 
-from gptoss_tune.model.config import BOS_ID, PAD_ID
+from gptoss_tune.model.config import BOS_ID, CALL_ID, END_ID, EOS_ID, PAD_ID
 
 FIRST_SPECIAL_ID = BOS_ID  # o200k_harmony's special tokens are ids 199998 and up
+START_ID, MESSAGE_ID = 200006, 200008  # <|start|>, <|message|>
+# The longest header gpt-oss writes, `<|start|>assistant to=functions.NAME<|channel|>commentary
+# <|constrain|>json<|message|>`, is about 10 tokens plus the function's name (up to 64 characters).
+HEADER_MAX_TOKENS = 80
+# Every prefix of a harmony header after its role, in text form (special tokens by name).
+_RECIPIENT = r"t(?:o(?:=[^ <]*)?)?"
+_HEADER = re.compile(
+    rf" *(?:{_RECIPIENT} *)?(?:<\|constrain\|>[^ <]* *)?"
+    rf"(?:<\|channel\|>[^ <]*(?: +(?:<\|constrain\|>[^ <]*|[^ <]+)){{0,3}} *)?"
+)
+_ROLE = re.compile(r"[^ <]*")
+_REPEATED_START = re.compile(r"<\|start\|>[^ <]*")  # `<|start|>assistant` again: harmony reads on
 
 
 @dataclass
@@ -106,6 +124,8 @@ class HarmonyOutputParser:
         self.reasoning: list[str] = []
         self.tool_calls: list[ToolCall] = []
         self.parsed_any = False
+        self._header: list[int] | None = []  # the open header's tokens (None: not in a header)
+        self._header_has_role = False  # the header follows <|start|> (the first one's role is the prompt's)
 
     @property
     def stopped(self) -> bool:
@@ -136,6 +156,32 @@ class HarmonyOutputParser:
     def _is_special(tok: int) -> bool:
         return tok >= FIRST_SPECIAL_ID
 
+    def _header_ok(self) -> bool:
+        """Whether the open header (with its newest token) can still become a harmony header."""
+        if len(self._header) > HEADER_MAX_TOKENS:
+            return False
+        text = self._tk.decode(self._header)
+        if self._header_has_role:
+            text = text[_ROLE.match(text).end() :]
+        elif m := _REPEATED_START.match(text):
+            text = text[m.end() :]
+        return _HEADER.fullmatch(text) is not None
+
+    def _go_raw(self, pending: list[int]) -> list[Event]:
+        """From here on the output is plain text; `pending` are the tokens held back so far in this message."""
+        self._raw = True
+        if not self.parsed_any:  # nothing was harmony: the whole completion so far is the text
+            return self._content("".join(self._raw_text(t) for t in self.tokens))
+        return self._content("".join(self._raw_text(t) for t in pending))
+
+    def _track_header(self, tok: int) -> None:
+        if tok == MESSAGE_ID:
+            self._header = None
+        elif tok in (END_ID, EOS_ID, CALL_ID):
+            self._header = None
+        elif tok == START_ID:
+            self._header, self._header_has_role = [], True
+
     def feed(self, tok: int) -> list[Event]:
         if self.ended:
             return []
@@ -145,16 +191,18 @@ class HarmonyOutputParser:
             return []
         if self._raw:
             return self._content(self._raw_text(tok))
+        if self._header is not None and tok != MESSAGE_ID:
+            self._header.append(tok)
+            if not self._header_ok():
+                return self._go_raw(self._header)
         from openai_harmony import HarmonyError
 
         p = self._parser
         try:
             p.process(tok)
         except HarmonyError:
-            self._raw = True
-            if not self.parsed_any:  # nothing was harmony: the whole completion so far is the text
-                return self._content("".join(self._raw_text(t) for t in self.tokens))
-            return self._content(self._raw_text(tok))
+            return self._go_raw([tok])
+        self._track_header(tok)
         if p.current_role not in (None, self._assistant):
             self.ended = True  # a user turn or tool result written by the model: not part of the answer
             return []

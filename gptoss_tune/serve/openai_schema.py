@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 class ApiError(Exception):
     """An error response in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             429: "rate_limit_error", 500: "server_error", 503: "server_error"}  # fmt: skip
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+             404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+             415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}  # fmt: skip
 
     def __init__(
         self, status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None
@@ -31,6 +32,9 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def __reduce__(self):  # raised in a render worker process and sent back (prompt.RenderPool)
+        return (ApiError, (self.status, self.message, self.param, self.code, self.type))
 
 
 class _Strict(BaseModel):

@@ -3,6 +3,7 @@ cases, and the demo helper."""
 
 from __future__ import annotations
 
+import re
 import shlex
 
 import pytest
@@ -213,6 +214,9 @@ def test_serve_command_in_a_subprocess(run):
             proc.kill()
             out, _ = proc.communicate()
     assert "serving 'mine' on http://127.0.0.1:" in out and "Traceback" not in out
+    # the context is the estimate from free memory (or the model's limit), and the request limits are shown
+    assert re.search(r"context: \d+ tokens \((estimated: [\d.]+ GiB free hold|the model's limit)", out), out
+    assert "request limits: 8388608 bytes, 2048 messages, strings of 131072 characters" in out
 
 
 def test_sampling_follows_the_distribution_and_top_p():
@@ -248,6 +252,11 @@ def test_serve_cli_refuses_bad_flags_before_loading_the_model(tiny_ckpt, tmp_pat
             (["--max-concurrency", "0"], "--max-concurrency must be at least 1, got 0"),
             (["--device", "gpu0"], "--device 'gpu0': not a torch device; use cpu, cuda or cuda:N"),
             (["--host", "no-such-host.invalid", "--api-key", "k"], "--host no-such-host.invalid: cannot resolve"),
+            (["--max-request-bytes", "0"], "--max-request-bytes must be a positive integer, got 0"),
+            (["--max-messages", "-1"], "--max-messages must be a positive integer, got -1"),
+            (["--max-string-chars", "0"], "--max-string-chars must be a positive integer, got 0"),
+            (["--allowed-host", "http://proxy.example/"], "--allowed-host 'http://proxy.example/': give a host name"),
+            (["--cors-origin", "app.example.com"], "--cors-origin 'app.example.com': give an origin"),
         ]
         if not torch.cuda.is_available():
             cases.append((["--device", "cuda"], "--device 'cuda': no CUDA device is available"))
@@ -264,3 +273,22 @@ def test_serve_cli_refuses_bad_flags_before_loading_the_model(tiny_ckpt, tmp_pat
         assert message in capsys.readouterr().err
     assert main(["serve", "--print-vllm-command", "openai/gpt-oss-20b"]) == 0  # a hub id passes through to vLLM
     assert capsys.readouterr().out.startswith("vllm serve openai/gpt-oss-20b ")
+
+
+def test_parser_streams_text_that_is_not_harmony_token_by_token():
+    """Text in a harmony header is held until `<|message|>`; text that cannot be a header (plain text, a
+    garbled header) is passed on as it arrives, not at the end. Real headers still parse."""
+    enc = tiktoken_encoding()
+    for text, first in (
+        ("Plain words, never harmony." + " more" * 30, 0),
+        ("<|channel|>final and then no message" + " more" * 30, 5),  # up to 3 words may follow the channel
+        ("<|start|>assistant<|channel|>final<|message|>ok" + " more" * 30, 5),
+        ("<|channel|>analysis<|message|>a<|end|><|start|>assistant" + " more" * 30, 7),
+    ):
+        p = HarmonyOutputParser()
+        emitted = [i for i, t in enumerate(enc.encode(text, allowed_special="all")) if p.feed(t)]
+        assert emitted[0] <= first and len(emitted) >= 30, (text, emitted[:5])
+    p = HarmonyOutputParser(functions=True)
+    call = " to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{}<|call|>"
+    events = [e for t in enc.encode(call, allowed_special="all") for e in p.feed(t)]
+    assert [e.kind for e in events] == ["tool_call", "tool_args"] and not p.content
