@@ -61,6 +61,7 @@ def load_data(
         train_on=settings.train_on,
         on_bad_line=settings.on_bad_line,
         cache_dir=cache_dir,
+        max_unbroken_chars=settings.max_unbroken_chars,
     )
     train_src = read_examples(resolve_path(settings.train, base_dir, "train"), role="train", **common)
     train_examples = train_src.examples
