@@ -10,7 +10,7 @@ import regex
 
 from gptoss_tune.cli.main import main
 from gptoss_tune.data.harmony import check_strings
-from gptoss_tune.data.pipeline import load_data
+from gptoss_tune.data.pipeline import format_report, load_data
 from gptoss_tune.data.rendering import render_example
 from gptoss_tune.data.settings import DataSettings
 from gptoss_tune.data.sources import read_examples
@@ -163,3 +163,31 @@ def test_render_flag_raises_the_limit(tmp_path, capsys):
     assert main(["render", str(f), "--max-unbroken-chars", "100"]) == 2
     assert "raise --max-unbroken-chars" in capsys.readouterr().err
     assert main(["render", str(f), "--max-unbroken-chars", "200", "--n", "0"]) == 0
+
+
+def test_report_counts_and_lists_empty_completions_duplicates_and_validation_in_train(tmp_path, cache):
+    empty_answer = {"prompt": "Say nothing.", "completion": ""}
+    same_as_pc = {"prompt": [{"role": "user", "content": PC["prompt"]}], "completion": PC["completion"]}
+    t = write(tmp_path / "t.jsonl", [PC, PC2, empty_answer, PC, same_as_pc, PC2 | {"completion": "15 kg."}])
+    v = write(tmp_path / "v.jsonl", [PC2 | {"completion": "About 14 kg."}, PC2])
+    b = load_data(DataSettings(train=str(t), validation=str(v)), seed=0, cache_dir=cache)
+    tr, va = b.report["train"], b.report["validation"]
+    assert tr["empty_completions"] == 1 and tr["empty_completion_reasons"] == [f"{t}:3"]
+    assert tr["duplicates"] == 2 and tr["duplicate_reasons"] == [f"{t}:4 repeats {t}:1", f"{t}:5 repeats {t}:1"]
+    assert (va["in_train"], va["compared"], va["same_as_train"]) == (1, 2, False)
+    assert va["in_train_reasons"] == [f"{v}:2 is also {t}:2"]
+    assert tr["examples"] == 6  # reported, not removed
+    text = format_report(b.report)
+    assert "  1 with an empty completion, 2 the same as an earlier example" in text
+    assert f"  empty completion: {t}:3" in text and f"  duplicate: {t}:5 repeats {t}:1" in text
+    assert "  1 of 2 validation examples are also training examples\n" in text + "\n"
+    assert f"  also in train: {v}:2 is also {t}:2" in text
+
+    b = load_data(DataSettings(train=str(t), validation=str(t)), seed=0, cache_dir=cache)
+    va = b.report["validation"]
+    assert (va["in_train"], va["same_as_train"]) == (6, True)
+    assert "6 of 6 validation examples are also training examples (it is the training data" in format_report(b.report)
+
+    clean = load_data(DataSettings(train=str(v)), seed=0, cache_dir=cache)
+    assert clean.report["train"]["duplicates"] == clean.report["train"]["empty_completions"] == 0
+    assert len(format_report(clean.report).splitlines()) == 1
