@@ -28,11 +28,15 @@ class LoraSettings(Settings):
     dropout: float = Field(
         0.0, ge=0, lt=1, description="dropout on the attention LoRA inputs (expert LoRA runs without, as in PEFT)"
     )
+    # strict=False: a tuple from Python is as good as a list (YAML gives lists; a string is still refused)
     attention: list[Literal[ATTENTION_PROJECTIONS]] = Field(
-        default_factory=lambda: list(ATTENTION_PROJECTIONS), description="attention projections that get LoRA"
+        default_factory=lambda: list(ATTENTION_PROJECTIONS),
+        strict=False,
+        description="attention projections that get LoRA",
     )
     experts: list[Literal[EXPERT_PROJECTIONS]] = Field(
         default_factory=lambda: list(EXPERT_PROJECTIONS),
+        strict=False,
         description="expert projections that get per-expert LoRA in every layer (may be empty)",
     )
 
