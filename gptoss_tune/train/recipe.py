@@ -506,10 +506,12 @@ def check_against_model(recipe: Recipe, cfg: dict) -> None:
 
 def check_recipe_paths(recipe: Recipe) -> None:
     from gptoss_tune.errors import CheckpointError
-    from gptoss_tune.model.checkpoint import read_config, resolve_model_dir
+    from gptoss_tune.model.loader import check_checkpoint  # torch and transformers: only when paths are checked
 
     try:
-        cfg = read_config(resolve_model_dir(recipe.model.path))
+        # config.json, the shard index and every safetensors header (names, dtypes, shapes; no tensor data):
+        # a broken checkpoint fails here, before a data render that can take minutes
+        cfg = check_checkpoint(recipe.model.path)
     except CheckpointError as e:
         raise UserError(f"{recipe.where('model', 'path')}: model.path: {e}") from None
     check_against_model(recipe, cfg)
