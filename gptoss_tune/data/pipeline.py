@@ -54,9 +54,11 @@ def load_data(
 ) -> DataBundle:
     """Read, render, split, fit and pack the data of a recipe. Raises UserError on bad input."""
     t0 = time.perf_counter()
-    from gptoss_tune.data.harmony import parse_tools
+    from gptoss_tune.data.harmony import check_strings, parse_tools
 
-    parse_tools(settings.tools, where="data.")  # a bad recipe-level schema is the recipe's fault, say so once
+    # a bad recipe-level schema is the recipe's fault, say so once
+    parse_tools(settings.tools, where="data.")
+    check_strings({"tools": settings.tools}, "data.", max_unbroken_chars=settings.max_unbroken_chars)
     common = dict(
         reasoning_effort=settings.reasoning_effort,
         tools=settings.tools,

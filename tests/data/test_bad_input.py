@@ -191,3 +191,10 @@ def test_report_counts_and_lists_empty_completions_duplicates_and_validation_in_
     clean = load_data(DataSettings(train=str(v)), seed=0, cache_dir=cache)
     assert clean.report["train"]["duplicates"] == clean.report["train"]["empty_completions"] == 0
     assert len(format_report(clean.report).splitlines()) == 1
+
+
+def test_recipe_level_tools_are_checked_once_as_the_recipes(tmp_path, cache):
+    f = write(tmp_path / "d.jsonl", [PC])
+    tools = [{"type": "function", "function": {"name": "f", "description": "a\ud800", "parameters": {}}}]
+    with pytest.raises(UserError, match=r"^data\.tools\[0\]\.function\.description: a lone UTF-16 surrogate"):
+        load_data(DataSettings(train=str(f), tools=tools, on_bad_line="skip"), seed=0, cache_dir=cache)

@@ -142,6 +142,10 @@ def test_sizes_the_model_cannot_have_are_refused_at_validate(tmp_path, tiny_ckpt
         f"(max_position_embeddings 131072 in config.json): use at most 131072"
     )
     assert cli_main(["validate", str(path)]) == 2
+    from gptoss_tune import load_model
+
+    with pytest.raises(UserError, match=r"^lora\.rank 65 is above the model's width \(hidden_size 64\)"):
+        load_model(tiny_ckpt, lora={"rank": 65}, device="cpu")  # the Python API: before any LoRA is built
 
 
 def test_an_unreadable_recipe_is_one_line(tmp_path, tiny_ckpt, monkeypatch, capsys):
