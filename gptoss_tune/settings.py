@@ -1,7 +1,9 @@
 """Validated settings: the one base class of every settings type, and the one way their errors read.
 
 Each concept has one pydantic type (LoraSettings, MemorySettings, DataSettings, the recipe's sections),
-used by the recipe and by the Python API alike. A validation error becomes one line naming the key path
+used by the recipe and by the Python API alike. Types are strict: a value must already have the field's
+type (`rank: true` is not 1, `packing: "yes"` is not true, a quoted "1e-3" is not a number), except that
+an integer is a valid float; and a float must be finite (no .inf or .nan). A validation error becomes one line naming the key path
 (`lora.rank: input should be greater than 0 (got 0)`), with a did-you-mean for unknown keys, prefixed by
 where the value came from (`recipe.yaml:12`) when that is known.
 """
@@ -18,7 +20,7 @@ from gptoss_tune.errors import UserError
 
 
 class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
     @classmethod
     def coerce(cls, value: Any, where: str):
@@ -89,7 +91,14 @@ def describe_error(err: dict, root: type[BaseModel], prefix: tuple = ()) -> str:
         return msg if not path or msg.startswith(path.split(".")[0]) else f"{path}: {msg}"
     msg = msg[0].lower() + msg[1:]
     got = f" (got {_short(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
-    return f"{path}: {msg}{got}"
+    hint = ""
+    if isinstance(err.get("input"), str) and kind in ("int_type", "float_type", "bool_type"):
+        hint = (
+            "; a quoted value is a string: write "
+            + ("true or false" if kind == "bool_type" else "the number")
+            + " without quotes"
+        )
+    return f"{path}: {msg}{got}{hint}"
 
 
 def first_error(

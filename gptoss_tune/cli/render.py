@@ -11,7 +11,7 @@ import json
 import sys
 
 from gptoss_tune.data.packing import FitStats, fit
-from gptoss_tune.data.settings import DataSettings
+from gptoss_tune.data.settings import MAX_UNBROKEN_CHARS, DataSettings
 from gptoss_tune.data.sources import read_examples
 from gptoss_tune.errors import UserError
 
@@ -46,6 +46,13 @@ def add_parser(sub) -> None:
     p.add_argument("--tools", default=None, metavar="FILE", help="JSON file with a list of OpenAI function schemas")
     p.add_argument(
         "--skip-bad-lines", action="store_true", help="skip bad records and list them (default: stop at the first)"
+    )
+    p.add_argument(
+        "--max-unbroken-chars",
+        type=int,
+        default=MAX_UNBROKEN_CHARS,
+        help=f"most letters, punctuation or spaces in a row in one string (default: {MAX_UNBROKEN_CHARS:,}; "
+        "the renderer's time is quadratic in such a run)",
     )
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="mark trained tokens in color")
     p.set_defaults(run=run)
@@ -82,6 +89,7 @@ def run(args) -> int:
             overlong=args.overlong,
             on_bad_line="skip" if args.skip_bad_lines else "error",
             tools=_read_tools(args.tools),
+            max_unbroken_chars=args.max_unbroken_chars,
         )
     except ValidationError as e:
         err = e.errors()[0]
@@ -100,6 +108,8 @@ def run(args) -> int:
         train_on=settings.train_on,
         on_bad_line=settings.on_bad_line,
         skip_hint="pass --skip-bad-lines",
+        max_unbroken_chars=settings.max_unbroken_chars,
+        limit_name="--max-unbroken-chars",
     )
     stats = FitStats()
     fitted = []

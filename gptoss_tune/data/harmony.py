@@ -34,11 +34,13 @@ before a tool call. Render the result with `RenderConversationConfig(auto_drop_a
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+import regex
 from openai_harmony import (
     Author,
     Conversation,
@@ -50,6 +52,7 @@ from openai_harmony import (
     ToolDescription,
 )
 
+from gptoss_tune.data.settings import MAX_DEPTH, MAX_UNBROKEN_CHARS
 from gptoss_tune.errors import UserError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -57,6 +60,79 @@ REASONING_EFFORTS = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIU
 JSON_CONTENT_TYPE = "<|constrain|>json"
 # OpenAI's rule for function names; it also keeps the harmony header (`to=functions.NAME`) parseable.
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+# A piece of the o200k split pattern never holds a digit. It is whitespace; or letters (marks
+# included) with at most one character before them and a contraction ('s, 'll, ...) after; or
+# punctuation with at most a space before and line breaks or slashes after. So no piece is more than 4
+# characters longer than the longest run of one of these classes (line breaks count with punctuation
+# too). The lookbehinds start a match only where a run starts, so the search is linear in the text.
+_RUN_CLASSES = {
+    "whitespace characters": r"\s",
+    "letters": r"[\p{L}\p{M}]",
+    "punctuation characters and line breaks": r"(?:[^\s\p{L}\p{N}]|[\r\n])",
+}
+_RUN_REST = {kind: regex.compile(f"{cls}*") for kind, cls in _RUN_CLASSES.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _long_runs(limit: int):
+    return regex.compile(
+        "|".join(f"(?P<g{i}>(?<!{cls}){cls}{{{limit + 1}}})" for i, cls in enumerate(_RUN_CLASSES.values()))
+    )
+
+
+def check_strings(
+    value: Any,
+    where: str = "",
+    *,
+    max_unbroken_chars: int | None = MAX_UNBROKEN_CHARS,
+    limit_name: str = "data.max_unbroken_chars",
+) -> None:
+    """Refuse, with a UserError naming the field, what openai-harmony cannot render or renders in
+    quadratic time: nesting deeper than MAX_DEPTH, a lone UTF-16 surrogate (a JSON escape such as
+    \ud800 without its pair), and a string with more than `max_unbroken_chars` letters, punctuation or
+    whitespace characters in a row (None: no limit). Walks `value` (a parsed example or request, keys
+    included) without recursion."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 1)]
+    while stack:
+        x, path, depth = stack.pop()
+        if isinstance(x, str):
+            _check_string(x, f"{where}{path or 'the example'}", max_unbroken_chars, limit_name)
+        elif isinstance(x, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise UserError(
+                    f"{where}{path or 'the example'}: nested more than {MAX_DEPTH} levels deep (objects and lists "
+                    f"within each other); flatten it"
+                )
+            items = x.items() if isinstance(x, dict) else enumerate(x)
+            for k, v in reversed(list(items)):
+                if isinstance(k, str):
+                    sub = f"{path}.{k}" if path else k
+                    _check_string(k, f"{where}{sub} (the key)", max_unbroken_chars, limit_name)
+                else:
+                    sub = f"{path}[{k}]"
+                stack.append((v, sub, depth + 1))
+
+
+def _check_string(s: str, field: str, limit: int | None, limit_name: str) -> None:
+    m = _SURROGATE.search(s)
+    if m:
+        raise UserError(
+            f"{field}: a lone UTF-16 surrogate (\\u{ord(m.group()):04x}) at character {m.start() + 1} is not text; "
+            f"JSON writes a character beyond U+FFFF as a pair of escapes (\\ud83d\\ude00): fix what wrote this"
+        )
+    if limit is None or len(s) <= limit:
+        return
+    m = _long_runs(limit).search(s)
+    if m:
+        kind = list(_RUN_CLASSES)[int(m.lastgroup[1:])]
+        n = _RUN_REST[kind].match(s, m.start()).end() - m.start()
+        raise UserError(
+            f"{field}: {n:,} {kind} in a row from character {m.start() + 1} (more than {limit_name} = {limit:,}); "
+            f"openai-harmony's tokenizer takes time quadratic in such a run (30,000 CJK characters: seconds, "
+            f"240,000: minutes): break the text up, or raise {limit_name}"
+        )
 
 
 @dataclass

@@ -12,9 +12,11 @@ shuffled by the seed; validation rows in a fixed order.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,15 +54,18 @@ def load_data(
 ) -> DataBundle:
     """Read, render, split, fit and pack the data of a recipe. Raises UserError on bad input."""
     t0 = time.perf_counter()
-    from gptoss_tune.data.harmony import parse_tools
+    from gptoss_tune.data.harmony import check_strings, parse_tools
 
-    parse_tools(settings.tools, where="data.")  # a bad recipe-level schema is the recipe's fault, say so once
+    # a bad recipe-level schema is the recipe's fault, say so once
+    parse_tools(settings.tools, where="data.")
+    check_strings({"tools": settings.tools}, "data.", max_unbroken_chars=settings.max_unbroken_chars)
     common = dict(
         reasoning_effort=settings.reasoning_effort,
         tools=settings.tools,
         train_on=settings.train_on,
         on_bad_line=settings.on_bad_line,
         cache_dir=cache_dir,
+        max_unbroken_chars=settings.max_unbroken_chars,
     )
     train_src = read_examples(resolve_path(settings.train, base_dir, "train"), role="train", **common)
     train_examples = train_src.examples
@@ -78,6 +83,7 @@ def load_data(
     val_rows: list[dict] = []
     if val_from != "none":
         val_rows, report["validation"] = _rows(val_examples, val_src, settings, shuffle_seed=None)
+        report["validation"].update(_overlap(val_examples, train_examples))
     else:
         report["validation"] = None
     if not train_rows:
@@ -105,6 +111,43 @@ def hold_out(examples: list[Example], fraction: float, seed: int, path: Path) ->
     return [e for i, e in enumerate(examples) if i not in val_idx], [e for i, e in enumerate(examples) if i in val_idx]
 
 
+def _key(e: Example) -> bytes:
+    """Identity of a rendered example: its tokens and what is trained (the same text in another format
+    that renders to the same tokens is the same example)."""
+    return hashlib.blake2b(array("I", e.input_ids).tobytes() + bytes(e.loss_mask), digest_size=16).digest()
+
+
+def _place(e: Example) -> str:
+    return e.where.rstrip(": ")
+
+
+def _duplicates(examples: list[Example]) -> list[str]:
+    """'FILE:LINE repeats FILE:LINE' for every example that renders exactly like an earlier one."""
+    first: dict[bytes, Example] = {}
+    out = []
+    for e in examples:
+        k = _key(e)
+        if k in first:
+            out.append(f"{_place(e)} repeats {_place(first[k])}")
+        else:
+            first[k] = e
+    return out
+
+
+def _overlap(val: list[Example], train: list[Example]) -> dict:
+    """Validation examples that are also training examples (validation loss on them measures memory)."""
+    in_train = {}
+    for e in train:
+        in_train.setdefault(_key(e), e)
+    both = [f"{_place(e)} is also {_place(in_train[k])}" for e in val if (k := _key(e)) in in_train]
+    return {
+        "in_train": len(both),
+        "compared": len(val),
+        "in_train_reasons": both[:MAX_LISTED],
+        "same_as_train": bool(val) and len(both) == len(val) and {_key(e) for e in val} == set(in_train),
+    }
+
+
 def _rows(examples: list[Example], src: SourceExamples | None, settings: DataSettings, shuffle_seed: int | None):
     stats = FitStats()
     kept = []
@@ -115,6 +158,8 @@ def _rows(examples: list[Example], src: SourceExamples | None, settings: DataSet
         if f is not None:
             kept.append(f)
     rows = pack(kept, settings.max_seq_len, settings.packing)
+    empty = [_place(e) for e in examples if e.empty_target]
+    dups = _duplicates(examples)
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(rows)
     tokens = sum(len(r["input_ids"]) for r in rows)
@@ -129,6 +174,10 @@ def _rows(examples: list[Example], src: SourceExamples | None, settings: DataSet
         "dropped_overlong": stats.dropped_overlong,
         "dropped_no_target": stats.dropped_no_target,
         "dropped_reasons": stats.dropped_where[:MAX_LISTED],
+        "empty_completions": len(empty),
+        "empty_completion_reasons": empty[:MAX_LISTED],
+        "duplicates": len(dups),
+        "duplicate_reasons": dups[:MAX_LISTED],
         "tokens": tokens,
         "trained_tokens": sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows),
         "longest_example": longest,
@@ -139,7 +188,9 @@ def _rows(examples: list[Example], src: SourceExamples | None, settings: DataSet
 
 
 def format_report(report: dict, listed: int = MAX_LISTED) -> str:
-    """A few lines for people: what was read, kept, cut and packed, with up to `listed` reasons per kind."""
+    """A few lines for people: what was read, kept, cut and packed, what looks like a mistake (empty
+    completions, duplicates, validation examples that are training examples), with up to `listed`
+    places per kind."""
     lines = []
     for split in ("train", "validation"):
         r = report.get(split)
@@ -152,11 +203,29 @@ def format_report(report: dict, listed: int = MAX_LISTED) -> str:
             f"({r['dropped_overlong']} overlong, {r['dropped_no_target']} no trained token left); "
             f"{r['rows']} rows of at most {report['max_seq_len']} tokens, {100 * r['fill']:.1f}% full"
         )
-        for kind, count, reasons in (
-            ("skipped", r["skipped"], r["skipped_reasons"]),
-            ("dropped", r["dropped"], r["dropped_reasons"]),
+        if r.get("empty_completions") or r.get("duplicates"):
+            lines.append(
+                f"  {r['empty_completions']} with an empty completion, "
+                f"{r['duplicates']} the same as an earlier example (same tokens, same trained part)"
+            )
+        if r.get("in_train"):
+            same = (
+                " (it is the training data: its loss measures memory, not generalisation)" if r["same_as_train"] else ""
+            )
+            lines.append(f"  {r['in_train']} of {r['compared']} validation examples are also training examples{same}")
+        for label, plural, count, reasons in (
+            ("skipped", "skipped", r["skipped"], r["skipped_reasons"]),
+            ("dropped", "dropped", r["dropped"], r["dropped_reasons"]),
+            (
+                "empty completion:",
+                "empty completions",
+                r.get("empty_completions", 0),
+                r.get("empty_completion_reasons", []),
+            ),
+            ("duplicate:", "duplicates", r.get("duplicates", 0), r.get("duplicate_reasons", [])),
+            ("also in train:", "also in train", r.get("in_train", 0), r.get("in_train_reasons", [])),
         ):
-            lines += [f"  {kind} {why}" for why in reasons[:listed]]
+            lines += [f"  {label} {why}" for why in reasons[:listed]]
             if count > min(len(reasons), listed):
-                lines.append(f"  ... and {count - min(len(reasons), listed)} more {kind}")
+                lines.append(f"  ... and {count - min(len(reasons), listed)} more {plural}")
     return "\n".join(lines)

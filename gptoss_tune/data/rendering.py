@@ -33,9 +33,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from openai_harmony import Conversation, HarmonyError, RenderConversationConfig
+from openai_harmony import Conversation, DeveloperContent, HarmonyError, RenderConversationConfig, TextContent
 
-from gptoss_tune.data.harmony import ROLES, HarmonyMessage, _kind, convert_messages, last_turn_start
+from gptoss_tune.data.harmony import (
+    ROLES,
+    HarmonyMessage,
+    _kind,
+    check_strings,
+    convert_messages,
+    last_turn_start,
+)
+from gptoss_tune.data.settings import MAX_UNBROKEN_CHARS
 from gptoss_tune.data.tokenizer import harmony_encoding
 from gptoss_tune.errors import UserError
 
@@ -48,6 +56,7 @@ NO_DROP = RenderConversationConfig(auto_drop_analysis=False)
 class RenderedExample:
     input_ids: list[int]
     loss_mask: list[int]  # same length; 1 where the loss falls (on predicting this token)
+    empty_target: bool = False  # the trained messages hold no text (an empty answer); the report counts these
 
     @property
     def trained_tokens(self) -> int:
@@ -130,8 +139,15 @@ def render_example(
     tools: list | None = None,
     train_on: Literal["last", "all"] = "last",
     where: str = "",
+    max_unbroken_chars: int | None = MAX_UNBROKEN_CHARS,
+    limit_name: str = "data.max_unbroken_chars",
 ) -> RenderedExample:
-    """Render one example (any accepted format) to token ids and its loss mask, unpacked and untruncated."""
+    """Render one example (any accepted format) to token ids and its loss mask, unpacked and untruncated.
+
+    Refuses (UserError naming the field) what the renderer cannot take or takes quadratic time over
+    (harmony.check_strings; `max_unbroken_chars` is its limit, named `limit_name` in messages), and an
+    example with no text at all."""
+    check_strings(example, where, max_unbroken_chars=max_unbroken_chars, limit_name=limit_name)
     p = parse_example(example, reasoning_effort=reasoning_effort, tools=tools, where=where)
     hms = convert_messages(
         p.messages,
@@ -141,8 +157,27 @@ def render_example(
         keep_analysis_from=p.trained_from,
         names=p.names,
     )
+    target = [h for h in hms if h.source >= p.trained_from]
+    empty_target = not any(_has_text(h) for h in target)
+    if empty_target and not any(_has_text(h) for h in hms if 0 <= h.source < p.trained_from):
+        what = "prompt and completion are" if p.prompt_completion else "every message is"
+        raise UserError(f"{where}{what} empty: there is nothing to learn from this example; remove it")
     trained_from = 0 if (train_on == "all" and not p.prompt_completion) else p.trained_from
-    return render_with_mask(hms, trained_from=trained_from, where=where)
+    r = render_with_mask(hms, trained_from=trained_from, where=where)
+    r.empty_target = empty_target
+    return r
+
+
+def _has_text(h: HarmonyMessage) -> bool:
+    """Whether a message says anything: text that is not only whitespace, instructions or tools, or a tool call."""
+    if h.is_tool_call:
+        return True
+    for c in h.message.content:
+        if isinstance(c, TextContent) and c.text.strip():
+            return True
+        if isinstance(c, DeveloperContent) and ((c.instructions or "").strip() or c.tools):
+            return True
+    return False
 
 
 def render_with_mask(hms: list[HarmonyMessage], *, trained_from: int, where: str = "") -> RenderedExample:
@@ -152,8 +187,15 @@ def render_with_mask(hms: list[HarmonyMessage], *, trained_from: int, where: str
     try:
         # Training rendering: the final answer that ends the conversation ends with <|return|>.
         ids = enc.render_conversation_for_training(Conversation.from_messages([h.message for h in hms]), NO_DROP)
-    except HarmonyError as e:
-        raise UserError(f"{where}openai-harmony cannot render this example: {e}") from None
+    except (HarmonyError, ValueError) as e:  # ValueError: JSON it cannot take (check_strings refuses what we know)
+        raise UserError(f"{where}openai-harmony cannot render this example: {_first_line(e)}") from None
+    except BaseException as e:
+        # A Rust panic inside openai-harmony arrives as pyo3's PanicException, a BaseException.
+        if type(e).__name__ != "PanicException":
+            raise
+        raise UserError(
+            f"{where}openai-harmony crashed rendering this example ({_first_line(e)}); shorten or split its longest text"
+        ) from None
     # Every message starts with <|start|>, and text never encodes to a special token (openai-harmony
     # encodes "<|start|>" inside content as plain text), so the starts split the messages exactly.
     starts = [i for i, t in enumerate(ids) if t == START]
@@ -180,6 +222,11 @@ def render_with_mask(hms: list[HarmonyMessage], *, trained_from: int, where: str
         for i in range(first, last):
             mask[i] = 1
     return RenderedExample(ids, mask)
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
 
 
 def _side(value: Any, role: str, key: str, where: str) -> list:

@@ -8,6 +8,18 @@ from pydantic import Field
 
 from gptoss_tune.settings import Settings
 
+# openai-harmony 0.0.8 tokenizes with its own copy of tiktoken's BPE, whose merge loop is quadratic in
+# the length of one pre-tokenizer piece: a run of letters, of punctuation or of whitespace with no
+# digit or other break. Measured on one core: 10,000 CJK characters in a row 0.5-1.3 s, 30,000 4-10 s,
+# 240,000 239 s, 200,000 spaces or "!" 40-57 s; about 1 M letters in a row make its regex overflow
+# (a Rust panic). Text with ordinary breaks renders linearly (1 M characters of English: 0.3 s), and
+# tiktoken itself is linear on such runs, but the renderer is the reference for training, so instead
+# of tokenizing around it we refuse absurd runs, with a limit that can be raised.
+MAX_UNBROKEN_CHARS = 10_000
+# openai-harmony parses the conversation as JSON with a nesting limit of 128 (serde_json's default),
+# and the example's own structure sits about 10 levels deep in it.
+MAX_DEPTH = 64
+
 
 class DataSettings(Settings):
     train: str = Field(
@@ -37,4 +49,10 @@ class DataSettings(Settings):
     tools: list[dict] | None = Field(
         None,
         description="OpenAI function schemas rendered in the developer message of examples that do not give their own `tools`",
+    )
+    max_unbroken_chars: int = Field(
+        MAX_UNBROKEN_CHARS,
+        ge=1,
+        description="most letters, punctuation or whitespace characters in a row in one string of an example; "
+        "longer runs are bad examples (openai-harmony's tokenizer takes time quadratic in such a run)",
     )

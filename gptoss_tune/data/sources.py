@@ -6,7 +6,10 @@ role, "train" or "validation", or its only split).
 
 JSON Lines are read as text lines (datasets' `text` loader) and parsed here, one line at a time: errors
 then name the exact line, and nothing is coerced into one Arrow schema (which would add null keys to
-objects, e.g. to tool arguments and JSON schemas). Tables (Parquet, JSON arrays, saved datasets) come
+objects, e.g. to tool arguments and JSON schemas). The loader reads the bytes as Latin-1 (every byte is
+one character, and it splits lines only at "\n" and "\r", which never occur inside a UTF-8 character)
+and each line is decoded as UTF-8 here: invalid UTF-8 is then an error of its line, which
+on_bad_line: skip can skip, not a failure of the whole file at a byte offset. Tables (Parquet, JSON arrays, saved datasets) come
 through Arrow; keys whose value is null are removed again before parsing, since Arrow adds them to
 every struct that lacks them.
 
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gptoss_tune.data.settings import MAX_DEPTH, MAX_UNBROKEN_CHARS
 from gptoss_tune.errors import UserError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonlines")
@@ -36,6 +40,7 @@ class Example:
     where: str  # "file:line: " or "file: row N: "
     input_ids: list[int]
     loss_mask: list[int]
+    empty_target: bool = False  # the trained messages hold no text
 
 
 @dataclass
@@ -56,6 +61,8 @@ def read_examples(
     on_bad_line: str = "error",
     cache_dir: Path | None = None,
     skip_hint: str = "set data.on_bad_line: skip",
+    max_unbroken_chars: int | None = MAX_UNBROKEN_CHARS,
+    limit_name: str = "data.max_unbroken_chars",
 ) -> SourceExamples:
     """Load one data file or dataset directory and render every example (tokens + loss mask).
 
@@ -68,7 +75,7 @@ def read_examples(
     datasets.disable_progress_bars()  # small files load in a blink; bars only for big renders
     try:
         ds, kind = load_source(path, role=role, cache_dir=cache_dir)
-        key = _render_key(ds, kind, reasoning_effort, tools, train_on)
+        key = _render_key(ds, kind, reasoning_effort, tools, train_on, max_unbroken_chars, limit_name)
         big = len(ds) > BIG
         if big and was_enabled:
             datasets.enable_progress_bars()
@@ -78,7 +85,13 @@ def read_examples(
             with_indices=True,
             remove_columns=ds.column_names,
             fn_kwargs=dict(
-                kind=kind, display=str(path), reasoning_effort=reasoning_effort, tools=tools, train_on=train_on
+                kind=kind,
+                display=str(path),
+                reasoning_effort=reasoning_effort,
+                tools=tools,
+                train_on=train_on,
+                max_unbroken_chars=max_unbroken_chars,
+                limit_name=limit_name,
             ),
             new_fingerprint=key,
             num_proc=min(8, os.cpu_count() or 1) if big and (os.cpu_count() or 1) > 1 else None,
@@ -91,8 +104,8 @@ def read_examples(
     out = SourceExamples(path)
     cols = rendered.to_dict()
     errors = []
-    for status, where, ids, mask, err in zip(
-        cols["status"], cols["where"], cols["input_ids"], cols["loss_mask"], cols["error"]
+    for status, where, ids, mask, empty, err in zip(
+        cols["status"], cols["where"], cols["input_ids"], cols["loss_mask"], cols["empty_target"], cols["error"]
     ):
         if status == "blank":
             continue
@@ -100,7 +113,7 @@ def read_examples(
         if status == "error":
             errors.append(err)
         else:
-            out.examples.append(Example(where, ids, mask))
+            out.examples.append(Example(where, ids, mask, empty))
     if errors and on_bad_line == "error":
         more = f" ({len(errors) - 1} more bad records in this file)" if len(errors) > 1 else ""
         raise UserError(f"{errors[0]}{more}; fix it, or {skip_hint} to skip bad records")
@@ -132,7 +145,7 @@ def load_source(path: Path, *, role: str = "train", cache_dir: Path | None = Non
             return datasets.load_dataset("json", data_files=files, split="train", cache_dir=cache), "records"
         if suffix in JSONL_SUFFIXES + (".json",):
             return datasets.load_dataset(
-                "text", data_files=files, split="train", cache_dir=cache, encoding="utf-8-sig"
+                "text", data_files=files, split="train", cache_dir=cache, encoding="latin-1"
             ), "lines"
     except UserError:
         raise
@@ -162,40 +175,84 @@ def _load_saved(path: Path, role: str):
     return d
 
 
-def _render_batch(batch: dict, indices: list[int], *, kind, display, reasoning_effort, tools, train_on) -> dict:
+def _render_batch(
+    batch: dict,
+    indices: list[int],
+    *,
+    kind,
+    display,
+    reasoning_effort,
+    tools,
+    train_on,
+    max_unbroken_chars,
+    limit_name,
+) -> dict:
     from gptoss_tune.data.rendering import render_example
 
-    out: dict[str, list] = {"status": [], "where": [], "input_ids": [], "loss_mask": [], "error": []}
+    out: dict[str, list] = {
+        "status": [],
+        "where": [],
+        "input_ids": [],
+        "loss_mask": [],
+        "empty_target": [],
+        "error": [],
+    }
     columns = list(batch)
     for j, idx in enumerate(indices):
-        status, ids, mask, err = "ok", [], [], ""
+        status, ids, mask, empty, err = "ok", [], [], False, ""
         if kind == "lines":
             where = f"{display}:{idx + 1}: "
-            line = batch["text"][j]
-            if not line.strip():
+            line, err = _decode_line(batch["text"][j], first=idx == 0)
+            if err:
+                status, err = "error", f"{where}{err}"
+            elif not line.strip():
                 status = "blank"
             else:
                 try:
                     example = json.loads(line)
                 except json.JSONDecodeError as e:
                     status, err = "error", f"{where}not valid JSON ({e.msg} at column {e.colno})"
+                except RecursionError:
+                    status, err = (
+                        "error",
+                        f"{where}the example: nested more than {MAX_DEPTH} levels deep (objects and lists within each other); flatten it",
+                    )
         else:
             where = f"{display}: row {idx + 1}: "
             example = _strip_nulls({c: batch[c][j] for c in columns})
         if status == "ok":
             try:
                 r = render_example(
-                    example, reasoning_effort=reasoning_effort, tools=tools, train_on=train_on, where=where
+                    example,
+                    reasoning_effort=reasoning_effort,
+                    tools=tools,
+                    train_on=train_on,
+                    where=where,
+                    max_unbroken_chars=max_unbroken_chars,
+                    limit_name=limit_name,
                 )
-                ids, mask = r.input_ids, r.loss_mask
+                ids, mask, empty = r.input_ids, r.loss_mask, r.empty_target
             except UserError as e:
                 status, err = "error", str(e)
         out["status"].append(status)
         out["where"].append(where)
         out["input_ids"].append(ids)
         out["loss_mask"].append(mask)
+        out["empty_target"].append(empty)
         out["error"].append(err)
     return out
+
+
+def _decode_line(text: str, first: bool) -> tuple[str, str]:
+    """A line read as Latin-1 -> (the line decoded as UTF-8, "") or ("", why it is not UTF-8)."""
+    raw = text.encode("latin-1")
+    if first and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a byte order mark, as Windows editors write it: not data
+    try:
+        return raw.decode("utf-8"), ""
+    except UnicodeDecodeError as e:
+        column = len(raw[: e.start].decode("utf-8")) + 1
+        return "", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); save the file as UTF-8"
 
 
 def _strip_nulls(x: Any) -> Any:
@@ -206,7 +263,7 @@ def _strip_nulls(x: Any) -> Any:
     return x
 
 
-def _render_key(ds, kind: str, reasoning_effort, tools, train_on) -> str:
+def _render_key(ds, kind: str, reasoning_effort, tools, train_on, max_unbroken_chars, limit_name) -> str:
     """Cache key of a render: the source, the settings and the code that renders (datasets would not
     notice a change in the functions that the map function calls)."""
     import openai_harmony
@@ -225,6 +282,8 @@ def _render_key(ds, kind: str, reasoning_effort, tools, train_on) -> str:
                 reasoning_effort,
                 tools,
                 train_on,
+                max_unbroken_chars,
+                limit_name,
                 getattr(openai_harmony, "__version__", ""),
                 tokenizer.O200K_SHA256,
             ],

@@ -71,8 +71,16 @@ def _dense_expert_name(name: str) -> str | None:
     return None
 
 
-def load_state(model, idx: CheckpointIndex, device: torch.device) -> None:
-    """Copy every checkpoint tensor into the model, checking names, dtypes and shapes first."""
+# The dtypes a non-expert tensor may have on disk: gpt-oss publishes them in bf16, and fp32 holds every
+# bf16 value exactly. float16 cannot (its range ends at 65,504, bf16's at 3.4e38; a converted
+# checkpoint has lost values), so it is refused rather than loaded silently.
+FLOAT_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def plan_state(model, idx: CheckpointIndex) -> tuple[dict[str, str], dict[str, str]]:
+    """Check every checkpoint tensor's name, dtype and shape against the model (on any device, the meta
+    device included: nothing is read but headers). Returns (model tensor -> checkpoint tensor, and
+    expert blocks -> the dense bf16 expert tensor they are quantised from)."""
     expected = _expected_tensors(model)
     plan: dict[str, str] = {}  # model tensor -> checkpoint tensor
     dense_experts: dict[str, str] = {}  # blocks name -> dense checkpoint name
@@ -104,15 +112,15 @@ def load_state(model, idx: CheckpointIndex, device: torch.device) -> None:
     for name, src in plan.items():
         shape, dtype = expected[name]
         info = idx.tensors[src]
-        want_uint8 = dtype == torch.uint8
-        ok_dtype = (
-            info.dtype == torch.uint8
-            if want_uint8
-            else isinstance(info.dtype, torch.dtype) and info.dtype.is_floating_point
-        )
-        if not ok_dtype:
+        if dtype == torch.uint8:
+            if info.dtype != torch.uint8:
+                raise CheckpointError(
+                    f"{info.file}: tensor '{src}' has dtype {_dtype_name(info.dtype)}, expected uint8 (MXFP4)"
+                )
+        elif info.dtype not in FLOAT_DTYPES:
             raise CheckpointError(
-                f"{info.file}: tensor '{src}' has dtype {info.dtype}, expected {'uint8 (MXFP4)' if want_uint8 else 'a float type (bf16)'}"
+                f"{info.file}: tensor '{src}' has dtype {_dtype_name(info.dtype)}, expected bf16 (as gpt-oss is published; "
+                f"fp32 is accepted too){_FP16_HINT if info.dtype == torch.float16 else ''}"
             )
         if info.shape != shape:
             raise CheckpointError(
@@ -123,11 +131,37 @@ def load_state(model, idx: CheckpointIndex, device: torch.device) -> None:
         blocks_shape = expected[name][0]
         E, out, g, _ = blocks_shape
         want = (E, g * 32, out)  # transformers' [E, in, out]
-        if info.shape != want or not (isinstance(info.dtype, torch.dtype) and info.dtype.is_floating_point):
+        if info.shape != want or info.dtype not in FLOAT_DTYPES:
             raise CheckpointError(
-                f"{info.file}: tensor '{src}' has shape {list(info.shape)} and dtype {info.dtype}, expected {list(want)} float"
+                f"{info.file}: tensor '{src}' has shape {list(info.shape)} and dtype {_dtype_name(info.dtype)}, "
+                f"expected {list(want)} bf16 (or fp32){_FP16_HINT if info.dtype == torch.float16 else ''}"
             )
+    return plan, dense_experts
 
+
+_FP16_HINT = "; float16 cannot hold bf16's range, so this checkpoint was converted with loss: use the original bf16 one"
+
+
+def _dtype_name(dtype) -> str:
+    names = {torch.bfloat16: "bf16", torch.float16: "float16", torch.float32: "fp32", torch.uint8: "uint8"}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def check_checkpoint(path: str | Path) -> dict:
+    """Check a checkpoint without loading it: config.json (sizes), the shard index, and every tensor's
+    name, dtype and shape in the safetensors headers against the model the config describes (built on
+    the meta device: no memory, no tensor data read). Returns the config. Raises CheckpointError."""
+    model_dir = resolve_model_dir(path)
+    cfg = read_config(model_dir)
+    idx = index_checkpoint(model_dir)
+    model = _build_empty(cfg, "eager", torch.bfloat16, model_dir, None)
+    plan_state(model, idx)
+    return cfg
+
+
+def load_state(model, idx: CheckpointIndex, device: torch.device, planned=None) -> None:
+    """Copy every checkpoint tensor into the model, checking names, dtypes and shapes first."""
+    plan, dense_experts = planned or plan_state(model, idx)
     state = dict(model.named_parameters())
     state.update(dict(model.named_buffers()))
     by_file: dict[Path, list[tuple[str, str]]] = {}
@@ -202,22 +236,11 @@ def load_model(
     cfg = read_config(model_dir)
     idx = index_checkpoint(model_dir)
     attn = attn_implementation or default_attn_implementation(device)
-    config = build_config(cfg, attn)
-    try:
-        model = build_empty_model(config, dtype)
-    except Exception as e:
-        why = " ".join(str(e).split())
-        if attn_implementation and attn_implementation not in KNOWN_ATTENTION:
-            raise UserError(
-                f"attn_implementation {attn_implementation!r}: transformers cannot run it for gpt-oss here ({why}); "
-                f"use {default_attn_implementation(device)!r} (the default) or 'eager'"
-            ) from None
-        if not isinstance(e, (ValueError, TypeError, AssertionError)):
-            raise
-        raise CheckpointError(f"{model_dir / 'config.json'}: cannot build a gpt-oss model from it ({why})") from None
+    model = _build_empty(cfg, attn, dtype, model_dir, attn_implementation, device)
+    planned = plan_state(model, idx)  # every header checked on the meta device, before any memory is taken
     model.to_empty(device=device)
-    _reset_rotary(model, config, device)
-    load_state(model, idx, device)
+    _reset_rotary(model, model.config, device)
+    load_state(model, idx, device, planned)
     _load_generation_config(model, model_dir)
     model.requires_grad_(False)
     model.eval()
@@ -226,6 +249,22 @@ def load_model(
     if lora is not None:
         attach_lora(model, lora)
     return model
+
+
+def _build_empty(cfg: dict, attn: str, dtype, model_dir: Path, asked_attn: str | None, device=None):
+    config = build_config(cfg, attn)
+    try:
+        return build_empty_model(config, dtype)
+    except Exception as e:
+        why = " ".join(str(e).split())
+        if asked_attn and asked_attn not in KNOWN_ATTENTION:
+            raise UserError(
+                f"attn_implementation {asked_attn!r}: transformers cannot run it for gpt-oss here ({why}); "
+                f"use {default_attn_implementation(device)!r} (the default) or 'eager'"
+            ) from None
+        if not isinstance(e, (ValueError, TypeError, AssertionError)):
+            raise
+        raise CheckpointError(f"{model_dir / 'config.json'}: cannot build a gpt-oss model from it ({why})") from None
 
 
 def _reset_rotary(model, config, device) -> None:

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from gptoss_tune.errors import UserError
 from gptoss_tune.model.config import ATTENTION_PROJECTIONS, EXPERT_PROJECTIONS
 from gptoss_tune.model.experts import MXFP4Experts
 from gptoss_tune.settings import Settings
@@ -28,11 +29,15 @@ class LoraSettings(Settings):
     dropout: float = Field(
         0.0, ge=0, lt=1, description="dropout on the attention LoRA inputs (expert LoRA runs without, as in PEFT)"
     )
+    # strict=False: a tuple from Python is as good as a list (YAML gives lists; a string is still refused)
     attention: list[Literal[ATTENTION_PROJECTIONS]] = Field(
-        default_factory=lambda: list(ATTENTION_PROJECTIONS), description="attention projections that get LoRA"
+        default_factory=lambda: list(ATTENTION_PROJECTIONS),
+        strict=False,
+        description="attention projections that get LoRA",
     )
     experts: list[Literal[EXPERT_PROJECTIONS]] = Field(
         default_factory=lambda: list(EXPERT_PROJECTIONS),
+        strict=False,
         description="expert projections that get per-expert LoRA in every layer (may be empty)",
     )
 
@@ -53,6 +58,12 @@ class LoraSettings(Settings):
 def attach_lora(model, settings: LoraSettings | dict):
     """Add LoRA in place; afterwards only LoRA parameters require grad. Returns the model."""
     settings = LoraSettings.coerce(settings)
+    width = model.config.hidden_size
+    if settings.rank > width:
+        raise UserError(
+            f"lora.rank {settings.rank} is above the model's width (hidden_size {width}); no adapted matrix has a "
+            f"rank above its smaller side: use at most {width} (8 to 64 is usual)"
+        )
     model.requires_grad_(False)
     if settings.attention:
         from peft import LoraConfig, inject_adapter_in_model

@@ -2,7 +2,8 @@
 
 Every key has a default and a description (docs/recipes.md documents them with the reasons). Unknown
 keys are refused with a did-you-mean; wrong types and out-of-range values are one-line errors naming the
-key path and the file. Paths written in the recipe are resolved relative to the recipe file; paths given
+key path and the file. YAML is read with RecipeLoader: a key repeated in one mapping is an error, and
+`1e-3` is a number (types are strict, see gptoss_tune/settings.py). Paths written in the recipe are resolved relative to the recipe file; paths given
 as command-line overrides are resolved relative to the current directory (where the user typed them).
 
     recipe = load_recipe("recipes/tiny-demo.yaml", ["train.lr=1e-3", "train.max_steps=20"])
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +28,44 @@ from gptoss_tune.model.lora import LoraSettings
 from gptoss_tune.settings import Settings, did_you_mean, first_error, section_class
 from gptoss_tune.train.checkpoint import TRAINER_STATE
 from gptoss_tune.train.memory import MemorySettings
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key, first_line: int, line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with two changes for recipes and overrides.
+
+    A key written twice in one mapping is an error (YAML keeps the last one silently: a second `lora:`
+    section replaced the whole first one). And a number in exponent form without a dot (`1e-3`,
+    `2E+5`) is a float, as in YAML 1.2; PyYAML's YAML 1.1 rules read it as a string, which the strict
+    settings would refuse. Everything else is as safe_load reads it (`yes`/`no` stay booleans).
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue  # `<<: *base` merges are meant to be overridden
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise DuplicateKeyError(key, first[key], line)
+                first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 class ModelSection(Settings):
@@ -320,7 +360,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise UserError(f"override '{text}': empty key")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = load_yaml(value) if value.strip() else None
     except yaml.YAMLError as e:
         raise UserError(f"override '{text}': the value is not valid YAML ({str(e).splitlines()[0]})") from None
     return key.split("."), parsed
@@ -380,20 +420,37 @@ def _resolve(value: str, base: Path, key: tuple) -> str:
 # ---- loading -------------------------------------------------------------------------------------
 
 
-def read_recipe_file(path: str | Path) -> dict:
+def read_recipe_text(path: str | Path) -> str:
     p = Path(path)
-    if not p.is_file():
+    if not p.is_file():  # a FIFO, a socket or a device is not a file either (and reading a FIFO would block)
         raise UserError(f"recipe '{path}' does not exist" if not p.exists() else f"recipe '{path}' is not a file")
     try:
-        raw = yaml.safe_load(p.read_text())
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (not UTF-8)") from None
+    except OSError as e:
+        raise UserError(f"recipe '{path}' cannot be read ({e.strerror or e}); check its permissions") from None
+
+
+def parse_recipe_text(text: str, path: str | Path):
+    """The YAML document of a recipe file, or a one-line UserError naming the line."""
+    try:
+        raw = load_yaml(text)
+    except DuplicateKeyError as e:
+        raise UserError(
+            f"{path}:{e.line}: duplicate key '{e.key}' (first at line {e.first_line}); YAML would keep only the "
+            f"last one: merge the two"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UserError(f"{path}{where}: not valid YAML ({problem})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text file") from None
     return {} if raw is None else raw
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    return parse_recipe_text(read_recipe_text(path), path)
 
 
 def load_recipe(
@@ -401,8 +458,9 @@ def load_recipe(
 ) -> Recipe:
     """Read, override, resolve and validate a recipe. Raises UserError with a one-line message."""
     path = Path(path)
-    raw = read_recipe_file(path)
-    lines = yaml_key_lines(path.read_text())
+    text = read_recipe_text(path)
+    raw = parse_recipe_text(text, path)
+    lines = yaml_key_lines(text)
     if not isinstance(raw, dict):
         raise UserError(
             f"{path}: a recipe is a YAML mapping of sections (model:, data:, train:, ...), got {type(raw).__name__}"
@@ -429,14 +487,34 @@ def load_recipe(
     return recipe
 
 
+def check_against_model(recipe: Recipe, cfg: dict) -> None:
+    """Settings that only make sense up to the model's sizes (config.json)."""
+    width = cfg["hidden_size"]
+    if recipe.lora.rank > width:
+        raise UserError(
+            f"{recipe.where('lora', 'rank')}: lora.rank {recipe.lora.rank} is above the model's width (hidden_size "
+            f"{width} in config.json); no adapted matrix has a rank above its smaller side: use at most {width} "
+            f"(8 to 64 is usual)"
+        )
+    context = cfg.get("max_position_embeddings")
+    if isinstance(context, int) and recipe.data.max_seq_len > context:
+        raise UserError(
+            f"{recipe.where('data', 'max_seq_len')}: data.max_seq_len {recipe.data.max_seq_len} is above the model's "
+            f"context (max_position_embeddings {context} in config.json): use at most {context}"
+        )
+
+
 def check_recipe_paths(recipe: Recipe) -> None:
     from gptoss_tune.errors import CheckpointError
-    from gptoss_tune.model.checkpoint import read_config, resolve_model_dir
+    from gptoss_tune.model.loader import check_checkpoint  # torch and transformers: only when paths are checked
 
     try:
-        read_config(resolve_model_dir(recipe.model.path))
+        # config.json, the shard index and every safetensors header (names, dtypes, shapes; no tensor data):
+        # a broken checkpoint fails here, before a data render that can take minutes
+        cfg = check_checkpoint(recipe.model.path)
     except CheckpointError as e:
         raise UserError(f"{recipe.where('model', 'path')}: model.path: {e}") from None
+    check_against_model(recipe, cfg)
     for key in ("train", "validation"):
         v = getattr(recipe.data, key)
         if v and not Path(v).exists():

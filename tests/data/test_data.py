@@ -235,12 +235,6 @@ def test_empty_missing_and_all_bad_files(tmp_path, cache):
         )
 
 
-def test_invalid_utf8_is_a_user_error(tmp_path, cache):
-    (tmp_path / "b.jsonl").write_bytes(b'{"prompt": "\xff", "completion": "x"}\n')
-    with pytest.raises(UserError, match=r"b\.jsonl: could not be read as a dataset: UnicodeDecodeError"):
-        read_examples(tmp_path / "b.jsonl", cache_dir=cache)
-
-
 # --- gptoss-tune render -------------------------------------------------------------------------
 
 
@@ -304,7 +298,8 @@ def test_format_report_lists_a_few_reasons_and_counts_the_rest(tmp_path, cache):
     from gptoss_tune.data.pipeline import format_report
 
     long_answer = {"prompt": "q", "completion": "word " * 300}
-    f = write_jsonl(tmp_path / "d.jsonl", [PC] + [line for line, _ in BAD_LINES] + [long_answer, long_answer, CHAT])
+    long_answer2 = {"prompt": "q", "completion": "words " * 300}
+    f = write_jsonl(tmp_path / "d.jsonl", [PC] + [line for line, _ in BAD_LINES] + [long_answer, long_answer2, CHAT])
     b = load_data(
         DataSettings(train=str(f), on_bad_line="skip", max_seq_len=100, overlong="drop"), seed=0, cache_dir=cache
     )
