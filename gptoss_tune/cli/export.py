@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gptoss_tune.export import FORMATS
+from gptoss_tune.export import FORMATS, REQUANT_CHOICES
 
 NAME = "export"
 
@@ -22,8 +22,27 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (created; refused if not empty unless --force)")
     p.add_argument("--base", default=None, help="base model directory or hub id (default: the one the adapter names)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--no-drift", action="store_true", help="merged-mxfp4: skip the logit drift measurement")
-    p.add_argument("--device", default=None, help="device for the drift measurement (default cuda if available)")
+    p.add_argument(
+        "--no-effect",
+        "--no-drift",
+        dest="no_effect",
+        action="store_true",
+        help="merged formats: skip the effect-retained measurement (and, for merged-mxfp4, choose the re-quantiser without it)",
+    )
+    p.add_argument(
+        "--requant",
+        default="auto",
+        choices=list(REQUANT_CHOICES),
+        help="merged-mxfp4 expert re-quantiser: auto (default) = the run's quantisation-aware one, else the best measured; keep, mse, stochastic, openai force one",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the stochastic re-quantiser (recorded in the report)")
+    p.add_argument(
+        "--min-effect", type=float, default=0.9, help="warn when the effect retained is below this (default 0.9)"
+    )
+    p.add_argument(
+        "--effect-positions", type=int, default=1024, help="held-out token positions to measure on (default 1024)"
+    )
+    p.add_argument("--device", default=None, help="device for the effect measurement (default cuda if available)")
     p.set_defaults(run=run)
 
 
@@ -37,7 +56,11 @@ def run(args) -> int:
         checkpoint=args.checkpoint,
         base=args.base,
         force=args.force,
-        drift=not args.no_drift,
+        effect=not args.no_effect,
+        requant=args.requant,
+        seed=args.seed,
+        min_effect=args.min_effect,
+        effect_positions=args.effect_positions,
         device=args.device,
     )
     return 0

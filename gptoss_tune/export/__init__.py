@@ -7,8 +7,10 @@ stock PEFT, transformers and vLLM load, with tokenizer files, a model card and e
     exporter     export_run: the command's work, the output directory, the summary
     peft_format  our adapter tensors <-> PEFT's layout (attention LoRA, 3-D expert LoRA)
     card         the model card
-    drift        how far an export's logits are from the tuned model's
+    effect       the effect retained on held-out data; the choice of the MXFP4 re-quantiser
     hf_tokenizer tokenizer.json and the chat template for exported models
 """
 
 FORMATS = ("adapter", "merged-bf16", "merged-mxfp4")
+# merged-mxfp4's expert re-quantisers (gptoss_kernels.requantize.METHODS) and "auto" = chosen by measurement
+REQUANT_CHOICES = ("auto", "keep", "mse", "stochastic", "openai")

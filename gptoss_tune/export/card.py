@@ -1,5 +1,5 @@
 """The model card (README.md) of an export: base model, LoRA settings, the run's final metrics, its data
-report and recipe, the MXFP4 re-quantisation report, and how to load and serve the export."""
+report and recipe, the effect retained and the MXFP4 re-quantisation, and how to load and serve the export."""
 
 from __future__ import annotations
 
@@ -38,6 +38,32 @@ def _read_metrics(run: Path | None) -> dict:
         except (json.JSONDecodeError, AttributeError):
             pass
     return out
+
+
+def _effect_section(report: dict) -> list[str]:
+    """How much of the fine-tune this export keeps (export/effect.py), and the re-quantiser candidates."""
+    e, rq = report.get("effect"), report.get("requantization")
+    if not e and not rq:
+        return []
+    lines = ["", "## How much of the fine-tune this export keeps", ""]
+    if e:
+        r = e["effect_retained"]
+        lines += [
+            f"Effect retained: **{'n/a' if r is None else f'{r:.3f}'}** = 1 - KL(tuned||export) / KL(tuned||base) "
+            f"= 1 - {e['kl_tuned_export']:.3g} / {e['kl_tuned_base']:.3g}, mean per position over {e['positions']} "
+            f"held-out positions ({e['source']}: {e['tokens']}). Tuned = {e['reference']}. 1 = the export is the tuned "
+            "model, 0 = as far from it as the untouched base, below 0 = further.",
+        ]
+        if e.get("warning"):
+            lines += ["", f"> {e['warning']}"]
+    if rq:
+        lines += ["", f"MXFP4 experts re-quantised with `{rq['method']}` (seed {rq['seed']}; {rq['chosen_by']}).", ""]
+        if rq.get("candidates"):
+            lines += ["| re-quantiser | effect retained (experts only) | KL(tuned‖·) |", "|---|---|---|"]
+            for m, c in rq["candidates"].items():
+                r = c["effect_retained"]
+                lines.append(f"| {m} | {'n/a' if r is None else f'{r:.3f}'} | {c['kl_tuned_export']:.3g} |")
+    return lines
 
 
 def model_card(fmt: str, src: AdapterSource, report: dict, out_name: str) -> str:
@@ -79,15 +105,7 @@ def model_card(fmt: str, src: AdapterSource, report: dict, out_name: str) -> str
             pass
     if run is not None and (run / rd.RECIPE).is_file():
         lines += ["", "## Recipe", "", "```yaml", (run / rd.RECIPE).read_text().rstrip(), "```"]
-    if fmt == "merged-mxfp4" and "requantization" in report:
-        lines += [
-            "",
-            "## MXFP4 re-quantisation",
-            "",
-            "```json",
-            json.dumps({k: report[k] for k in ("requantization", "drift") if k in report}, indent=2),
-            "```",
-        ]
+    lines += _effect_section(report)
     lines += ["", "## Use", ""]
     if fmt == "adapter":
         lines += [

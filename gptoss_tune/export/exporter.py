@@ -23,7 +23,6 @@ import errno
 import gc
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -35,18 +34,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gptoss_kernels.mxfp4 import dequantize, quantize
+from gptoss_kernels.mxfp4 import dequantize
 from gptoss_tune import runs as rd
 from gptoss_tune.errors import UserError
 from gptoss_tune.export import FORMATS
 from gptoss_tune.export.card import model_card, run_dir_of  # noqa: F401  (public from here too)
-from gptoss_tune.export.drift import DRIFT_PROMPTS, drift_prompt_ids, logit_drift  # noqa: F401  (public from here too)
 from gptoss_tune.model.adapter import CONFIG_FILE as OUR_CONFIG
 from gptoss_tune.model.adapter import WEIGHTS_FILE as OUR_WEIGHTS
 from gptoss_tune.model.adapter import read_adapter_config
 from gptoss_tune.model.checkpoint import index_checkpoint, read_config, resolve_model_dir
 from gptoss_tune.model.config import EXPERT_PROJECTIONS, GENERATION_CONFIG, QUANTIZATION_CONFIG
 from gptoss_tune.model.lora import LoraSettings
+from gptoss_tune.model.requant import requant_expert
 
 log = logging.getLogger(__name__)
 
@@ -185,29 +184,6 @@ class ShardWriter:
 # ---- merging --------------------------------------------------------------------------------------
 
 
-class _RequantStats:
-    """Sums over every expert of one projection, for the re-quantisation report."""
-
-    def __init__(self):
-        self.err2 = self.merged2 = self.delta2 = self.kept = 0.0
-
-    def add(self, base: torch.Tensor, delta: torch.Tensor | None, merged: torch.Tensor, requant: torch.Tensor) -> None:
-        self.err2 += float((requant - merged).double().pow(2).sum())
-        self.merged2 += float(merged.double().pow(2).sum())
-        if delta is not None:
-            self.delta2 += float(delta.double().pow(2).sum())
-            self.kept += float(((requant - base).double() * delta.double()).sum())
-
-    def summary(self) -> dict:
-        out = {"relative_error": math.sqrt(self.err2 / self.merged2) if self.merged2 else 0.0}
-        if self.delta2:
-            # How much of the LoRA update survives rounding: the projection of (requantised - base) on the
-            # update (1 = all of it), and the rounding error measured against the update's size.
-            out["lora_update_retained"] = self.kept / self.delta2
-            out["error_vs_lora_update"] = math.sqrt(self.err2 / self.delta2)
-        return out
-
-
 def _merge_linear(w: torch.Tensor, lora, scale: float) -> torch.Tensor:
     if lora is None:
         return w
@@ -223,9 +199,10 @@ def _expert_weight(st: dict, name: str, e: int) -> torch.Tensor:
 
 
 def merge_layer(
-    i: int, get: Callable[[str], object], names: set[str], src: AdapterSource, fmt: str, stats: dict[str, _RequantStats]
+    i: int, get: Callable[[str], object], names: set[str], src: AdapterSource, fmt: str, requant: tuple[str, int]
 ) -> dict[str, torch.Tensor]:
-    """Every output tensor of layer i, merged; experts handled one expert at a time."""
+    """Every output tensor of layer i, merged; experts handled one expert at a time. merged-mxfp4
+    re-quantises each expert with `requant` = (method, seed) from the base's own blocks and scales."""
     prefix = f"model.layers.{i}."
     out: dict[str, torch.Tensor] = {}
     experts = f"{prefix}mlp.experts."
@@ -254,12 +231,15 @@ def merge_layer(
                     merged_out = torch.empty(E, w.shape[1], w.shape[0], dtype=torch.bfloat16)  # [E, in, out]
                 merged_out[e] = merged.t().to(torch.bfloat16)
             else:
-                blocks, scales = quantize(merged)
+                bb, bs = (
+                    slices[f"{base_name}_{k}"][e] if f"{base_name}_blocks" in slices else None
+                    for k in ("blocks", "scales")
+                )
+                blocks, scales = requant_expert(bb, bs, merged, *requant, i, proj, e, dense_base=w)
                 if requant_blocks is None:
                     requant_blocks = torch.empty(E, *blocks.shape, dtype=torch.uint8)
                     requant_scales = torch.empty(E, *scales.shape, dtype=torch.uint8)
                 requant_blocks[e], requant_scales[e] = blocks, scales
-                stats.setdefault(proj, _RequantStats()).add(w, delta, merged, dequantize(blocks, scales, torch.float32))
         if fmt == "merged-bf16":
             out[base_name] = merged_out
         else:
@@ -267,7 +247,9 @@ def merge_layer(
     return out
 
 
-def write_merged(src: AdapterSource, fmt: str, out_dir: Path, progress: Callable[[str], None]) -> dict:
+def write_merged(
+    src: AdapterSource, fmt: str, out_dir: Path, progress: Callable[[str], None], requant: tuple[str, int] = ("keep", 0)
+) -> dict:
     idx = index_checkpoint(src.base_dir)
     names = set(idx.tensors)
     L = src.config["num_hidden_layers"]
@@ -275,7 +257,6 @@ def write_merged(src: AdapterSource, fmt: str, out_dir: Path, progress: Callable
     groups += [(f"layer {i}", [f"model.layers.{i}."]) for i in range(L)]
     groups.append(("final norm and lm_head", ["model.norm.weight", "lm_head.weight"]))
     writer = ShardWriter(out_dir, len(groups))
-    stats: dict[str, _RequantStats] = {}
     files: dict[Path, object] = {}
 
     def get(name: str):
@@ -287,7 +268,7 @@ def write_merged(src: AdapterSource, fmt: str, out_dir: Path, progress: Callable
     t0 = time.time()
     for gi, (label, keys) in enumerate(groups):
         if label.startswith("layer "):
-            tensors = merge_layer(gi - 1, get, names, src, fmt, stats)
+            tensors = merge_layer(gi - 1, get, names, src, fmt, requant)
         else:
             tensors = {k: get(k)[:] for k in keys}
         writer.write(tensors)
@@ -303,10 +284,7 @@ def write_merged(src: AdapterSource, fmt: str, out_dir: Path, progress: Callable
     else:
         config["quantization_config"] = dict(QUANTIZATION_CONFIG)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    report = {"shards": writer.num_shards, "total_bytes": writer.total, "peak_shard_bytes": writer.peak_bytes}
-    if fmt == "merged-mxfp4":
-        report["requantization"] = {p: s.summary() for p, s in stats.items()}
-    return report
+    return {"shards": writer.num_shards, "total_bytes": writer.total, "peak_shard_bytes": writer.peak_bytes}
 
 
 def write_adapter(src: AdapterSource, out_dir: Path) -> dict:
@@ -334,17 +312,33 @@ def export_run(
     checkpoint: str = "best",
     base: str | Path | None = None,
     force: bool = False,
-    drift: bool = True,
+    drift: bool | None = None,
     device: str | None = None,
     progress: Callable[[str], None] = print,
+    *,
+    effect: bool = True,
+    requant: str = "auto",
+    seed: int = 0,
+    min_effect: float = 0.9,
+    effect_positions: int = 1024,
 ) -> dict:
-    """Export one checkpoint of a run; returns the report (also written to OUT/export_report.json)."""
+    """Export one checkpoint of a run; returns the report (also written to OUT/export_report.json).
+
+    Merged formats measure the effect retained on held-out data (export/effect.py; `effect=False` skips
+    it, `drift` is its former name); merged-mxfp4 re-quantises the experts with `requant` (auto = chosen
+    by that measurement, see effect.choose_requant)."""
+    from gptoss_tune.export import REQUANT_CHOICES as CHOICES
+
+    if drift is not None:
+        effect = drift
+    if requant not in CHOICES:
+        raise UserError(f"--requant {requant!r}: choose one of {', '.join(CHOICES)}")
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"{out}: exists and is not empty; choose another --out or pass --force to replace it")
-    if fmt == "merged-mxfp4" and drift:
+    if fmt != "adapter" and effect:
         from gptoss_tune.devices import check_device
 
         check_device(device)
@@ -360,10 +354,20 @@ def export_run(
     t0 = time.time()
     try:
         report: dict = {"format": fmt, "checkpoint": str(ckpt), "base_model": src.base_name}
+        meter = None
+        if fmt != "adapter" and effect:
+            meter = _effect_meter(src, effect_positions, device, progress)
         if fmt == "adapter":
             report.update(write_adapter(src, tmp))
         else:
-            report.update(write_merged(src, fmt, tmp, progress))
+            method_seed = (requant, seed)
+            if fmt == "merged-mxfp4":
+                from gptoss_tune.export.effect import choose_requant
+
+                *method_seed, report["requantization"] = choose_requant(src, meter, requant, seed, progress)
+            if meter is not None:
+                meter.close()  # its model; the tuned log-probabilities stay for the export's measurement
+            report.update(write_merged(src, fmt, tmp, progress, tuple(method_seed)))
         gen = src.base_dir / "generation_config.json"
         if gen.is_file():
             shutil.copyfile(gen, tmp / "generation_config.json")
@@ -372,9 +376,13 @@ def export_run(
         from gptoss_tune.export.hf_tokenizer import write_tokenizer_files
 
         write_tokenizer_files(tmp, model_max_length=int(src.config.get("max_position_embeddings", 131072)))
-        if fmt == "merged-mxfp4" and drift:
-            progress("  measuring logit drift of the MXFP4 export against the tuned model ...")
-            report["drift"] = logit_drift(src, tmp, device=device)
+        if meter is not None:
+            from gptoss_tune.export.effect import measure_export, warning_line
+
+            progress("  measuring the export against the tuned model on the held-out data ...")
+            report["effect"] = {**meter.held.describe(), "reference": meter.reference, **measure_export(meter, tmp)}
+            report["effect"]["threshold"] = min_effect
+            report["effect"]["warning"] = warning_line(fmt, report["effect"], min_effect, src)
         report["seconds"] = round(time.time() - t0, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(fmt, src, report, out.name))
@@ -391,6 +399,18 @@ def export_run(
         raise
     progress(summary_lines(report, out))
     return report
+
+
+def _effect_meter(src: AdapterSource, positions: int, device: str | None, progress):
+    from gptoss_tune.export.effect import EffectMeter, held_out, quantization_aware_record
+
+    held = held_out(src, positions)
+    vocab = int(src.config.get("vocab_size", 0))
+    if max(int(ids.max()) for ids, _, _ in held.rows) >= vocab:  # a toy model with a cut vocabulary
+        progress(f"  effect retained not measured: the {held.source} hold token ids beyond the vocabulary ({vocab})")
+        return None
+    progress(f"  held-out data for the effect retained: {held.source}, {held.positions} positions")
+    return EffectMeter(src, held, device, fake_quant=quantization_aware_record(src))
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -417,17 +437,17 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def summary_lines(report: dict, out: Path) -> str:
     lines = [f"wrote {report['format']} export to {out}/ in {report.get('seconds', 0):.1f}s"]
-    for proj, s in (report.get("requantization") or {}).items():
-        line = f"  re-quantisation {proj}: relative error {s['relative_error']:.4f}"
-        if "lora_update_retained" in s:
-            line += f", LoRA update retained {s['lora_update_retained']:.3f} (rounding error {s['error_vs_lora_update']:.2f}x the update)"
-        lines.append(line)
-    d = report.get("drift")
-    if d:
-        e, b = d["export_vs_tuned"], d["base_vs_tuned"]
+    rq = report.get("requantization")
+    if rq:
+        lines.append(f"  experts re-quantised with {rq['method']!r} ({rq['chosen_by']})")
+    e = report.get("effect")
+    if e:
+        r = e["effect_retained"]
         lines.append(
-            f"  logit drift vs the tuned model on {d['prompts']} prompts: max |diff| {e['max_abs_logit_diff']:.4f}, "
-            f"mean KL {e['mean_kl']:.2e}, top-1 agreement {e['top1_agreement']:.3f} "
-            f"(the tuning itself moved them by max {b['max_abs_logit_diff']:.4f}, KL {b['mean_kl']:.2e})"
+            f"  effect retained {'n/a (the adapter does not change the model)' if r is None else f'{r:.3f}'}: "
+            f"KL(tuned||export) {e['kl_tuned_export']:.3g} vs KL(tuned||base) {e['kl_tuned_base']:.3g} "
+            f"on {e['positions']} held-out positions ({e['source']})"
         )
+        if e.get("warning"):
+            lines.append(e["warning"])
     return "\n".join(lines)

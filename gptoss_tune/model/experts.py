@@ -63,6 +63,8 @@ class MXFP4Experts(nn.Module):
         self.lora_alpha = 0.0
         self.lora_targets: tuple[str, ...] = ()
         self.backend = "auto"
+        # Quantisation-aware training (gptoss_tune.train.qat) sets a callable that replaces the forward.
+        self.fake_quant = None
 
     # ---- LoRA -------------------------------------------------------------------------------------
     def add_lora(self, rank: int, alpha: float, targets=EXPERT_PROJECTIONS, dtype=torch.float32) -> None:
@@ -154,6 +156,8 @@ class MXFP4Experts(nn.Module):
         return choice
 
     def forward(self, hidden_states: torch.Tensor, router_indices=None, routing_weights=None) -> torch.Tensor:
+        if self.fake_quant is not None:
+            return self.fake_quant(self, hidden_states, router_indices, routing_weights)
         backend = self.resolved_backend(hidden_states.device)
         args = (hidden_states, router_indices, routing_weights, self.packed_weights(), self.lora_factors())
         if backend == "triton":

@@ -200,6 +200,22 @@ class LoggingSection(Settings):
     wandb: WandbSection = Field(default_factory=WandbSection, description="Weights & Biases tracking")
 
 
+class QuantizationAwareSection(Settings):
+    """`quantization_aware:`: finish training on the weights the merged-mxfp4 export will hold (train/qat.py)."""
+
+    steps: int = Field(
+        0,
+        ge=0,
+        description="run the last N optimizer steps through the fake-quantised merged expert weight Q(W + s·B·A) "
+        "with a straight-through gradient, so the merged-mxfp4 export equals the trained model (0 = off)",
+    )
+    requant: Literal["keep", "mse", "openai"] = Field(
+        "keep",
+        description="the re-quantiser Q of the phase (and, by default, of the export): keep = nearest on the base's "
+        "MXFP4 grid, mse = per block the best of exponents s-1/s/s+1, openai = OpenAI's amax rule",
+    )
+
+
 class Recipe(Settings):
     model: ModelSection
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -210,6 +226,7 @@ class Recipe(Settings):
     early_stopping: EarlyStoppingSection = Field(default_factory=EarlyStoppingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    quantization_aware: QuantizationAwareSection = Field(default_factory=QuantizationAwareSection)
     resume: str = Field(
         "auto",
         min_length=1,

@@ -53,6 +53,7 @@ from gptoss_tune.runs import (
     wipe,
 )
 from gptoss_tune.train import checkpoint as ck  # a module: tests replace ck.write_checkpoint_files
+from gptoss_tune.train import qat
 from gptoss_tune.train.losses import expert_load_stats
 from gptoss_tune.train.memory import apply_memory_settings, build_optimizer
 from gptoss_tune.train.objective import Objective
@@ -582,6 +583,7 @@ class Trainer:
         """One optimizer step over the next P*G micro-batches of the stream; True when a stop signal reached
         any process during it (the loop then saves and stops)."""
         t0 = time.time()
+        qat.before_step(self)  # the quantisation-aware finishing phase, when it begins (train/qat.py)
         acc, state, stream = self.accelerator, self.state, self.stream
         indices = stream.step_indices(state.micro_batches_consumed, self.num_processes, self.cfg.grad_accum, self.rank)
         batches = [stream.batch(i) for i in indices]

@@ -56,7 +56,7 @@ def exports(full_run, tmp_path_factory):
     out = {}
     for fmt in ("adapter", "merged-bf16", "merged-mxfp4"):
         out[fmt] = root / fmt
-        out[fmt + ":report"] = export_run(full_run, fmt, root / fmt, progress=_quiet)
+        out[fmt + ":report"] = export_run(full_run, fmt, root / fmt, progress=_quiet, effect_positions=64)
     return out
 
 
@@ -189,21 +189,20 @@ def test_merged_mxfp4_has_the_original_layout_and_loads_in_stock_transformers(ex
     torch.testing.assert_close(_logits(stock_model(out), ids), ours, atol=2e-4, rtol=0)
     rep = exports["merged-mxfp4:report"]
     assert json.loads((out / "export_report.json").read_text())["requantization"] == rep["requantization"]
-    for proj in ("gate_up_proj", "down_proj"):
-        s = rep["requantization"][proj]
-        assert 0 < s["relative_error"] < 0.2 and 0 < s["lora_update_retained"] < 1.5
-    d = rep["drift"]
-    assert d["prompts"] == 4 and 0 <= d["export_vs_tuned"]["top1_agreement"] <= 1
-    assert d["base_vs_tuned"]["max_abs_logit_diff"] > 0
-    # the export keeps the tuning: it is far closer to the tuned model than the untuned base is
-    assert d["export_vs_tuned"]["mean_kl"] < 0.5 * d["base_vs_tuned"]["mean_kl"]
+    rq, e = rep["requantization"], rep["effect"]
+    assert set(rq["candidates"]) == {"keep", "mse", "stochastic", "openai"}
+    assert rq["chosen_by"].startswith("highest effect retained")
+    best = max(c["effect_retained"] for c in rq["candidates"].values())
+    assert rq["candidates"][rq["method"]]["effect_retained"] == best
+    assert e["positions"] == 64 and e["source"] == "built-in prompts" and 0 <= e["top1_agreement_export"] <= 1
+    # the export keeps the tuning (a large random LoRA here): far closer to the tuned model than the base is
+    assert e["kl_tuned_export"] < 0.5 * e["kl_tuned_base"] and e["effect_retained"] > 0.5
 
 
 def test_mxfp4_requantisation_is_lossless_without_expert_lora(tiny_ckpt, tmp_path):
     run = make_run_dir(tmp_path / "run", tiny_ckpt, lora=LORAS["attention"])
-    rep = export_run(run, "merged-mxfp4", tmp_path / "out", drift=False, progress=_quiet)
-    assert rep["requantization"]["gate_up_proj"]["relative_error"] == 0.0
-    assert "drift" not in rep
+    rep = export_run(run, "merged-mxfp4", tmp_path / "out", effect=False, progress=_quiet)
+    assert "effect" not in rep and rep["requantization"]["method"] == "keep"  # the default without a measurement
 
     def experts(d):
         t = {}
@@ -216,6 +215,7 @@ def test_mxfp4_requantisation_is_lossless_without_expert_lora(tiny_ckpt, tmp_pat
         if k.endswith("_blocks"):
             s = k.replace("_blocks", "_scales")
             assert torch.equal(dequantize(a[k], a[s], torch.float32), dequantize(b[k], b[s], torch.float32)), k
+            assert torch.equal(a[k], b[k]) and torch.equal(a[s], b[s]), k  # byte for byte
 
 
 def test_merge_from_a_bf16_base(tiny_ckpt, exports, tmp_path):
@@ -339,7 +339,9 @@ def test_model_card_and_self_contained_dirs(exports, full_run):
         assert "rank: 2" in card  # the recipe
         assert "| final eval loss | 10 | 1.2500 |" in card
         assert '"tokens": 3456' in card  # the data summary
-    assert "re-quantisation" in (exports["merged-mxfp4"] / "README.md").read_text()
+    card = (exports["merged-mxfp4"] / "README.md").read_text()
+    assert "Effect retained: **" in card and "| keep |" in card and "re-quantised with" in card
+    assert "Effect retained: **" in (exports["merged-bf16"] / "README.md").read_text()
 
 
 def test_export_errors(tiny_ckpt, full_run, tmp_path):

@@ -86,7 +86,7 @@ def test_print_vllm_command(run, peft_export, tiny_ckpt, tmp_path, capsys):
     from gptoss_tune.cli.main import main
 
     mx = tmp_path / "mx"
-    export_run(run, "merged-mxfp4", mx, drift=False, progress=_quiet)
+    export_run(run, "merged-mxfp4", mx, effect=False, progress=_quiet)
     cmd, notes = vllm_command(str(mx), port=9000, api_key="k")
     assert cmd[:3] == ["vllm", "serve", str(mx)]
     s = shlex.join(cmd)

@@ -1,0 +1,137 @@
+"""Quantisation-aware finishing: the last `quantization_aware.steps` steps run the experts through the
+weight the merged-mxfp4 export will hold, Q(W + s·B·A), with a straight-through gradient to A and B.
+
+Q is a re-quantiser from the base's own block exponents (gptoss_kernels.requantize; "keep" by default:
+nearest on the base grid), computed with the export's arithmetic (gptoss_tune.model.requant), so after
+the phase the merged-mxfp4 export IS the model that was trained and evaluated. Why: a small LoRA update
+(relative norm 1e-3 of the expert weights) falls between the grid points of MXFP4 and re-quantisation
+loses it (or, with OpenAI's rule, does worse than the base); through Q the LoRA learns an update that
+crosses grid points where the loss needs it.
+
+Forward, per expert routed to: W = dequantised base [out, in] fp32, M = W + s·B[e]A[e], q = Q(M) (no
+gradient), the expert computed with q; backward: dL/dM = dL/dq (straight-through), hence to A and B.
+The path is the plain-torch reference (dense fp32 weight of each routed expert, held for the backward),
+on the CPU and on CUDA alike: fine for small models, several GB of activations per layer for gpt-oss-20b
+(no Triton fake-quantised kernel yet; docs/recipes.md says so).
+
+The phase is recorded in the run directory (RECORD: the re-quantiser, its first step) so that
+`gptoss-tune export --format merged-mxfp4` uses the same re-quantiser and measures the effect retained
+against the fake-quantised model.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from gptoss_kernels.moe_reference import swiglu_reference
+from gptoss_kernels.mxfp4 import dequantize
+from gptoss_tune.atomic_io import atomic_write_text
+from gptoss_tune.model.experts import MXFP4Experts
+from gptoss_tune.model.requant import DEFAULT_SEED, requant_expert
+
+RECORD = "quantization_aware.json"
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Returns q exactly (the export's values); the gradient goes to the unquantised merged weight."""
+
+    @staticmethod
+    def forward(ctx, merged: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def _weight(m: MXFP4Experts, proj: str, e: int, layer: int, method: str, seed: int) -> torch.Tensor:
+    blocks, scales = getattr(m, f"{proj}_blocks")[e], getattr(m, f"{proj}_scales")[e]
+    w = dequantize(blocks, scales, torch.float32)
+    if proj not in m.lora_targets:
+        return w
+    a, b = getattr(m, f"{proj}_lora_A")[e], getattr(m, f"{proj}_lora_B")[e]
+    merged = w + m.lora_scaling * (b.float() @ a.float())  # the export's arithmetic (model.requant.merged_expert)
+    with torch.no_grad():
+        nb, ns = requant_expert(blocks.cpu(), scales.cpu(), merged.detach().cpu(), method, seed, layer, proj, e)
+        q = dequantize(nb, ns, torch.float32).to(merged.device)
+    return _StraightThrough.apply(merged, q)
+
+
+def fake_quant_forward(
+    m: MXFP4Experts, hidden: torch.Tensor, router_indices, routing_weights, *, layer: int, method: str, seed: int
+):
+    """The routed expert layer (moe_experts_reference's contract) on fake-quantised merged weights."""
+    T, k = router_indices.shape
+    out = torch.zeros_like(hidden)
+    flat = router_indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=m.num_experts).tolist()
+    token_of = order // k
+    flat_w = routing_weights.reshape(-1)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs, tokens = order[start : start + n], token_of[start : start + n]
+        start += n
+        x = hidden[tokens]
+        h = x @ _weight(m, "gate_up_proj", e, layer, method, seed).to(x.dtype).t() + m.gate_up_proj_bias[e].to(x.dtype)
+        act = swiglu_reference(h, m.limit, m.alpha)
+        y = act @ _weight(m, "down_proj", e, layer, method, seed).to(x.dtype).t() + m.down_proj_bias[e].to(x.dtype)
+        y = y * flat_w[pairs].unsqueeze(-1).to(y.dtype)
+        out = out.index_add(0, tokens, y.to(out.dtype))
+    return out
+
+
+def enable(model, method: str = "keep", seed: int = DEFAULT_SEED) -> int:
+    """Route every expert layer with LoRA through Q(W + s·B·A); returns how many layers."""
+    n = 0
+    for i, m in enumerate(x for x in model.modules() if isinstance(x, MXFP4Experts)):
+        if m.lora_targets:
+            m.fake_quant = partial(fake_quant_forward, layer=i, method=method, seed=seed)
+            n += 1
+    return n
+
+
+def disable(model) -> None:
+    for m in model.modules():
+        if isinstance(m, MXFP4Experts):
+            m.fake_quant = None
+
+
+def first_step(steps: int, total_steps: int) -> int | None:
+    """The step count at which the phase starts (steps already taken), or None without one."""
+    return max(0, total_steps - steps) if steps > 0 else None
+
+
+def before_step(trainer) -> None:
+    """The trainer's hook, called before each optimizer step: switch the phase on when it begins (also on
+    a resume inside it) and record it in the run directory."""
+    qa = trainer.recipe.quantization_aware
+    start = first_step(qa.steps, trainer.total_steps)
+    if start is None or trainer.state.step < start or getattr(trainer, "_qat_on", False):
+        return
+    enable(trainer.unwrapped, qa.requant, DEFAULT_SEED)
+    trainer._qat_on = True
+    if trainer.is_main:
+        record = {"requant": qa.requant, "seed": DEFAULT_SEED, "from_step": start, "steps": qa.steps}
+        atomic_write_text(Path(trainer.run_dir) / RECORD, json.dumps(record, indent=2) + "\n")
+        trainer._say(
+            f"step {trainer.state.step}: quantisation-aware finishing for the last {trainer.total_steps - trainer.state.step} "
+            f"step(s): experts run through the MXFP4 weight the export will hold (re-quantiser {qa.requant!r})"
+        )
+
+
+def recorded(run_dir: Path | None) -> dict | None:
+    """The run's quantisation-aware phase ({"requant", "seed", "from_step"}), if it had one."""
+    if run_dir is None or not (Path(run_dir) / RECORD).is_file():
+        return None
+    try:
+        rec = json.loads((Path(run_dir) / RECORD).read_text())
+        return rec if isinstance(rec, dict) and isinstance(rec.get("requant"), str) else None
+    except (OSError, json.JSONDecodeError):
+        return None
