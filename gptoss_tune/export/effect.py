@@ -264,14 +264,40 @@ class EffectMeter:
 
 
 def measure_export(meter: EffectMeter, export_dir: Path) -> dict:
-    """The export loaded back (our loader) against the tuned model, beside the base."""
+    """The export loaded back against the tuned model, beside the base. merged-mxfp4 through our loader;
+    merged-bf16 with its experts kept dense as stored (our loader would re-quantise them to MXFP4 on load,
+    which is not what transformers or vLLM serve): its dense experts replace the forward of each layer."""
     from gptoss_tune.model.loader import load_model
 
     model = load_model(export_dir, device=meter.device)
+    _keep_dense_experts(model, export_dir)
     got = meter.measure(model)
     del model
     gc.collect()
     return effect_entry(got, meter.base)
+
+
+def _keep_dense_experts(model, export_dir: Path) -> None:
+    from functools import partial
+
+    from safetensors import safe_open
+
+    from gptoss_tune.model.checkpoint import index_checkpoint
+    from gptoss_tune.model.experts import MXFP4Experts
+    from gptoss_tune.train.qat import routed_dense_forward
+
+    idx = index_checkpoint(Path(export_dir))
+    layers = [m for m in model.modules() if isinstance(m, MXFP4Experts)]
+    for i, m in enumerate(layers):
+        dense = {}
+        for proj in ("gate_up_proj", "down_proj"):
+            name = f"model.layers.{i}.mlp.experts.{proj}"
+            if name not in idx.tensors:
+                return  # MXFP4 experts: the loaded bytes are the export's
+            with safe_open(str(idx.tensors[name].file), framework="pt", device="cpu") as f:
+                dense[proj] = f.get_tensor(name).to(m.gate_up_proj_bias.device)  # [E, in, out]
+        weight = partial(lambda d, proj, e: d[proj][e].t(), dense)
+        m.fake_quant = partial(lambda w, mod, h, r, g: routed_dense_forward(mod, h, r, g, w), weight)
 
 
 def effect_entry(got: dict, base: dict) -> dict:

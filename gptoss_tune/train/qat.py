@@ -61,10 +61,11 @@ def _weight(m: MXFP4Experts, proj: str, e: int, layer: int, method: str, seed: i
     return _StraightThrough.apply(merged, q)
 
 
-def fake_quant_forward(
-    m: MXFP4Experts, hidden: torch.Tensor, router_indices, routing_weights, *, layer: int, method: str, seed: int
-):
-    """The routed expert layer (moe_experts_reference's contract) on fake-quantised merged weights."""
+def routed_dense_forward(
+    m: MXFP4Experts, hidden: torch.Tensor, router_indices, routing_weights, weight
+) -> torch.Tensor:
+    """The routed expert layer (moe_experts_reference's contract) with each expert's dense weight from
+    `weight(proj, e)` -> [out, in]; biases, SwiGLU and routing as the module's own."""
     T, k = router_indices.shape
     out = torch.zeros_like(hidden)
     flat = router_indices.reshape(-1)
@@ -79,12 +80,21 @@ def fake_quant_forward(
         pairs, tokens = order[start : start + n], token_of[start : start + n]
         start += n
         x = hidden[tokens]
-        h = x @ _weight(m, "gate_up_proj", e, layer, method, seed).to(x.dtype).t() + m.gate_up_proj_bias[e].to(x.dtype)
+        h = x @ weight("gate_up_proj", e).to(x.dtype).t() + m.gate_up_proj_bias[e].to(x.dtype)
         act = swiglu_reference(h, m.limit, m.alpha)
-        y = act @ _weight(m, "down_proj", e, layer, method, seed).to(x.dtype).t() + m.down_proj_bias[e].to(x.dtype)
+        y = act @ weight("down_proj", e).to(x.dtype).t() + m.down_proj_bias[e].to(x.dtype)
         y = y * flat_w[pairs].unsqueeze(-1).to(y.dtype)
         out = out.index_add(0, tokens, y.to(out.dtype))
     return out
+
+
+def fake_quant_forward(
+    m: MXFP4Experts, hidden: torch.Tensor, router_indices, routing_weights, *, layer: int, method: str, seed: int
+):
+    """The expert layer on fake-quantised merged weights Q(W + s·B·A) (straight-through to A and B)."""
+    return routed_dense_forward(
+        m, hidden, router_indices, routing_weights, lambda proj, e: _weight(m, proj, e, layer, method, seed)
+    )
 
 
 def enable(model, method: str = "keep", seed: int = DEFAULT_SEED) -> int:
