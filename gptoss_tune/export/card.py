@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 
 def run_dir_of(ckpt: Path) -> Path | None:
     """The training run a checkpoint belongs to (for its recipe, data report and metrics), if any."""
-    for cand in (ckpt.parent.parent, ckpt.parent, ckpt):
+    # checkpoints/step-N/ and final/ sit at known depths; look there first (a recipe file next to the run
+    # directory, as a user's own recipe.yaml often is, must not be taken for the run's)
+    first = ckpt.parent.parent if ckpt.parent.name == rd.CHECKPOINTS else ckpt.parent if ckpt.name == rd.FINAL else None
+    for cand in ((first,) if first is not None else ()) + (ckpt.parent.parent, ckpt.parent, ckpt):
         if (cand / rd.RECIPE).is_file() or (cand / rd.METRICS).is_file():
             return cand
     return None
