@@ -4,15 +4,17 @@
                   GptOssForCausalLM (base dequantised) and for vLLM's --lora-modules (export_peft.py).
     merged-bf16   a full Hugging Face checkpoint, LoRA merged, experts dense bf16 `gate_up_proj` [E, H, 2I]
                   and `down_proj` [E, I, H] as transformers' GptOssExperts holds them, no quantization_config.
-    merged-mxfp4  LoRA merged and the experts re-quantised to MXFP4 with OpenAI's rule, in the layout and
-                  quantization_config of openai/gpt-oss-*, so everything that loads the original loads it.
+    merged-mxfp4  LoRA merged and the experts re-quantised to MXFP4 from the base's own block exponents
+                  (re-quantiser chosen by measurement, --requant; gptoss_kernels.requantize), in the layout
+                  and quantization_config of openai/gpt-oss-*, so everything that loads the original loads it.
 
 Merging streams: the base checkpoint is read one tensor (experts: one expert) at a time through
 safetensors, the merged tensors of one layer are written as one shard, and nothing else is held, so
 peak memory is about one layer's output beyond the process (the report records the largest shard held).
 Every export directory also gets generation_config.json, the tokenizer files (hf_tokenizer.py), a model
-card (README.md, export_card.py) with the recipe, data summary and final metrics, and export_report.json;
-merged-mxfp4 also the logit drift of the export against the tuned model (export_drift.py). The directory
+card (README.md, card.py) with the recipe, data summary and final metrics, and export_report.json; the
+merged formats also the effect retained on held-out data (effect.py), which for merged-mxfp4 also picks
+the re-quantiser among the candidates (effect.choose_requant). The directory
 is built next to its destination and renamed into place, so an interrupted export leaves nothing that
 looks complete.
 """

@@ -176,3 +176,18 @@ def test_held_out_prefers_the_runs_validation_tokens(tiny_ckpt, tmp_path):
     held = held_out(src, max_positions=50)
     assert held.source == "training sample" and "seen in training" in held.note
     assert json.dumps(held.describe())
+
+
+def test_cli_prints_one_effect_line_and_takes_the_requant_flag(tiny_ckpt, tmp_path, capsys):
+    from gptoss_tune.cli.main import main
+
+    run = _experts_only_run(tmp_path, tiny_ckpt, scale=4e-4)
+    args = ["export", str(run), "--format", "merged-mxfp4", "--out", str(tmp_path / "o"), "--effect-positions", "16"]
+    assert main([*args, "--requant", "keep"]) == 0
+    out = capsys.readouterr().out
+    assert "experts re-quantised with 'keep' (--requant)" in out
+    assert len([line for line in out.splitlines() if line.strip().startswith("effect retained ")]) == 1
+    assert "WARNING: this merged-mxfp4 export keeps only" in out and "--format adapter" in out
+    with pytest.raises(SystemExit) as exc:  # argparse's own one-line refusal
+        main([*args, "--requant", "gptq"])
+    assert exc.value.code == 2
