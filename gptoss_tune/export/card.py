@@ -62,7 +62,7 @@ def _effect_section(report: dict) -> list[str]:
     if rq:
         lines += ["", f"MXFP4 experts re-quantised with `{rq['method']}` (seed {rq['seed']}; {rq['chosen_by']}).", ""]
         if rq.get("candidates"):
-            lines += ["| re-quantiser | effect retained (experts only) | KL(tuned‖·) |", "|---|---|---|"]
+            lines += ["| re-quantiser | effect retained | KL(tuned‖export) |", "|---|---|---|"]
             for m, c in rq["candidates"].items():
                 r = c["effect_retained"]
                 lines.append(f"| {m} | {'n/a' if r is None else f'{r:.3f}'} | {c['kl_tuned_export']:.3g} |")

@@ -131,7 +131,9 @@ def held_out(src: AdapterSource, max_positions: int = DEFAULT_POSITIONS) -> Held
 
         recipe = load_recipe(run / rd.RECIPE, check_paths=False)
         data = load_train_data(recipe)
-    except (UserError, OSError, ValueError) as e:
+    except Exception as e:  # the run's data is gone or unreadable: the export itself must not fail for it
+        if not isinstance(e, (UserError, OSError, ValueError)):
+            log.warning("reading the run's data for the effect measurement failed: %s: %s", type(e).__name__, e)
         return builtin_held_out(
             max_positions=max_positions, note=f"the run's data could not be read ({str(e).strip()[:200]})"
         )
@@ -232,7 +234,8 @@ class EffectMeter:
     @torch.no_grad()
     def candidate(self, method: str, seed: int) -> dict:
         """KL against the tuned model of the model whose experts are re-quantised with `method` (the
-        export's bytes for an MXFP4 base: same function, same seeds), attention LoRA applied on the fly."""
+        export's bytes for an MXFP4 base: same function, same seeds) and whose attention is bf16(W + s·B·A),
+        as the export stores it: the candidate's figure is the export's."""
         from gptoss_tune.model.experts import MXFP4Experts
         from gptoss_tune.model.requant import base_expert, merged_expert, requant_expert
 
@@ -250,10 +253,14 @@ class EffectMeter:
                     nb, ns = requant_expert(bb, bs, merged, method, seed, i, proj, e)
                     blocks[e].copy_(nb)
                     scales[e].copy_(ns)
+        from gptoss_tune.train import qat
+
+        qat.enable_attention(self.model)  # attention as the export stores it: the candidate is the export
         try:
             with self._lora_off(experts_only=True):
                 return self.measure(self.model)
         finally:
+            qat.disable(self.model)
             for blocks, scales, b0, s0 in saved:
                 blocks.copy_(b0)
                 scales.copy_(s0)
@@ -354,7 +361,7 @@ def choose_requant(
             got = effect_entry(meter.candidate(m, seed), meter.base)
             info["candidates"][m] = got
             r = got["effect_retained"]
-            progress(f"  re-quantiser {m:<10} effect retained {'n/a' if r is None else f'{r:.3f}'} (experts only)")
+            progress(f"  re-quantiser {m:<10} effect retained {'n/a' if r is None else f'{r:.3f}'}")
     if requant != "auto":
         method, info["chosen_by"] = requant, "--requant"
     elif rec is not None:

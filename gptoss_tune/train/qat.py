@@ -125,9 +125,14 @@ def enable(model, method: str = "keep", seed: int = DEFAULT_SEED) -> int:
         if m.lora_targets:
             m.fake_quant = partial(fake_quant_forward, layer=i, method=method, seed=seed)
             n += 1
+    enable_attention(model)
+    return n
+
+
+def enable_attention(model) -> None:
+    """Every attention LoRA through bf16(W + s·B·A), the weight a merged export stores."""
     for m in _lora_linears(model):
         m.forward = partial(_attention_forward, m)  # an instance attribute: nn.Module.__call__ uses it
-    return n
 
 
 def disable(model) -> None:

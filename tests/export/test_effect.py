@@ -108,6 +108,9 @@ def test_effect_retained_matches_stock_transformers_and_peft(tiny_ckpt, tmp_path
         assert e["effect_retained"] == pytest.approx(1 - kl_export / kl_base, abs=1e-3)
         assert 0.5 < e["effect_retained"] < 1  # a large random LoRA: mostly kept, not all (rounding)
     assert reps["merged-bf16"]["effect"]["effect_retained"] > 0.99
+    rq = reps["merged-mxfp4"]["requantization"]  # the candidate measured before writing is the export written
+    chosen = rq["candidates"][rq["method"]]["effect_retained"]
+    assert chosen == pytest.approx(reps["merged-mxfp4"]["effect"]["effect_retained"], abs=1e-6)
 
 
 def test_small_update_chosen_requantiser_beats_the_openai_rule_and_never_harms(tiny_ckpt, tmp_path):
