@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gptoss_tune.atomic_io import atomic_write_text, fsync_path
 from gptoss_tune.data.batching import IGNORE_INDEX
 from gptoss_tune.data.pipeline import format_report
-from gptoss_tune.errors import UserError
+from gptoss_tune.errors import Interrupted, UserError
 from gptoss_tune.model.adapter import load_adapter_weights, read_adapter_config, save_adapter
 from gptoss_tune.model.checkpoint import read_config, resolve_model_dir
 from gptoss_tune.model.experts import MXFP4Experts
@@ -106,7 +106,7 @@ class StopSignal:
     def _handler(self, signum, frame):
         if self.signum is not None:
             self.restore()
-            raise KeyboardInterrupt
+            raise Interrupted(signum)  # exits 128 + signum like the first signal (a second SIGTERM: 143, not 130)
         self.signum = signum
         print(
             f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
