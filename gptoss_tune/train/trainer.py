@@ -53,6 +53,7 @@ from gptoss_tune.runs import (
     wipe,
 )
 from gptoss_tune.train import checkpoint as ck  # a module: tests replace ck.write_checkpoint_files
+from gptoss_tune.train.length import run_length
 from gptoss_tune.train.losses import expert_load_stats
 from gptoss_tune.train.memory import apply_memory_settings, build_optimizer
 from gptoss_tune.train.objective import Objective
@@ -294,10 +295,11 @@ class Trainer:
                 self._say(format_report(data.report, listed=3) + f"\n  (data report: {self.run_dir / DATA_REPORT})")
         _check_token_ids(recipe, data)
         self.evaluating = bool(data.validation)
-        if recipe.early_stopping.enabled and not self.evaluating:
-            raise UserError(
-                f"{recipe.where('early_stopping')}: early_stopping needs validation examples, and the validation set is empty; "
-                f"raise data.val_fraction or set data.validation, or early_stopping.enabled=false"
+        self.early_stopping = recipe.early_stopping_on(len(data.validation))  # enabled: true without any: UserError
+        if recipe.early_stopping.enabled == "auto" and not self.early_stopping:
+            self._say(
+                "early stopping: off, there is no validation data (set data.validation or data.val_fraction to "
+                "evaluate, keep the best checkpoint and stop early)"
             )
         self.stream = MicroBatchStream(data.train, cfg.micro_batch_size, cfg.seed, recipe.data.packing)
         self.val_batches = []
@@ -321,15 +323,11 @@ class Trainer:
             # the position is counted in the micro-batches of the run that wrote it (its micro_batch_size)
             mbs = resumed.micro_batch_size if resumed.micro_batch_size is not None else cfg.micro_batch_size
             mb_consumed = self.stream.position_from(resumed.micro_batches_consumed, mbs)
-        if cfg.epochs is not None:
-            total_mb = self.stream.total_micro_batches(cfg.epochs)
-            total_steps = start_step + max(0, math.ceil((total_mb - mb_consumed) / self.per_step))
-        else:
-            total_steps = cfg.max_steps
-        if cfg.max_steps is not None:
-            total_steps = min(total_steps, cfg.max_steps)
+        total_steps, self.length_why = run_length(
+            cfg.epochs, cfg.max_steps, self.stream.per_epoch, self.per_step, start_step, mb_consumed
+        )
         self.start_step = start_step
-        self.total_steps = total_steps = max(total_steps, start_step)
+        self.total_steps = total_steps
         warmup = math.ceil(cfg.warmup_ratio * total_steps) if resumed is None else resumed.warmup_steps
         self.schedule = lr_lambda(total_steps, warmup, cfg.scheduler, cfg.min_lr_ratio)
         self.state = TrainerState(
@@ -352,7 +350,7 @@ class Trainer:
             return False
         stopped_early = (
             resumed.stop_reason == "early_stopping"
-            and es.enabled
+            and self.early_stopping
             and not plan.branch
             and resumed.evals_without_improvement >= es.patience
         )
@@ -501,8 +499,11 @@ class Trainer:
             f"training {recipe.model.path} with LoRA r={recipe.lora.rank} on {', '.join(recipe.lora.attention + recipe.lora.experts) or 'nothing'}"
             f"{' + router' if recipe.router.train else ''}: {n_params:,} trainable parameters; {len(data.train)} train rows, "
             f"{len(data.validation)} validation rows; {self.num_processes} process(es){_mode(self.accelerator)} x {cfg.grad_accum} accumulation x {cfg.micro_batch_size} rows per step; "
-            f"steps {self.start_step}->{self.total_steps}"
-            + (f" (resumed from {self.plan.checkpoint})" if self.resumed is not None else "")
+            + (
+                f"steps {self.start_step}->{self.total_steps} of {self.length_why} (resumed from {self.plan.checkpoint})"
+                if self.resumed is not None
+                else self.length_why
+            )
             + f"; {self.runs_on}; writing to {self.run_dir}"
         )
 
@@ -568,7 +569,7 @@ class Trainer:
     def _early_stop(self) -> bool:
         """Whether the validation loss stopped improving for early_stopping.patience evaluations (and say so)."""
         es, state = self.recipe.early_stopping, self.state
-        if not (self.evaluating and es.enabled and state.evals_without_improvement >= es.patience):
+        if not (self.evaluating and self.early_stopping and state.evals_without_improvement >= es.patience):
             return False
         if self.is_main:
             gain = f"by more than min_delta {es.min_delta:g}" if es.min_delta else "at all"

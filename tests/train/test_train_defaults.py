@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from helpers.training import wrapper_script, write_recipe
@@ -51,3 +52,113 @@ def test_a_second_sigterm_exits_143_like_the_first(tiny_ckpt, tmp_path):
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM, out
     assert "received SIGTERM" in out and "interrupted" in out and "Traceback" not in out, out
+
+
+def _examples(n: int, seed: int = 0) -> str:
+    import json
+    import random
+
+    r = random.Random(seed)
+    words = ["red", "green", "blue", "amber", "violet", "teal", "ochre", "cyan"]
+    return "".join(
+        json.dumps({"prompt": f"Colour {i}?", "completion": " ".join(r.choice(words) for _ in range(6))}) + "\n"
+        for i in range(n)
+    )
+
+
+def _minimal_recipe(tmp_path, tiny_ckpt, n_examples: int = 14, **train) -> Path:
+    """What a newcomer writes: model, LoRA, training data, max_steps; nothing about validation or early
+    stopping. (grad_accum 1 and no packing so one example is one step: 14 steps an epoch.)"""
+    import yaml
+
+    (tmp_path / "train.jsonl").write_text(_examples(n_examples))
+    recipe = {
+        "model": {"path": str(tiny_ckpt)},
+        "lora": {"rank": 4},
+        "data": {"train": "train.jsonl", "packing": False, "max_seq_len": 64},
+        "train": {"max_steps": 40, "grad_accum": 1, **train},
+        "output_dir": "run",
+    }
+    path = tmp_path / "minimal.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_minimal_recipe_trains_max_steps_over_several_epochs_without_early_stopping(tiny_ckpt, tmp_path, capsys):
+    """No validation data: early stopping is off, with one line saying so (it was refused). train.max_steps 40
+    on 14 examples runs 40 steps, cycling the data (it stopped after one epoch, at step 14, since epochs
+    defaulted to 1 and 'the smaller won'); the start line says the length and why; the LR schedule spans
+    the 40 steps."""
+    from helpers.training import read_metrics
+
+    from gptoss_tune.train.recipe import load_recipe
+    from gptoss_tune.train.schedule import lr_lambda
+    from gptoss_tune.train.trainer import train
+
+    result = train(load_recipe(_minimal_recipe(tmp_path, tiny_ckpt)))
+    out = capsys.readouterr().out
+    assert result.stop_reason == "completed" and result.step == 40 and result.exit_code == 0
+    assert "40 steps (train.max_steps; 2.9 epochs of 14 steps)" in out, out
+    off = [line for line in out.splitlines() if "early stopping" in line]
+    assert len(off) == 1 and "off" in off[0] and "no validation data" in off[0], off
+    steps, evals = read_metrics(tmp_path / "run")
+    assert [s["step"] for s in steps] == list(range(1, 41)) and evals == []
+    assert steps[-1]["epoch"] == pytest.approx(40 / 14, abs=1e-4)
+    f = lr_lambda(40, 2, "cosine", 0.0)  # warmup ceil(0.03 * 40) = 2 steps, cosine to 0 at step 40
+    assert [s["lr"] for s in steps] == pytest.approx([2e-4 * f(i) for i in range(40)])
+
+
+def test_epochs_apply_only_without_max_steps(tiny_ckpt, tmp_path, capsys):
+    from gptoss_tune.train.length import run_length
+
+    assert run_length(1.0, 40, 14, 1, 0, 0)[0] == 40  # max_steps wins over an explicit epochs (HF Trainer)
+    assert "train.epochs 1 is ignored" in run_length(1.0, 40, 14, 1, 0, 0)[1]
+    assert run_length(2.0, None, 14, 4, 0, 0) == (7, "7 steps (train.epochs 2; an epoch is 3.5 steps)")
+    assert run_length(None, None, 14, 1, 0, 0)[0] == 14
+    assert run_length(None, 10, 14, 1, 12, 12)[0] == 12  # a resumed run never goes back
+
+
+def test_max_steps_resume_mid_second_epoch_repeats_the_uninterrupted_run(tiny_ckpt, tmp_path, monkeypatch):
+    """20 rows, 2 micro-batches of 2 rows a step: 5 steps an epoch; max_steps 12 (with an explicit epochs 1,
+    which it overrides). A SIGTERM stops after step 7, in the middle of the second epoch; resuming gives the
+    uninterrupted run's losses bit for bit, and every epoch visits the rows in another order (seeded by seed
+    and epoch)."""
+    from helpers.training import read_metrics, synthetic_data
+
+    from gptoss_tune.train import tracking
+    from gptoss_tune.train.recipe import load_recipe
+    from gptoss_tune.train.stream import MicroBatchStream
+    from gptoss_tune.train.trainer import train
+
+    def data():
+        return synthetic_data(n_train=20, n_val=4)
+
+    def run(d):
+        recipe = write_recipe(d, tiny_ckpt, train={"epochs": 1, "max_steps": 12}, checkpoint={"every_steps": 0})
+        return train(load_recipe(recipe), data=data())
+
+    ref = run(tmp_path / "ref")
+    assert ref.step == 12 and ref.stop_reason == "completed"
+
+    real = tracking.Tracker.train_step
+
+    def signal_after_6(self, record, extra=None):  # seen at the end of step 7: 14 micro-batches, epoch 1.4
+        real(self, record, extra)
+        if record["step"] == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tracking.Tracker, "train_step", signal_after_6)
+    stopped = run(tmp_path / "b")
+    assert stopped.stop_reason == "interrupted" and stopped.step == 7
+    monkeypatch.setattr(tracking.Tracker, "train_step", real)
+    resumed = run(tmp_path / "b")
+    assert resumed.step == 12 and resumed.stop_reason == "completed"
+    got, got_eval = read_metrics(tmp_path / "b" / "run")
+    want, want_eval = read_metrics(tmp_path / "ref" / "run")
+    assert [s["epoch"] for s in got[6:8]] == [1.4, 1.6]
+    assert [s["loss"] for s in got] == [s["loss"] for s in want]
+    assert [e["eval_loss"] for e in got_eval] == [e["eval_loss"] for e in want_eval]
+
+    stream = MicroBatchStream(data().train, 2, 42)
+    epochs = [[r["input_ids"] for i in range(e * 10, e * 10 + 10) for r in stream.rows_of(i)] for e in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2] and sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2])
