@@ -53,6 +53,7 @@ from gptoss_tune.runs import (
     wipe,
 )
 from gptoss_tune.train import checkpoint as ck  # a module: tests replace ck.write_checkpoint_files
+from gptoss_tune.train.divergence import DivergenceGuard, TrainingDiverged
 from gptoss_tune.train.length import run_length
 from gptoss_tune.train.losses import expert_load_stats
 from gptoss_tune.train.memory import apply_memory_settings, build_optimizer
@@ -65,12 +66,6 @@ from gptoss_tune.train.state import TrainerState
 # load_train_data is looked up here at each run: tests replace trainer.load_train_data with synthetic rows.
 from gptoss_tune.train.stream import MicroBatchStream, TrainData, eval_batches, load_train_data
 from gptoss_tune.train.tracking import Tracker
-
-
-class TrainingDiverged(UserError):
-    """The loss or gradient became NaN/inf: the run stops without applying that step."""
-
-    exit_code = 3
 
 
 @dataclass
@@ -237,6 +232,7 @@ class Trainer:
         self._setup_optimizer()
         self._wrap_for_distribution()
         self._resume()
+        self._setup_guard()
         self._setup_tracking()
 
     def _setup_accelerator(self) -> None:
@@ -489,6 +485,17 @@ class Trainer:
         if state.evals and state.evals[-1]["step"] == self.start_step:
             self.last_eval_step = self.start_step  # evaluated at the checkpoint's step: not again at the end
 
+    def _setup_guard(self) -> None:
+        """The divergence guard (gptoss_tune.train.divergence) over the trainable parameters as they start."""
+        acc = self.accelerator
+        reduce = (lambda t: acc.reduce(t.to(acc.device), "sum")) if self.sharded else None
+        self.guard = DivergenceGuard(self.recipe, self.run_dir, self.trainable, reduce, self.num_processes)
+        if self.resumed is not None and not math.isfinite(self.guard.start_norm):
+            raise TrainingDiverged(
+                f"{self.plan.checkpoint}: this checkpoint holds non-finite trainable parameters (written before they "
+                f"were checked); resume from an earlier checkpoint with resume=PATH, or start again with resume=never"
+            )
+
     def _setup_tracking(self) -> None:
         """metrics.jsonl / W&B (main process), and the one line that says what this run trains, how and where."""
         recipe, cfg, data = self.recipe, self.cfg, self.data
@@ -650,24 +657,23 @@ class Trainer:
     def _optimizer_step(self, lm: float, aux: float) -> tuple[float, float]:
         """Stop on a NaN/inf loss or gradient norm before the update; else clip, step the optimizer and the
         schedule. Returns the learning rate this step used and the gradient norm before clipping."""
-        acc, cfg, step = self.accelerator, self.cfg, self.state.step
-        where = f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
+        acc, cfg, step, guard = self.accelerator, self.cfg, self.state.step, self.guard
         if not (math.isfinite(lm) and math.isfinite(aux)):
-            raise TrainingDiverged(
-                f"step {step + 1}: the loss is not finite (lm {lm}, aux {aux}); stopped before applying the step; {where} "
-                f"(resume from it with a lower train.lr, e.g. resume=PATH train.lr={cfg.lr / 4:g})"
-            )
+            what = f"the loss is not finite (lm {lm}, aux {aux}); stopped before applying the step"
+            raise guard.diverged(step + 1, what, self.last_ckpt)
         grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if acc.distributed_type != DistributedType.DEEPSPEED and not math.isfinite(grad_norm):
-            raise TrainingDiverged(
-                f"step {step + 1}: the gradient norm is {grad_norm}; stopped before applying the step; {where} "
-                f"(resume from it with a lower train.lr)"
-            )
+            what = f"the gradient norm is {grad_norm}; stopped before applying the step"
+            raise guard.diverged(step + 1, what, self.last_ckpt)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        guard.after_update(step + 1, self.last_ckpt)  # non-finite or exploded parameters: stop, keep nothing
+        vanished = guard.grad_norm(step + 1, grad_norm)
+        if vanished and self.is_main:
+            self.tracker.info(vanished)
         return lr, grad_norm
 
     def _log_step(self, record: dict, counts: torch.Tensor) -> None:
@@ -754,6 +760,9 @@ class Trainer:
                     ck.write_best(run_dir, best, self.state.best_value)
             acc.wait_for_everyone()
             return path
+        problem = self.guard.unsound()  # every process decides the same (the norm is global)
+        if problem is not None:
+            raise self.guard.diverged(step, f"{problem}; not written as a checkpoint", self.last_ckpt)
         if is_main:
             ck.prepare_tmp(run_dir, step)
         acc.wait_for_everyone()
@@ -817,6 +826,8 @@ class Trainer:
             again = "run the same command again" if self.recipe.resume == "auto" else "run it again with resume=auto"
             lines.append(f"  checkpoint: {self.last_ckpt}; {again} to continue")
         lines.append(f"  metrics: {run_dir / METRICS}")
+        if self.guard.vanished:
+            lines.append(f"  {self.guard.vanished}")
         print("\n".join(lines), flush=True)
 
     def cleanup(self) -> None:

@@ -162,3 +162,123 @@ def test_max_steps_resume_mid_second_epoch_repeats_the_uninterrupted_run(tiny_ck
     stream = MicroBatchStream(data().train, 2, 42)
     epochs = [[r["input_ids"] for i in range(e * 10, e * 10 + 10) for r in stream.rows_of(i)] for e in range(3)]
     assert epochs[0] != epochs[1] != epochs[2] and sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2])
+
+
+def _train_cli(args: list[str], data) -> int:
+    """`gptoss-tune train ARGS` in this process, on `data` instead of the recipe's files."""
+    from gptoss_tune.cli.main import main
+    from gptoss_tune.train import trainer as train_mod
+
+    orig = train_mod.load_train_data
+    train_mod.load_train_data = lambda recipe: data
+    try:
+        return main(["train", *args])
+    finally:
+        train_mod.load_train_data = orig
+
+
+def _command_after(text: str, marker: str) -> list[str]:
+    import shlex
+
+    cmd = shlex.split(text.split(marker, 1)[1].strip().splitlines()[0])
+    assert cmd[:2] == ["gptoss-tune", "train"], cmd
+    return cmd[2:]
+
+
+def _trainable_norms(run_dir) -> dict[str, float]:
+    import math
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
+        tensors = load_file(ckpt / "adapter.safetensors")
+        out[ckpt.name] = math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
+    return out
+
+
+def test_divergence_keeps_only_sound_checkpoints_and_prints_a_command_that_works(tiny_ckpt, tmp_path, capsys):
+    """lr 100 with 5 warmup steps: the updates of steps 1 and 2 grow the LoRA weights' norm from 10 to 3.3e3 and
+    8.9e3, step 3's to 1.6e4, past 1000x the start: the run stops there and writes no checkpoint of it. The
+    message points at step 2's checkpoint, names train.lr with the default 2e-4 (not lr/4 = 25), and its
+    command, run as printed, continues from that checkpoint into a new output_dir and finishes."""
+    import math
+
+    from helpers.training import read_metrics, synthetic_data
+
+    from gptoss_tune.train.recipe import load_recipe
+    from gptoss_tune.train.trainer import TrainingDiverged, train
+
+    recipe = write_recipe(
+        tmp_path,
+        tiny_ckpt,
+        train={"lr": 100.0, "scheduler": "constant", "warmup_ratio": 0.5, "max_steps": 10},
+        eval={"every_steps": 0},
+        checkpoint={"every_steps": 1, "keep": 5},
+    )
+    with pytest.raises(TrainingDiverged) as e:
+        train(load_recipe(recipe), data=synthetic_data())
+    msg = str(e.value)
+    run = tmp_path / "run"
+    assert msg.startswith("step 3: the trainable parameters exploded") and "\n" not in msg, msg
+    assert f"the last sound checkpoint is {run / 'checkpoints' / 'step-00000002'}" in msg, msg
+    assert "train.lr 100 is far above" in msg and "train.lr=0.0002" in msg, msg
+    norms = _trainable_norms(run)
+    assert list(norms) == ["step-00000001", "step-00000002"]
+    assert all(math.isfinite(n) and n < 1e4 for n in norms.values()), norms
+
+    capsys.readouterr()
+    assert _train_cli(_command_after(msg, "To continue from it:"), synthetic_data()) == 0
+    branch = tmp_path / "run-lr0.0002"
+    steps, _ = read_metrics(branch)
+    assert [s["step"] for s in steps] == list(range(3, 11))
+    assert max(s["lr"] for s in steps) == pytest.approx(2e-4)  # the warmup (5 steps) is kept, to the new peak
+    assert all(math.isfinite(s["loss"]) for s in steps)
+
+
+def test_divergence_from_lora_alpha_names_it_and_restarts_with_a_sound_value(tiny_ckpt, tmp_path, capsys):
+    """lora.alpha 1e30 (a scale of 1.25e29): the first gradient is infinite. The advice names lora.alpha (not
+    the learning rate) and, since a checkpoint trained with another alpha cannot be continued under a new
+    one, its command starts again, and works."""
+    from helpers.training import synthetic_data
+
+    recipe = write_recipe(
+        tmp_path,
+        tiny_ckpt,
+        lora={"rank": 8, "alpha": 1e30},
+        train={"max_steps": 3},
+        eval={"every_steps": 0},
+    )
+    capsys.readouterr()
+    assert _train_cli([str(recipe)], synthetic_data()) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "Likely cause: lora.alpha 1e+30" in err and "no sound checkpoint was written" in err, err
+    args = _command_after(err, "To start again:")
+    assert "lora.alpha=16" in args and "resume=never" in args, args
+    assert _train_cli(args, synthetic_data()) == 0
+    assert (tmp_path / "run-alpha16" / "final").is_dir()
+
+
+def test_vanishing_gradients_warn_with_what_to_change(tiny_ckpt, tmp_path, capsys):
+    """No trained token and no load-balancing loss: the gradient is exactly 0 every step and the loss flat.
+    The run finishes (nothing is broken) but says, during the run and in its summary, that nothing learns
+    and what to look at."""
+    from helpers.training import synthetic_rows
+
+    from gptoss_tune.train.recipe import load_recipe
+    from gptoss_tune.train.stream import TrainData
+    from gptoss_tune.train.trainer import train
+
+    rows = synthetic_rows(16)
+    for r in rows:
+        r["labels"] = [-100] * len(r["labels"])
+    recipe = write_recipe(
+        tmp_path, tiny_ckpt, router={"aux_loss_coef": 0.0}, train={"max_steps": 4}, data={"val_fraction": 0.0}
+    )
+    capsys.readouterr()
+    result = train(load_recipe(recipe), data=TrainData(rows, [], {}))
+    assert result.exit_code == 0 and result.step == 4
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "gradient norm has been exactly 0" in line]
+    assert len(warnings) == 2, warnings  # once when it happens (step 3), once in the summary
+    assert "since step 1" in warnings[0] and "train.lr" in warnings[0] and "data.train_on" in warnings[0]
