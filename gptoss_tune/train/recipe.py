@@ -214,6 +214,10 @@ class Recipe(Settings):
     overwrite: bool = Field(
         False, description="allow starting fresh in an output_dir that holds another run (its contents are deleted)"
     )
+    resume_allow_data_change: bool = Field(
+        False,
+        description="resume a run although a data file changed under the same path since it started (refused otherwise)",
+    )
 
     @model_validator(mode="after")
     def _validation_for_early_stopping(self):

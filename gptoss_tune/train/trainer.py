@@ -53,6 +53,7 @@ from gptoss_tune.runs import (
     wipe,
 )
 from gptoss_tune.train import checkpoint as ck  # a module: tests replace ck.write_checkpoint_files
+from gptoss_tune.train.datafiles import check_data_files, record_data_files
 from gptoss_tune.train.divergence import DivergenceGuard, TrainingDiverged
 from gptoss_tune.train.length import run_length
 from gptoss_tune.train.losses import expert_load_stats
@@ -259,6 +260,7 @@ class Trainer:
     def _setup_output_dir(self) -> None:
         """Fresh, resume or refuse: every process decides from the same files, then only the main one writes."""
         self.plan = check_output_dir(self.recipe)
+        data_files = check_data_files(self.recipe, self.plan, self.run_dir)  # a resumed run's data changed: refuse
         self.accelerator.wait_for_everyone()
         resuming = self.plan.mode == "resume"
         self.resumed = TrainerState.from_dict(ck.read_trainer_state(self.plan.checkpoint)) if resuming else None
@@ -269,6 +271,7 @@ class Trainer:
             (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
             ck.clean_stale(run_dir)
             atomic_write_text(run_dir / RECIPE, self.recipe.to_yaml())
+            record_data_files(run_dir, data_files)
             if self.resumed is not None:
                 truncate_metrics(run_dir / METRICS, self.resumed.step)
             elif (run_dir / METRICS).exists():

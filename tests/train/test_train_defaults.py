@@ -282,3 +282,32 @@ def test_vanishing_gradients_warn_with_what_to_change(tiny_ckpt, tmp_path, capsy
     warnings = [line for line in capsys.readouterr().out.splitlines() if "gradient norm has been exactly 0" in line]
     assert len(warnings) == 2, warnings  # once when it happens (step 3), once in the summary
     assert "since step 1" in warnings[0] and "train.lr" in warnings[0] and "data.train_on" in warnings[0]
+
+
+def test_resume_refuses_data_changed_under_the_same_path(tiny_ckpt, tmp_path, capsys):
+    """A run on 20 examples, then train.jsonl rewritten with 7: resume=auto (and resume=PATH of its checkpoint,
+    and `validate`) refuse with one line naming the file and the flag (it continued silently on the 7);
+    resume_allow_data_change=true continues, saying so. Nothing of the run is touched by the refusal."""
+    from gptoss_tune.cli.main import main
+
+    recipe = _minimal_recipe(tmp_path, tiny_ckpt, n_examples=20, max_steps=3)
+    assert main(["train", str(recipe)]) == 0
+    run = tmp_path / "run"
+    metrics = (run / "metrics.jsonl").read_text()
+    (tmp_path / "train.jsonl").write_text(_examples(7, seed=1))
+    capsys.readouterr()
+    ckpt = run / "checkpoints" / "step-00000003"
+    for extra in ([], [f"resume={ckpt}"]):
+        assert main(["train", str(recipe), "train.max_steps=5", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert f"data.train: '{tmp_path / 'train.jsonl'}' changed" in err and "20 -> 7 lines" in err, err
+        assert "resume_allow_data_change=true" in err, err
+    assert main(["validate", str(recipe), "train.max_steps=5"]) == 2
+    assert "resume_allow_data_change=true" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+    assert main(["train", str(recipe), "train.max_steps=5", "resume_allow_data_change=true"]) == 0
+    out = capsys.readouterr().out
+    assert "continuing on the new data" in out and "resumed from" in out, out
+    assert main(["train", str(recipe), "train.max_steps=6"]) == 0  # the new data is now the run's record
