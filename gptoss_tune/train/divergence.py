@@ -54,15 +54,16 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 def parameter_norm(params, reduce=None) -> float:
     """Global L2 norm of the parameters (inf/nan when any element is); `reduce` sums a tensor over the
-    processes when parameters are sharded (every process must call it then)."""
-    sq = torch.zeros((), dtype=torch.float64)
-    device = None
-    for p in params:
-        t = _local(p.detach())
-        device = t.device
-        sq = sq.to(device) + t.double().pow(2).sum()
+    processes when parameters are sharded (every process must call it then). Accumulated in float64, which
+    holds the square of any float32 (a float32 sum of squares would overflow at 1e19 and read as non-finite);
+    one reduction per tensor and one host sync per call."""
+    tensors = [t for t in (_local(p.detach()) for p in params) if t.numel()]
+    if tensors:
+        sq = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]).pow(2).sum()
+    else:
+        sq = torch.zeros((), dtype=torch.float64)
     if reduce is not None:
-        sq = reduce(sq.to(device) if device is not None else sq)
+        sq = reduce(sq)
     return math.sqrt(float(sq))
 
 

@@ -284,6 +284,21 @@ def test_vanishing_gradients_warn_with_what_to_change(tiny_ckpt, tmp_path, capsy
     assert "since step 1" in warnings[0] and "train.lr" in warnings[0] and "data.train_on" in warnings[0]
 
 
+def test_lr_1e6_stops_at_its_first_update_instead_of_finishing_with_a_dead_model(tiny_ckpt, tmp_path):
+    """lr 1e6 (clipping on) finished with exit 0: the first update grew the weights 1.7e7-fold, after which the
+    gradient was exactly 0 and the loss flat for the rest of the run. Now the first update stops it."""
+    from helpers.training import synthetic_data
+
+    from gptoss_tune.train.recipe import load_recipe
+    from gptoss_tune.train.trainer import TrainingDiverged, train
+
+    recipe = write_recipe(tmp_path, tiny_ckpt, train={"lr": 1e6, "warmup_ratio": 0.0, "max_steps": 10})
+    with pytest.raises(TrainingDiverged) as e:
+        train(load_recipe(recipe), data=synthetic_data())
+    assert str(e.value).startswith("step 1: the trainable parameters exploded") and "train.lr=0.0002" in str(e.value)
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
 def test_resume_refuses_data_changed_under_the_same_path(tiny_ckpt, tmp_path, capsys):
     """A run on 20 examples, then train.jsonl rewritten with 7: resume=auto (and resume=PATH of its checkpoint,
     and `validate`) refuse with one line naming the file and the flag (it continued silently on the 7);
