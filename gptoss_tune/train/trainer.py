@@ -7,7 +7,8 @@ Same as `gptoss-tune train RECIPE.yaml [key=value ...]` (one process). One optim
 3. for each micro-batch: LM loss sum * P*G/N + router.aux_loss_coef * load-balancing loss, backward
    (accelerate divides by G and DDP averages over P, so the step's gradient is exactly that of
    sum(token losses)/N + coef * mean(aux): every trained token weighs the same wherever it falls),
-4. stop on a NaN/inf loss or gradient norm before the update, clip, AdamW, schedule,
+4. stop on a NaN/inf loss or gradient norm before the update, clip, AdamW, schedule; stop on non-finite or
+   exploded parameters after it, before anything keeps them (gptoss_tune.train.divergence),
 5. log, evaluate every eval.every_steps, checkpoint, early-stop; SIGINT/SIGTERM save and exit.
 
 `train(recipe)` runs a Trainer: setup() (accelerator, output directory, data, schedule, model, optimizer,
