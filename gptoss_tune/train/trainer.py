@@ -297,9 +297,10 @@ class Trainer:
         self.evaluating = bool(data.validation)
         self.early_stopping = recipe.early_stopping_on(len(data.validation))  # enabled: true without any: UserError
         if recipe.early_stopping.enabled == "auto" and not self.early_stopping:
+            why = "the validation set is empty" if recipe.has_validation else "there is no validation data"
             self._say(
-                "early stopping: off, there is no validation data (set data.validation or data.val_fraction to "
-                "evaluate, keep the best checkpoint and stop early)"
+                f"early stopping: off, {why} (set data.validation or data.val_fraction to evaluate, keep the best "
+                f"checkpoint and stop early)"
             )
         self.stream = MicroBatchStream(data.train, cfg.micro_batch_size, cfg.seed, recipe.data.packing)
         self.val_batches = []
