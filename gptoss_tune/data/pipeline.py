@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptoss_tune.data.batching import IGNORE_INDEX
+from gptoss_tune.data.harmony import check_strings, parse_tools
 from gptoss_tune.data.packing import FitStats, fit, pack
 from gptoss_tune.data.rendering import RenderedExample, render_example  # noqa: F401  (one example, unpacked: `render --json`)
 from gptoss_tune.data.settings import DataSettings
@@ -54,7 +55,6 @@ def load_data(
 ) -> DataBundle:
     """Read, render, split, fit and pack the data of a recipe. Raises UserError on bad input."""
     t0 = time.perf_counter()
-    from gptoss_tune.data.harmony import check_strings, parse_tools
 
     # a bad recipe-level schema is the recipe's fault, say so once
     parse_tools(settings.tools, where="data.")

@@ -37,10 +37,13 @@ from safetensors.torch import save_file
 
 from gptoss_kernels.mxfp4 import dequantize, quantize
 from gptoss_tune import runs as rd
+from gptoss_tune.devices import check_device
 from gptoss_tune.errors import UserError
 from gptoss_tune.export import FORMATS
 from gptoss_tune.export.card import model_card, run_dir_of  # noqa: F401  (public from here too)
 from gptoss_tune.export.drift import DRIFT_PROMPTS, drift_prompt_ids, logit_drift  # noqa: F401  (public from here too)
+from gptoss_tune.export.hf_tokenizer import write_tokenizer_files
+from gptoss_tune.export.peft_format import PEFT_WEIGHTS_FILE, peft_config, to_peft_state_dict
 from gptoss_tune.model.adapter import CONFIG_FILE as OUR_CONFIG
 from gptoss_tune.model.adapter import WEIGHTS_FILE as OUR_WEIGHTS
 from gptoss_tune.model.adapter import read_adapter_config
@@ -310,8 +313,6 @@ def write_merged(src: AdapterSource, fmt: str, out_dir: Path, progress: Callable
 
 
 def write_adapter(src: AdapterSource, out_dir: Path) -> dict:
-    from gptoss_tune.export.peft_format import PEFT_WEIGHTS_FILE, peft_config, to_peft_state_dict
-
     cfg = peft_config(src.settings, src.base_name, router_trained=src.router_trained)
     cfg.save_pretrained(str(out_dir))
     state = to_peft_state_dict(src.state, src.settings)
@@ -345,8 +346,6 @@ def export_run(
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"{out}: exists and is not empty; choose another --out or pass --force to replace it")
     if fmt == "merged-mxfp4" and drift:
-        from gptoss_tune.devices import check_device
-
         check_device(device)
     ckpt = resolve_export_checkpoint(run_dir, checkpoint)
     src = AdapterSource(ckpt, base)
@@ -369,7 +368,6 @@ def export_run(
             shutil.copyfile(gen, tmp / "generation_config.json")
         else:
             (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
-        from gptoss_tune.export.hf_tokenizer import write_tokenizer_files
 
         write_tokenizer_files(tmp, model_max_length=int(src.config.get("max_position_embeddings", 131072)))
         if fmt == "merged-mxfp4" and drift:

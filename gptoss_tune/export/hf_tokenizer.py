@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from gptoss_tune.data.tokenizer import ensure_vocab, harmony_encoding, tiktoken_encoding
 from gptoss_tune.model.config import BOS_ID, EOS_ID, PAD_ID
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -86,8 +87,6 @@ def build_tokenizer_json(path: Path) -> None:
 def _converted_tokenizer_json() -> Path:
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from gptoss_tune.data.tokenizer import ensure_vocab, tiktoken_encoding
-
     enc = tiktoken_encoding()
     names = special_token_names()
     # The converter appends added tokens in order after the 199,998 ranks, so ids must run without gaps.
@@ -110,8 +109,6 @@ def _converted_tokenizer_json() -> Path:
 def special_token_names() -> dict[int, str]:
     """id -> name of every o200k_harmony special token. tiktoken names id 200018 twice (<|endofprompt|> and
     <|reserved_200018|>); openai-harmony decodes it as the latter, which is kept."""
-    from gptoss_tune.data.tokenizer import harmony_encoding, tiktoken_encoding
-
     names: dict[int, str] = {}
     for s, i in tiktoken_encoding()._special_tokens.items():
         if i in names:

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from gptoss_tune.errors import UserError
+from gptoss_tune.export.exporter import resolve_export_checkpoint
+from gptoss_tune.export.peft_format import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, from_peft_state_dict, read_peft_settings
+from gptoss_tune.model.adapter import CONFIG_FILE, load_adapter_weights, load_with_adapter, read_adapter_config
+from gptoss_tune.model.loader import load_model
 
 
 def load_for_serving(model_dir: str | Path, adapter: str | Path | None = None, checkpoint: str = "best", device=None):
@@ -17,9 +24,6 @@ def load_for_serving(model_dir: str | Path, adapter: str | Path | None = None, c
     directory (its best checkpoint, or --checkpoint), or a PEFT adapter export. --adapter adds our or a PEFT
     adapter on top of MODEL_DIR as base.
     """
-    from gptoss_tune.export.peft_format import PEFT_CONFIG_FILE
-    from gptoss_tune.model.adapter import CONFIG_FILE, load_adapter_weights, load_with_adapter
-    from gptoss_tune.model.loader import load_model
 
     p = Path(model_dir)
     name = p.resolve().name if p.exists() else str(model_dir)
@@ -34,8 +38,6 @@ def load_for_serving(model_dir: str | Path, adapter: str | Path | None = None, c
         if (p / PEFT_CONFIG_FILE).is_file():
             return _load_peft_adapter(p, None, device), name
         if is_run:
-            from gptoss_tune.export.exporter import resolve_export_checkpoint
-
             ckpt = resolve_export_checkpoint(p, checkpoint)
             return load_with_adapter(ckpt, device=device), name
         return load_model(model_dir, device=device), name
@@ -43,8 +45,6 @@ def load_for_serving(model_dir: str | Path, adapter: str | Path | None = None, c
     if (a / PEFT_CONFIG_FILE).is_file():
         return _load_peft_adapter(a, model_dir, device), f"{name}+{a.resolve().name}"
     if (a / CONFIG_FILE).is_file():
-        from gptoss_tune.model.adapter import read_adapter_config
-
         model = load_model(model_dir, lora=read_adapter_config(a)["lora"], device=device)
         load_adapter_weights(model, a)
         return model, f"{name}+{a.resolve().name}"
@@ -55,11 +55,6 @@ def load_for_serving(model_dir: str | Path, adapter: str | Path | None = None, c
 
 def _load_peft_adapter(adapter_dir: Path, base, device):
     """A PEFT adapter (our export, or compatible) on an MXFP4-resident base, converted to our layout."""
-    import torch
-    from safetensors.torch import load_file
-
-    from gptoss_tune.export.peft_format import PEFT_WEIGHTS_FILE, from_peft_state_dict, read_peft_settings
-    from gptoss_tune.model.loader import load_model
 
     settings, cfg = read_peft_settings(adapter_dir)
     base = base or cfg.get("base_model_name_or_path")

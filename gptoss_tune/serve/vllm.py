@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from gptoss_tune.errors import UserError
+from gptoss_tune.export.peft_format import PEFT_CONFIG_FILE, read_peft_settings
 from gptoss_tune.model.adapter import CONFIG_FILE as ADAPTER_CONFIG
 from gptoss_tune.runs import CHECKPOINTS
 
@@ -19,8 +20,6 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 def vllm_command(model_dir: str, adapter: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, served_model_name: str | None = None) -> tuple[list[str], list[str]]:  # fmt: skip
     """(argv of `vllm serve ...`, notes for the user) for an exported model or a base + PEFT adapter."""
-    from gptoss_tune.export.peft_format import PEFT_CONFIG_FILE, read_peft_settings
-
     notes: list[str] = []
     base = model_dir
     lora_dir = None

@@ -19,6 +19,7 @@ import yaml
 
 from gptoss_tune.errors import UserError
 from gptoss_tune.runs import RECIPE, holds_run, list_checkpoints, trained
+from gptoss_tune.train.recipe import Recipe
 
 
 @dataclass
@@ -54,8 +55,6 @@ def _first_difference(a: dict, b: dict) -> str | None:
 
 
 def stored_fingerprint(out: Path) -> dict | None:
-    from gptoss_tune.train.recipe import Recipe
-
     try:
         raw = yaml.safe_load((out / RECIPE).read_text())
         return Recipe.model_validate(raw).fingerprint()

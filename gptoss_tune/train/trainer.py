@@ -41,6 +41,7 @@ from gptoss_tune.errors import UserError
 from gptoss_tune.model.adapter import load_adapter_weights, read_adapter_config, save_adapter
 from gptoss_tune.model.checkpoint import read_config, resolve_model_dir
 from gptoss_tune.model.experts import MXFP4Experts
+from gptoss_tune.model.loader import load_model
 from gptoss_tune.runs import (
     CHECKPOINTS,
     DATA_REPORT,
@@ -370,7 +371,6 @@ class Trainer:
         start in _resume), the experts' backend checked here, the adapter of the checkpoint resumed from."""
         # model.loader imports transformers (4 s here): only once a run starts, so a mistake in the recipe or
         # on the command line is reported without that wait.
-        from gptoss_tune.model.loader import load_model
 
         recipe = self.recipe
         set_seed(self.cfg.seed)
