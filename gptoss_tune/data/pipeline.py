@@ -4,8 +4,8 @@
     bundle.train, bundle.validation   # rows as in batching.py: input_ids, labels, position_ids
     bundle.report                      # counts, see format_report
 
-Files are read and rendered by data_sources (through `datasets`, cached), examples rendered by
-rendering (harmony, loss masks), cut or dropped and packed by packing. Validation is a separate file,
+Files are read and rendered by sources.py (through `datasets`, cached), examples rendered by
+rendering.py (harmony, loss masks), cut or dropped and packed by packing.py. Validation is a separate file,
 or a held-out fraction of the training examples chosen by the seed. Training rows come in an order
 shuffled by the seed; validation rows in a fixed order.
 """

@@ -11,8 +11,8 @@ Merging streams: the base checkpoint is read one tensor (experts: one expert) at
 safetensors, the merged tensors of one layer are written as one shard, and nothing else is held, so
 peak memory is about one layer's output beyond the process (the report records the largest shard held).
 Every export directory also gets generation_config.json, the tokenizer files (hf_tokenizer.py), a model
-card (README.md, export_card.py) with the recipe, data summary and final metrics, and export_report.json;
-merged-mxfp4 also the logit drift of the export against the tuned model (export_drift.py). The directory
+card (README.md, card.py) with the recipe, data summary and final metrics, and export_report.json;
+merged-mxfp4 also the logit drift of the export against the tuned model (drift.py). The directory
 is built next to its destination and renamed into place, so an interrupted export leaves nothing that
 looks complete.
 """
