@@ -311,17 +311,26 @@ def write_merged(src: AdapterSource, fmt: str, out_dir: Path, progress: Callable
 
 def write_adapter(src: AdapterSource, out_dir: Path) -> dict:
     from gptoss_tune.export.peft_format import PEFT_WEIGHTS_FILE, peft_config, to_peft_state_dict
+    from gptoss_tune.export.vllm_route import ROUTER_WARNING, with_both_expert_slots
 
-    cfg = peft_config(src.settings, src.base_name, router_trained=src.router_trained)
+    ours, settings = with_both_expert_slots(src.state, src.settings, src.config)  # vLLM asserts both slots
+    cfg = peft_config(settings, src.base_name, router_trained=src.router_trained)
     cfg.save_pretrained(str(out_dir))
-    state = to_peft_state_dict(src.state, src.settings)
+    state = to_peft_state_dict(ours, settings)
     save_file(state, out_dir / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
     if src.settings.dropout:
         log.info(
             "lora_dropout %.3g written as 0 (dropout is training-only; PEFT refuses it on expert LoRA)",
             src.settings.dropout,
         )
-    return {"tensors": len(state), "bytes": sum(t.numel() * t.element_size() for t in state.values())}
+    report = {"tensors": len(state), "bytes": sum(t.numel() * t.element_size() for t in state.values())}
+    if settings.experts != src.settings.experts:
+        report["zero_expert_slots"] = [p for p in settings.experts if p not in src.settings.experts]
+    if src.router_trained:
+        report.setdefault("warnings", []).append(ROUTER_WARNING)
+    else:
+        report["vllm_rank"] = settings.rank
+    return report
 
 
 # ---- the command ----------------------------------------------------------------------------------
@@ -415,8 +424,27 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def adapter_serving_lines(report: dict, out: Path) -> list[str]:
+    """How to serve an adapter export without losing anything: vLLM's command, or why vLLM cannot."""
+    if report.get("format") != "adapter":
+        return []
+    import shlex
+
+    from gptoss_tune.export.vllm_route import adapter_command
+
+    lines = [f"  warning: {w}" for w in report.get("warnings", [])]
+    if "vllm_rank" in report:
+        cmd = adapter_command(report["base_model"], out, report["vllm_rank"], name=out.name)
+        lines.append(f"  serve it with vLLM (MXFP4 base + LoRA, nothing lost): {shlex.join(cmd)}")
+    lines.append(
+        f"  or here: gptoss-tune serve {shlex.quote(str(report['base_model']))} --adapter {shlex.quote(str(out))}"
+    )
+    return lines
+
+
 def summary_lines(report: dict, out: Path) -> str:
     lines = [f"wrote {report['format']} export to {out}/ in {report.get('seconds', 0):.1f}s"]
+    lines += adapter_serving_lines(report, out)
     for proj, s in (report.get("requantization") or {}).items():
         line = f"  re-quantisation {proj}: relative error {s['relative_error']:.4f}"
         if "lora_update_retained" in s:

@@ -28,6 +28,7 @@ LORAS = {
     "attention": {"rank": 3, "alpha": 6, "experts": []},
     "experts": {"rank": 2, "alpha": 8, "attention": []},
     "down_only": {"rank": 2, "alpha": 4, "attention": ["q_proj", "v_proj"], "experts": ["down_proj"]},
+    "gate_up_only": {"rank": 2, "alpha": 4, "attention": ["q_proj"], "experts": ["gate_up_proj"]},
 }
 
 
@@ -63,13 +64,33 @@ def exports(full_run, tmp_path_factory):
 # ---- adapter --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["full", "attention", "experts", "down_only", "router"])
+@pytest.mark.parametrize("kind", ["full", "attention", "experts", "down_only", "gate_up_only", "router"])
 def test_adapter_loads_in_stock_peft_with_our_logits(kind, tiny_ckpt, tmp_path):
     from peft import PeftModel
 
     lora = LORAS["full" if kind == "router" else kind]
     run = make_run_dir(tmp_path / "run", tiny_ckpt, lora=lora, train_router=kind == "router", seed=3)
-    export_run(run, "adapter", tmp_path / "out", progress=_quiet)
+    printed = []
+    export_run(run, "adapter", tmp_path / "out", progress=printed.append)
+    printed = "\n".join(printed)
+    # vLLM's gpt-oss LoRA loader asserts both expert slots (bare `experts` = down_proj, `experts.base_layer` =
+    # gate_up_proj): an adapter with any expert LoRA has both, the untrained one all zeros.
+    peft_state = load_file(tmp_path / "out/adapter_model.safetensors")
+    if lora.get("experts", ["x"]):
+        for layer in range(2):
+            for slot in ("experts.base_layer", "experts"):
+                for ab in "AB":
+                    assert f"base_model.model.model.layers.{layer}.mlp.{slot}.lora_{ab}.weight" in peft_state
+        untrained = {"down_only": "experts.base_layer", "gate_up_only": "experts"}.get(kind)
+        if untrained:
+            assert not peft_state[f"base_model.model.model.layers.0.mlp.{untrained}.lora_B.weight"].any()
+        targets = json.loads((tmp_path / "out/adapter_config.json").read_text())["target_parameters"]
+        assert targets == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    if kind == "router":  # vLLM rejects modules_to_save: said, and no vLLM command is offered
+        assert "warning: this adapter also trained the router" in printed and "vllm serve" not in printed
+    else:
+        assert f"vllm serve {tiny_ckpt} " in printed
+        assert f"--enable-lora --lora-modules out={tmp_path / 'out'} --max-lora-rank 8" in printed
     ids = _ids()
     ours = _logits(load_with_adapter(run / "checkpoints/step-00000010", device="cpu"), ids)
     base = stock_model(tiny_ckpt)

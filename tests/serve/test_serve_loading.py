@@ -102,6 +102,17 @@ def test_print_vllm_command(run, peft_export, tiny_ckpt, tmp_path, capsys):
     assert cmd2[2] == str(tiny_ckpt) and "--enable-lora" in cmd2
     with pytest.raises(UserError, match="export first"):
         vllm_command(str(run))
+    # an adapter exported before both expert slots were written: vLLM would assert; say how to fix it
+    import json
+    import shutil
+
+    old = tmp_path / "old-adapter"
+    shutil.copytree(peft_export, old)
+    cfg = json.loads((old / "adapter_config.json").read_text())
+    cfg["target_parameters"] = ["mlp.experts.down_proj"]
+    (old / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="LoRA on down_proj only.*asserts both expert slots.*export it again"):
+        vllm_command(str(old))
     assert main(["serve", "--print-vllm-command", str(mx)]) == 0
     assert capsys.readouterr().out.startswith(f"vllm serve {mx}")
 
