@@ -187,6 +187,30 @@ def test_merged_bf16_loads_in_stock_transformers(exports, full_run, tiny_ckpt):
     assert (untuned - ours).abs().max() > 1.0
 
 
+def test_merged_bf16_is_merged_in_fp32_and_rounded_once(exports, full_run, tiny_ckpt):
+    """Every merged tensor is bf16(fp32(W) + s·B·A): one rounding (a bf16 sum would round twice and lose
+    the small updates bf16 can still carry)."""
+    lora = load_file(full_run / "checkpoints/step-00000010/adapter.safetensors")
+    s = 4 / 2  # alpha / rank of LORAS["full"]
+    base, merged = {}, {}
+    for f in tiny_ckpt.glob("*.safetensors"):
+        base.update(load_file(f))
+    for f in exports["merged-bf16"].glob("*.safetensors"):
+        merged.update(load_file(f))
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            a, b = (lora[f"{p}self_attn.{proj}.lora_{x}.default.weight"].float() for x in "AB")
+            want = (base[f"{p}self_attn.{proj}.weight"].float() + s * (b @ a)).to(torch.bfloat16)
+            assert torch.equal(merged[f"{p}self_attn.{proj}.weight"], want), proj
+        for proj in ("gate_up_proj", "down_proj"):
+            e = f"{p}mlp.experts.{proj}"
+            for x in range(8):
+                w = dequantize(base[f"{e}_blocks"][x], base[f"{e}_scales"][x], torch.float32)
+                delta = s * (lora[f"{e}_lora_B"][x].float() @ lora[f"{e}_lora_A"][x].float())
+                assert torch.equal(merged[e][x], (w + delta).t().to(torch.bfloat16)), (e, x)
+
+
 # ---- merged mxfp4 ---------------------------------------------------------------------------------
 
 
