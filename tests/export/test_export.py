@@ -360,6 +360,51 @@ def test_exported_tokenizer_matches_tiktoken_and_harmony(exports):
         )
 
 
+def _harmony_cases():
+    """The held conversations of the data tests (messages and the harmony messages built by hand for them)."""
+    import importlib.util
+    from pathlib import Path
+
+    f = Path(__file__).parents[1] / "data" / "test_harmony_messages.py"
+    spec = importlib.util.spec_from_file_location("_held_harmony_cases", f)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.CASES
+
+
+def test_exported_chat_template_renders_the_harmony_training_ids(exports):
+    """A conversation ending with an assistant answer renders as harmony's training render (openai-harmony on
+    the hand-built messages): list-of-text-parts content, the trailing turn's chain of thought, `<|return|>`."""
+    from openai_harmony import Conversation, RenderConversationConfig
+    from transformers import AutoTokenizer
+
+    from gptoss_tune.data.tokenizer import harmony_encoding
+
+    tok = AutoTokenizer.from_pretrained(str(exports["adapter"]))
+    enc = harmony_encoding()
+    plain = {k: v for k, v in _harmony_cases().items() if "tools" not in v[0]}
+    assert len(plain) >= 7 and any(isinstance(m["content"], list) for k, _ in plain.values() for m in k["messages"])
+    for name, (kwargs, expected) in plain.items():
+        want = enc.render_conversation_for_training(
+            Conversation.from_messages(expected), RenderConversationConfig(auto_drop_analysis=False)
+        )
+        extra = {"reasoning_effort": kwargs["reasoning_effort"]} if "reasoning_effort" in kwargs else {}
+        ids = tok.apply_chat_template(kwargs["messages"], tokenize=True, **extra)
+        ids = ids["input_ids"] if not isinstance(ids, list) else ids
+        assert list(ids) == list(want), f"{name}\nours: {enc.decode(list(ids))!r}\nwant: {enc.decode(want)!r}"
+        assert want[-1] == enc.encode("<|return|>", allowed_special="all")[0]
+    # a prompt whose content is a list of text parts renders as the server renders it
+    from gptoss_tune.serve.openai_schema import parse_request
+    from gptoss_tune.serve.prompt import render_prompt
+
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    assert list(ids) == render_prompt(parse_request({"model": "m", "messages": msgs}))
+    with pytest.raises(Exception, match="text parts"):
+        tok.apply_chat_template([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], tokenize=False)
+
+
 def h_decode(ids):
     from gptoss_tune.data.tokenizer import harmony_encoding
 
