@@ -24,9 +24,7 @@ import gc
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -350,9 +348,10 @@ def export_run(
     """Export one checkpoint of a run; returns the report (also written to OUT/export_report.json)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    from gptoss_tune.export import out_dir as od
+
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UserError(f"{out}: exists and is not empty; choose another --out or pass --force to replace it")
+    od.check_out(out, force)
     if fmt == "merged-mxfp4" and drift:
         from gptoss_tune.devices import check_device
 
@@ -360,10 +359,15 @@ def export_run(
     ckpt = resolve_export_checkpoint(run_dir, checkpoint)
     src = AdapterSource(ckpt, base)
     _check_out_dir(out, [Path(run_dir), ckpt, src.base_dir])
+    if fmt != "adapter":  # merging reads every base tensor: check their shapes first (headers only)
+        from gptoss_tune.export.base_check import check_base_tensors
+
+        check_base_tensors(src.base_dir, ckpt, base is not None)
     progress(f"exporting {ckpt} (base {src.base_dir}) as {fmt} to {out}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        od.remove_stale_temporaries(out.parent, progress)
+        tmp = od.make_temporary(out)
     except OSError as e:
         raise UserError(f"--out {out}: cannot create it ({e.strerror or e}); choose a writable directory") from None
     t0 = time.time()
@@ -387,22 +391,31 @@ def export_run(
         report["seconds"] = round(time.time() - t0, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(fmt, src, report, out.name))
-        _replace_dir(tmp, out)
-    except OSError as e:
+        od.replace_dir(tmp, out)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in _WRITE_ERRNOS:  # the machine's problem, not a bug: say what and where, without a traceback
+        # The machine's problem, not a bug: say what and where (--out, never a temporary or a source file).
+        if od.is_disk_full(e):
+            raise od.disk_full_error(out, _estimate(fmt, src)) from None
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
             raise UserError(
-                f"writing the export to {out} failed: {e.strerror} ({e.filename or tmp}); nothing was written"
+                f"--out {out}: writing the export failed ({e.strerror}); choose a writable --out; nothing was written"
             ) from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     progress(summary_lines(report, out))
     return report
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _estimate(fmt: str, src: AdapterSource) -> int:
+    from gptoss_tune.export.out_dir import estimate_bytes
+
+    try:
+        return estimate_bytes(fmt, src.ckpt / OUR_WEIGHTS, src.base_dir)
+    except Exception:  # only for the message; never hide the disk-full error behind another
+        return 0
 
 
 def _check_out_dir(out: Path, inputs: list[Path]) -> None:
@@ -412,16 +425,6 @@ def _check_out_dir(out: Path, inputs: list[Path]) -> None:
         r = p.resolve()
         if o == r or o in r.parents:
             raise UserError(f"--out {out} overlaps the input {p}; export to a directory of its own")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def adapter_serving_lines(report: dict, out: Path) -> list[str]:

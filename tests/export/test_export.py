@@ -498,8 +498,151 @@ def test_export_refuses_an_unwritable_out_and_a_bad_device_and_reports_a_full_di
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(export, "save_file", full_disk)
-    with pytest.raises(
-        UserError, match=r"writing the export to .*/o failed: No space left on device .*nothing was written"
-    ):
+    with pytest.raises(UserError, match=r"^--out .*/o: the disk filled up .*needs about .* free.*nothing was written$"):
         export_run(full_run, "merged-bf16", tmp_path / "o", progress=_quiet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no partial export, no temporary left
+
+
+def _dir_bytes(d):
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError(
+            "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file: unexpected pos 3456"
+        ),
+        "safetensors",
+    ],
+)
+def test_a_full_disk_is_one_line_naming_out_and_the_space_needed(
+    error, exports, full_run, tmp_path, monkeypatch, capsys
+):
+    """safetensors and torch report a full disk in their own words (not OSError): one line, exit 2, --out named,
+    the space needed estimated from what the export writes; nothing is left under --out or beside it."""
+    import gptoss_tune.export.exporter as export
+    from gptoss_tune.cli.main import main
+
+    if error == "safetensors":
+        from safetensors import SafetensorError
+
+        error = SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+    calls = []
+
+    def fills_up(*a, **k):  # the second shard does not fit
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return save_file(*a, **k)
+
+    monkeypatch.setattr(export, "save_file", fills_up)
+    out = tmp_path / "out"
+    assert main(["export", str(full_run), "--format", "merged-bf16", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert f"--out {out}: the disk filled up" in err and "free some space or choose another --out" in err
+    needed = (
+        float(err.split("needs about ")[1].split()[0]) * {"MB": 1e6, "GB": 1e9}[err.split("needs about ")[1].split()[1]]
+    )
+    real = _dir_bytes(exports["merged-bf16"])  # the same export, written where there was room
+    assert 0.8 * real < needed < 1.5 * real, (needed, real)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_adapter_export_onto_a_full_disk_names_out_not_the_tokenizer_source(full_run, tmp_path, monkeypatch):
+    import gptoss_tune.export.hf_tokenizer as hft
+
+    def full(path):  # copying tokenizer.json from the converted copy in the system temp directory
+        raise OSError(28, "No space left on device", "/tmp/gptoss_tune-tokenizer-abc123/tokenizer.json")
+
+    monkeypatch.setattr(hft, "build_tokenizer_json", full)
+    with pytest.raises(UserError) as e:
+        export_run(full_run, "adapter", tmp_path / "ad", progress=_quiet)
+    assert str(e.value).startswith(
+        f"--out {tmp_path / 'ad'}: the disk filled up"
+    ) and "gptoss_tune-tokenizer" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_that_is_a_file_is_refused_and_never_replaced(full_run, tmp_path, capsys):
+    from gptoss_tune.cli.main import main
+
+    f = tmp_path / "model.bin"
+    f.write_text("precious")
+    for force in ([], ["--force"]):
+        assert main(["export", str(full_run), "--format", "adapter", "--out", str(f), *force]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {f}: is a file, not a directory" in err and "not empty" not in err
+        assert f.read_text() == "precious"
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        export_run(full_run, "merged-bf16", f, force=True, progress=_quiet)
+    assert f.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
+
+
+_KILLED_EXPORT = """
+import os, signal, sys
+from gptoss_tune.export.exporter import export_run
+
+def progress(line):
+    if "layer 0: written" in line:  # the first layer's shard is on disk
+        os.kill(os.getpid(), signal.SIGKILL)
+
+export_run(sys.argv[1], "merged-bf16", sys.argv[2], progress=progress)
+"""
+
+
+def test_a_killed_export_leaves_a_temporary_that_the_next_export_removes(full_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "exports" / "merged"
+    r = subprocess.run(
+        [sys.executable, "-c", _KILLED_EXPORT, str(full_run), str(out)], env=dict(os.environ), timeout=120
+    )
+    assert r.returncode == -signal.SIGKILL
+    left = [p for p in out.parent.iterdir()]
+    assert len(left) == 1 and left[0].name.startswith(".merged.") and not out.exists()
+    assert any(f.suffix == ".safetensors" for f in left[0].iterdir())  # a shard was written before the kill
+    # Things that are not ours (or not stale) stay: a user's hidden directory, a file named like ours, our
+    # temporary of a live process (this one), another program's temporary.
+    keep = [out.parent / ".merged.tmp-123", out.parent / ".other.gptoss-tune-export-1-x", out.parent / "notes"]
+    keep[0].mkdir()
+    (keep[0] / "x").write_text("user data")
+    keep[1].write_text("a file, not our directory")
+    live = out.parent / f".merged.gptoss-tune-export-{os.getpid()}-live"
+    live.mkdir()
+    (live / ".gptoss-tune-export-in-progress").write_text("")
+    keep += [live]
+    keep[2].mkdir()
+    printed = []
+    export_run(full_run, "adapter", out.parent / "adapter", progress=printed.append)
+    assert not left[0].exists() and any(f"removed {left[0]}" in line for line in printed)
+    assert all(p.exists() for p in keep)
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([*(p.name for p in keep), "adapter"])
+
+
+def test_export_base_with_a_wrong_shape_tensor_is_one_line(full_run, tiny_ckpt, tmp_path, capsys):
+    import shutil
+
+    from gptoss_tune.cli.main import main
+
+    bad = tmp_path / "bad-base"
+    shutil.copytree(tiny_ckpt, bad)
+    st = load_file(bad / "model.safetensors")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    want = list(st[name].shape)
+    st[name] = torch.zeros(want[0], want[1] // 2, dtype=st[name].dtype)
+    save_file(st, bad / "model.safetensors", metadata={"format": "pt"})
+    for fmt in ("merged-bf16", "merged-mxfp4"):
+        assert main(["export", str(full_run), "--format", fmt, "--base", str(bad), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err, err
+        assert f"'{name}' has shape [{want[0]}, {want[1] // 2}], expected {want}" in err
+        assert "pass the --base the adapter was trained on" in err
+    assert not (tmp_path / "o").exists()
