@@ -367,6 +367,7 @@ def export_run(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         od.remove_stale_temporaries(out.parent, progress)
+        od.warn_if_short(out, _estimate(fmt, src), progress)
         tmp = od.make_temporary(out)
     except OSError as e:
         raise UserError(f"--out {out}: cannot create it ({e.strerror or e}); choose a writable directory") from None

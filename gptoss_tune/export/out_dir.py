@@ -41,8 +41,8 @@ _DISK_FULL_TEXT = (
 
 def check_out(out: Path, force: bool) -> None:
     """--out must be a directory path: a regular file is refused (--force never replaces a file by a directory)."""
-    if out.is_symlink() and not out.exists():
-        raise UserError(f"--out {out}: is a broken symbolic link; choose a directory path")
+    if out.is_symlink():  # the export is renamed into place: that would replace the link, not fill its target
+        raise UserError(f"--out {out}: is a symbolic link; pass the directory it points to ({os.path.realpath(out)})")
     if out.exists() and not out.is_dir():
         raise UserError(
             f"--out {out}: is a file, not a directory; choose a directory path (the file is left as it is, --force or not)"
@@ -82,6 +82,19 @@ def stale_temporaries(parent: Path) -> list[Path]:
         if ours:
             found.append(p)
     return found
+
+
+def warn_if_short(out: Path, needed: int, progress) -> None:
+    """Say before a long export that the disk looks too small (an estimate: a warning, not a refusal)."""
+    try:
+        free = shutil.disk_usage(out.parent).free
+    except OSError:
+        return
+    if needed > free:
+        progress(
+            f"  warning: this export writes about {_gb(needed)} and {_gb(free)} is free on the disk of --out {out}; "
+            f"it will probably fail when the disk fills up"
+        )
 
 
 def remove_stale_temporaries(parent: Path, progress) -> None:

@@ -503,6 +503,12 @@ def test_export_refuses_an_unwritable_out_and_a_bad_device_and_reports_a_full_di
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no partial export, no temporary left
 
 
+def shutil_usage(free):
+    import shutil
+
+    return shutil._ntuple_diskusage(10**12, 10**12 - free, free)
+
+
 def _dir_bytes(d):
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
 
@@ -545,6 +551,16 @@ def test_a_full_disk_is_one_line_naming_out_and_the_space_needed(
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err, err
     assert f"--out {out}: the disk filled up" in err and "free some space or choose another --out" in err
+    shortfall = []
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda p: shutil_usage(0))
+    monkeypatch.setattr(export, "save_file", save_file)
+    export_run(full_run, "adapter", out, progress=shortfall.append)  # a warning before it starts, not a refusal
+    assert any(
+        "warning: this export writes about" in line and "is free on the disk of --out" in line for line in shortfall
+    )
+    import shutil as _shutil
+
+    _shutil.rmtree(out)
     needed = (
         float(err.split("needs about ")[1].split()[0]) * {"MB": 1e6, "GB": 1e9}[err.split("needs about ")[1].split()[1]]
     )
@@ -581,6 +597,12 @@ def test_out_that_is_a_file_is_refused_and_never_replaced(full_run, tmp_path, ca
     with pytest.raises(UserError, match="is a file, not a directory"):
         export_run(full_run, "merged-bf16", f, force=True, progress=_quiet)
     assert f.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
+    # a symbolic link would be replaced by the export's rename, not filled: refused, the link and target kept
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(UserError, match="is a symbolic link; pass the directory it points to"):
+        export_run(full_run, "adapter", tmp_path / "link", force=True, progress=_quiet)
+    assert (tmp_path / "link").is_symlink() and list((tmp_path / "target").iterdir()) == []
 
 
 _KILLED_EXPORT = """
