@@ -20,7 +20,7 @@ from gptoss_tune.errors import UserError
 TMP_TAG = "gptoss-tune-export"
 OLD_TAG = "gptoss-tune-replaced"
 MARKER = ".gptoss-tune-export-in-progress"
-_OURS = re.compile(rf"^\..+\.(?:{TMP_TAG}|{OLD_TAG})-(\d+)(?:-[A-Za-z0-9_]+)?$")
+_OURS = re.compile(rf"^\.(?P<name>.+)\.(?P<tag>{TMP_TAG}|{OLD_TAG})-(?P<pid>\d+)(?:-[A-Za-z0-9_]+)?$")
 
 # tokenizer.json (o200k_harmony, 27.9 MB) and the small files beside it: what every export writes besides weights.
 TOKENIZER_BYTES = 30 * 2**20
@@ -73,7 +73,7 @@ def stale_temporaries(parent: Path) -> list[Path]:
         return []
     for p in entries:
         m = _OURS.match(p.name)
-        if not m or p.is_symlink() or not p.is_dir() or _pid_alive(int(m.group(1))):
+        if not m or p.is_symlink() or not p.is_dir() or _pid_alive(int(m.group("pid"))):
             continue
         try:
             ours = (p / MARKER).is_file() or OLD_TAG in p.name or not any(p.iterdir())
@@ -99,6 +99,13 @@ def warn_if_short(out: Path, needed: int, progress) -> None:
 
 def remove_stale_temporaries(parent: Path, progress) -> None:
     for p in stale_temporaries(parent):
+        m = _OURS.match(p.name)
+        final = parent / m.group("name")
+        if m.group("tag") == OLD_TAG and not os.path.lexists(final):
+            # killed between moving the previous export aside and renaming the new one into place: put it back
+            os.replace(p, final)
+            progress(f"  restored {final}, moved aside by an export that did not finish")
+            continue
         shutil.rmtree(p, ignore_errors=True)
         if not p.exists():
             progress(f"  removed {p}, left by an export that did not finish")

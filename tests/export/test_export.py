@@ -647,6 +647,12 @@ def test_a_killed_export_leaves_a_temporary_that_the_next_export_removes(full_ru
     assert not left[0].exists() and any(f"removed {left[0]}" in line for line in printed)
     assert all(p.exists() for p in keep)
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([*(p.name for p in keep), "adapter"])
+    # killed between moving the previous export aside (for --force) and renaming the new one in: the previous
+    # export is put back, not deleted
+    aside = out.parent / ".adapter.gptoss-tune-replaced-999999999"
+    (out.parent / "adapter").rename(aside)
+    export_run(full_run, "adapter", out.parent / "again", progress=printed.append)
+    assert (out.parent / "adapter/adapter_config.json").is_file() and not aside.exists()
 
 
 def test_export_base_with_a_wrong_shape_tensor_is_one_line(full_run, tiny_ckpt, tmp_path, capsys):
