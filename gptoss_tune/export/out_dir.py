@@ -1,9 +1,10 @@
 """The export's output directory: what --out may be, the temporary it is built in, a full disk.
 
 The export is built in a hidden temporary next to --out whose name says it is ours and which process
-made it (`.NAME.gptoss-tune-export-PID-XXXX`, with a marker file inside), and renamed into place at the
+made it (`.NAME.gptoss-tune-export-HOST-PID-XXXX`, HOST a hash of the machine's name, with a marker
+file inside), and renamed into place at the
 end. A killed export (SIGKILL, power loss) cannot remove its temporary; the next export in the same
-directory removes every such temporary whose process is gone, and touches nothing else.
+directory on the same machine removes every such temporary whose process is gone, and touches nothing else.
 """
 
 from __future__ import annotations
@@ -20,7 +21,19 @@ from gptoss_tune.errors import UserError
 TMP_TAG = "gptoss-tune-export"
 OLD_TAG = "gptoss-tune-replaced"
 MARKER = ".gptoss-tune-export-in-progress"
-_OURS = re.compile(rf"^\.(?P<name>.+)\.(?P<tag>{TMP_TAG}|{OLD_TAG})-(?P<pid>\d+)(?:-[A-Za-z0-9_]+)?$")
+_OURS = re.compile(
+    rf"^\.(?P<name>.+)\.(?P<tag>{TMP_TAG}|{OLD_TAG})-(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)(?:-[A-Za-z0-9_]+)?$"
+)
+
+
+def _host() -> str:
+    """8 hex digits of this machine's name: a pid says whether a process is gone only on the machine that
+    made it (an export directory on a shared file system is seen by others, whose pids mean nothing here)."""
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
 
 # tokenizer.json (o200k_harmony, 27.9 MB) and the small files beside it: what every export writes besides weights.
 TOKENIZER_BYTES = 30 * 2**20
@@ -73,7 +86,7 @@ def stale_temporaries(parent: Path) -> list[Path]:
         return []
     for p in entries:
         m = _OURS.match(p.name)
-        if not m or p.is_symlink() or not p.is_dir() or _pid_alive(int(m.group("pid"))):
+        if not m or m.group("host") != _host() or p.is_symlink() or not p.is_dir() or _pid_alive(int(m.group("pid"))):
             continue
         try:
             ours = (p / MARKER).is_file() or OLD_TAG in p.name or not any(p.iterdir())
@@ -112,7 +125,7 @@ def remove_stale_temporaries(parent: Path, progress) -> None:
 
 
 def make_temporary(out: Path) -> Path:
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{TMP_TAG}-{os.getpid()}-"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{TMP_TAG}-{_host()}-{os.getpid()}-"))
     try:
         (tmp / MARKER).write_text("an export in progress; removed by the next export if its process is gone\n")
     except OSError:
@@ -128,7 +141,7 @@ def replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         if not out.is_dir() or out.is_symlink():
             raise UserError(f"--out {out}: is not a directory; nothing was replaced")
-        old = out.with_name(f".{out.name}.{OLD_TAG}-{os.getpid()}")
+        old = out.with_name(f".{out.name}.{OLD_TAG}-{_host()}-{os.getpid()}")
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:

@@ -633,14 +633,21 @@ def test_a_killed_export_leaves_a_temporary_that_the_next_export_removes(full_ru
     assert any(f.suffix == ".safetensors" for f in left[0].iterdir())  # a shard was written before the kill
     # Things that are not ours (or not stale) stay: a user's hidden directory, a file named like ours, our
     # temporary of a live process (this one), another program's temporary.
-    keep = [out.parent / ".merged.tmp-123", out.parent / ".other.gptoss-tune-export-1-x", out.parent / "notes"]
+    from gptoss_tune.export.out_dir import _host
+
+    h = _host()
+    keep = [out.parent / ".merged.tmp-123", out.parent / f".other.gptoss-tune-export-{h}-1-x", out.parent / "notes"]
     keep[0].mkdir()
     (keep[0] / "x").write_text("user data")
     keep[1].write_text("a file, not our directory")
-    live = out.parent / f".merged.gptoss-tune-export-{os.getpid()}-live"
-    live.mkdir()
-    (live / ".gptoss-tune-export-in-progress").write_text("")
-    keep += [live]
+    live = out.parent / f".merged.gptoss-tune-export-{h}-{os.getpid()}-live"
+    elsewhere = (
+        out.parent / ".merged.gptoss-tune-export-00000000-999999999-x"
+    )  # another machine's: its pid means nothing here
+    for d in (live, elsewhere):
+        d.mkdir()
+        (d / ".gptoss-tune-export-in-progress").write_text("")
+    keep += [live, elsewhere]
     keep[2].mkdir()
     printed = []
     export_run(full_run, "adapter", out.parent / "adapter", progress=printed.append)
@@ -649,7 +656,7 @@ def test_a_killed_export_leaves_a_temporary_that_the_next_export_removes(full_ru
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([*(p.name for p in keep), "adapter"])
     # killed between moving the previous export aside (for --force) and renaming the new one in: the previous
     # export is put back, not deleted
-    aside = out.parent / ".adapter.gptoss-tune-replaced-999999999"
+    aside = out.parent / f".adapter.gptoss-tune-replaced-{h}-999999999"
     (out.parent / "adapter").rename(aside)
     export_run(full_run, "adapter", out.parent / "again", progress=printed.append)
     assert (out.parent / "adapter/adapter_config.json").is_file() and not aside.exists()
