@@ -1,6 +1,7 @@
 """What `gptoss-tune serve MODEL_DIR [--adapter DIR]` loads: a gpt-oss checkpoint (the base or a merged
 export), a training run directory (its best checkpoint, or --checkpoint), our adapter directory, or a
-PEFT adapter export (converted back to our layout and applied on the MXFP4-resident base).
+PEFT adapter export (converted back to our layout and applied on the MXFP4-resident base). A merged-bf16
+export keeps its experts dense bf16 (re-quantising them would lose the merged fine-tune).
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ def load_for_serving(model_dir: str | Path, adapter: str | Path | None = None, c
         if is_run:
             ckpt = resolve_export_checkpoint(p, checkpoint)
             return load_with_adapter(ckpt, device=device), name
-        return load_model(model_dir, device=device), name
+        return load_model(model_dir, device=device, keep_dense_experts=True), name
     a = Path(adapter)
     if (a / PEFT_CONFIG_FILE).is_file():
         return _load_peft_adapter(a, model_dir, device), f"{name}+{a.resolve().name}"
     if (a / CONFIG_FILE).is_file():
-        model = load_model(model_dir, lora=read_adapter_config(a)["lora"], device=device)
+        model = load_model(model_dir, lora=read_adapter_config(a)["lora"], device=device, keep_dense_experts=True)
         load_adapter_weights(model, a)
         return model, f"{name}+{a.resolve().name}"
     raise UserError(
@@ -69,7 +70,7 @@ def _load_peft_adapter(adapter_dir: Path, base, device):
         raw = load_file(f)
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
         raise UserError(f"{f}: unreadable ({str(e).strip() or type(e).__name__}); export the adapter again") from None
-    model = load_model(base, lora=settings, device=device)
+    model = load_model(base, lora=settings, device=device, keep_dense_experts=True)
     state = from_peft_state_dict(raw, settings, model.config.num_local_experts)
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
