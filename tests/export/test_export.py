@@ -463,12 +463,12 @@ def test_export_errors(tiny_ckpt, full_run, tmp_path):
 
 
 def test_interrupted_export_leaves_nothing(full_run, tmp_path, monkeypatch):
-    import gptoss_tune.export.hf_tokenizer as hft
+    import gptoss_tune.export.exporter as exporter
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hft, "write_tokenizer_files", boom)
+    monkeypatch.setattr(exporter, "write_tokenizer_files", boom)
     with pytest.raises(KeyboardInterrupt):
         export_run(full_run, "merged-bf16", tmp_path / "out", progress=_quiet)
     assert list(tmp_path.iterdir()) == []
