@@ -19,6 +19,7 @@ import yaml
 
 from gptoss_tune.errors import UserError
 from gptoss_tune.runs import RECIPE, holds_run, list_checkpoints, trained
+from gptoss_tune.train.checkpoint import refuse_legacy
 
 
 @dataclass
@@ -65,6 +66,13 @@ def stored_fingerprint(out: Path) -> dict | None:
 
 def check_output_dir(recipe) -> ResumePlan:
     """Decide fresh / resume / refuse; raises UserError naming output_dir and the way out."""
+    plan = _plan(recipe)
+    if plan.checkpoint is not None:
+        refuse_legacy(plan.checkpoint)  # before anything is written or loaded
+    return plan
+
+
+def _plan(recipe) -> ResumePlan:
     src = recipe.where("output_dir")
     out = Path(recipe.output_dir)
     exists = out.is_dir() and any(out.iterdir())

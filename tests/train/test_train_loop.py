@@ -275,7 +275,9 @@ def test_two_process_cpu_launch(reference, tmp_path):
     assert [l["loss"] for l in got] == pytest.approx([l["loss"] for l in ref], rel=1e-5)
     assert [l["eval_loss"] for l in got_eval] == pytest.approx([l["eval_loss"] for l in ref_eval], rel=1e-5)
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000012"
-    assert (ckpt / "rng-rank0.pt").is_file() and (ckpt / "rng-rank1.pt").is_file() and (ckpt / "optimizer.pt").is_file()
+    assert all(
+        (ckpt / f).is_file() for f in ("rng-rank0.safetensors", "rng-rank1.safetensors", "optimizer.safetensors")
+    )
 
 
 def test_demo_recipe_on_sample_data_lowers_validation_loss(tiny_ckpt, tmp_path, capsys):
