@@ -32,14 +32,21 @@ import torch
 from gptoss_tune.atomic_io import atomic_write_text, fsync_path
 from gptoss_tune.errors import UserError
 from gptoss_tune.model.adapter import save_adapter
-from gptoss_tune.runs import BEST, CHECKPOINTS, list_checkpoints, step_dir_name
+from gptoss_tune.runs import (
+    BEST,
+    CHECKPOINTS,
+    legacy_pickles,
+    list_checkpoints,
+    rewrite_json,
+    set_aside,  # noqa: F401  (for the trainer)
+    step_dir_name,
+    write_manifest,
+)
 from gptoss_tune.train.state_codec import load_state, save_state
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
 SCHEDULER = "scheduler.safetensors"
-# what older versions wrote with torch.save (pickles): never loaded
-LEGACY_PICKLES = ("optimizer.pt", "scheduler.pt", "optimizer-rank*.pt", "rng-rank*.pt")
 
 
 def optimizer_file(rank: int, sharded: bool) -> str:
@@ -114,8 +121,10 @@ def prepare_tmp(run_dir: Path, step: int) -> Path:
 
 
 def commit(run_dir: Path, step: int) -> Path:
-    """Main process: rename the finished temporary directory into place."""
+    """Main process, after every process wrote its files: the manifest (sizes and sha256 of them all, so
+    resume can tell a damaged checkpoint), then rename the finished temporary directory into place."""
     tmp = tmp_dir_for(run_dir, step)
+    write_manifest(tmp)
     final = Path(run_dir) / CHECKPOINTS / step_dir_name(step)
     if final.exists():  # only after a crash between a previous commit and its bookkeeping
         _remove(final)
@@ -158,13 +167,13 @@ def write_best(run_dir: Path, step: int, value: float, metric: str = "eval_loss"
     atomic_write_text(Path(run_dir) / BEST, json.dumps(best, indent=2) + "\n")
 
 
+def rewrite_trainer_state(ckpt: Path, trainer_state: dict) -> None:
+    """New bookkeeping for a committed checkpoint (an evaluation at its step, the run finished there)."""
+    rewrite_json(ckpt, TRAINER_STATE, json.dumps(trainer_state, indent=2) + "\n")
+
+
 def read_trainer_state(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / TRAINER_STATE).read_text())
-
-
-def legacy_pickles(ckpt: Path) -> list[str]:
-    """Names of the pickle files an older version wrote into ckpt (sorted)."""
-    return sorted({p.name for pat in LEGACY_PICKLES for p in Path(ckpt).glob(pat)})
 
 
 def refuse_legacy(ckpt: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers.training import read_metrics, synthetic_data, wrapper_script, write_recipe
 
-from gptoss_tune.runs import resolve_checkpoint
+from gptoss_tune.runs import resolve_checkpoint, write_manifest
 from gptoss_tune.train.recipe import load_recipe
 from gptoss_tune.train.trainer import TrainingDiverged, train
 
@@ -366,6 +366,7 @@ def test_trainer_state_files_round_trip_and_resume_without_optional_keys(referen
     for key in ("epoch", "grad_accum", "micro_batch_size", "total_steps", "tokens_seen", "fingerprint"):
         del state[key]
     (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    write_manifest(ckpt)  # as that version would have recorded its files (an edited one is refused as damaged)
     result = _run(recipe, f"resume={ckpt}", f"output_dir={tmp_path / 'branch'}")
     assert result.step == 12 and result.stop_reason == "completed"
     got, _ = read_metrics(tmp_path / "branch")
