@@ -793,9 +793,12 @@ class Trainer:
             tmp = run_dir / f".tmp-{FINAL}"
             if tmp.exists():
                 shutil.rmtree(tmp)
-            save_adapter(self.unwrapped.model, tmp, state=adapter_state, extra={"step": self.state.step})
-            ck.fsync_tree(tmp)
-            ck.write_manifest(tmp)  # export verifies final/ like a checkpoint
+            with ck.write_guard(
+                tmp, run_dir / FINAL, lambda: ck.state_bytes(adapter_state or self.trainable), self.last_ckpt
+            ):
+                save_adapter(self.unwrapped.model, tmp, state=adapter_state, extra={"step": self.state.step})
+                ck.fsync_tree(tmp)
+                ck.write_manifest(tmp)  # export verifies final/ like a checkpoint
             final_dir = run_dir / FINAL
             if final_dir.exists():
                 shutil.rmtree(final_dir)
