@@ -6,16 +6,20 @@
       scheduler.safetensors               learning-rate schedule state
       rng-rank{r}.safetensors             python, numpy, torch (and CUDA) RNG states of process r
       trainer_state.json                  step, data position, best metric, early-stopping counter, ...
+      manifest.json                       size and sha256 of every other file (runs.write_manifest), written last
 
-Everything is written into checkpoints/.tmp-step-N, each file fsynced, then the directory is renamed to
-step-N (atomic on POSIX) and the parent fsynced. A checkpoint is complete iff its step-N directory exists
-(run_dir.list_checkpoints also requires adapter.json). Old checkpoints are renamed away before being
-deleted, so a kill during pruning cannot leave a step-N directory with files missing.
+Everything is written into checkpoints/.tmp-step-N, each file fsynced; after every process has written
+its files the main process writes the manifest, renames the directory to step-N (atomic on POSIX) and
+fsyncs the parent. A checkpoint is complete iff its step-N directory exists (run_dir.list_checkpoints
+also requires adapter.json), and intact iff every file matches its manifest (runs.checkpoint_problem:
+resume falls back past damaged ones). Old checkpoints are renamed away before being deleted, so a kill
+during pruning cannot leave a step-N directory with files missing.
 
 The optimizer, scheduler and RNG states go through gptoss_tune.train.state_codec (safetensors with a JSON
 skeleton): nothing is ever unpickled. A checkpoint of an older version (optimizer.pt, scheduler.pt,
 rng-rank*.pt: pickles) is refused with one line, since loading a pickle from a downloaded run directory
-could run any code.
+could run any code. A full disk while writing is one line naming the checkpoint, the bytes it needs and
+the free space (write_guard); the partial write is removed and earlier checkpoints stay as they were.
 """
 
 from __future__ import annotations
