@@ -105,6 +105,7 @@ def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(tiny_ckpt, tmp_p
 
 
 def test_damaged_checkpoints_named_explicitly_are_one_line_and_all_damaged_is_refused(tiny_ckpt, tmp_path, capsys):
+    from gptoss_tune.export.exporter import resolve_export_checkpoint
     from gptoss_tune.runs import resolve_checkpoint
 
     d = _six_steps(tiny_ckpt, tmp_path / "a")
@@ -124,9 +125,10 @@ def test_damaged_checkpoints_named_explicitly_are_one_line_and_all_damaged_is_re
     # export: best.json names step 6: damaged, refused; 'last' skips final/ and step 6, saying so
     for c in (_ckpt(d, 6), run / "final"):
         (c / "adapter.safetensors").write_bytes(b"x" + (c / "adapter.safetensors").read_bytes()[1:])
-    with pytest.raises(UserError) as e:
-        resolve_checkpoint(run, "best")
-    assert "\n" not in str(e.value) and str(_ckpt(d, 6)) in str(e.value) and "adapter.safetensors" in str(e.value)
+    for resolve in (lambda: resolve_checkpoint(run, "best"), lambda: resolve_export_checkpoint(_ckpt(d, 6))):
+        with pytest.raises(UserError) as e:
+            resolve()
+        assert "\n" not in str(e.value) and str(_ckpt(d, 6)) in str(e.value) and "adapter.safetensors" in str(e.value)
     capsys.readouterr()
     assert resolve_checkpoint(run, "last") == _ckpt(d, 4)  # its optimizer state is damaged, its adapter is not
     err = capsys.readouterr().err
@@ -221,3 +223,34 @@ def test_every_kind_of_full_disk_is_one_line_naming_the_checkpoint(tmp_path, err
     assert "no checkpoint of this run was written yet" in msg and not tmp.exists()
     with pytest.raises(RuntimeError, match="a bug"), write_guard(tmp, final, lambda: 0):  # anything else: as it is
         raise RuntimeError("a bug")
+
+
+@pytest.mark.parametrize("killed_at", [1, 2, 3, None])
+def test_rewriting_trainer_state_leaves_a_checkpoint_that_verifies_whenever_it_is_killed(
+    tmp_path, monkeypatch, killed_at
+):
+    """rewrite_json writes three files (manifest accepting both, trainer_state.json, final manifest): a kill
+    before any of them leaves the old or the new trainer_state.json, and either verifies."""
+    import gptoss_tune.runs as runs
+
+    c = tmp_path / "step-00000004"
+    c.mkdir()
+    (c / "adapter.safetensors").write_bytes(b"weights")
+    (c / "trainer_state.json").write_text('{"step": 4}\n')
+    runs.write_manifest(c)
+    real, calls = runs.atomic_write_text, []
+
+    def write(path, text):
+        calls.append(path)
+        if len(calls) == killed_at:
+            raise KeyboardInterrupt  # the process dies here
+        real(path, text)
+
+    monkeypatch.setattr(runs, "atomic_write_text", write)
+    try:
+        runs.rewrite_json(c, "trainer_state.json", '{"step": 4, "finished": true}\n')
+    except KeyboardInterrupt:
+        pass
+    assert runs.checkpoint_problem(c) is None
+    (c / "trainer_state.json").write_text('{"step": 5}\n')  # anything else is still caught
+    assert "trainer_state.json" in runs.checkpoint_problem(c)
