@@ -292,7 +292,17 @@ def _apply(ckpt: Path, name: str, apply, device="cpu") -> None:
 
 def load_optimizer_state(ckpt: Path, optimizer, rank: int, sharded: bool, map_location="cpu") -> None:
     # Optimizer.load_state_dict moves each state tensor to its parameter's device.
-    _apply(ckpt, optimizer_file(rank, sharded), optimizer.load_state_dict, map_location)
+    def apply(state):
+        optimizer.load_state_dict(state)
+        if not sharded:  # load_state_dict does not compare shapes: a wrong one would fail only at the next step
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                        v = optimizer.state.get(p, {}).get(k)
+                        if isinstance(v, torch.Tensor) and v.shape != p.shape:
+                            raise ValueError(f"{k} of shape {list(v.shape)} for a parameter of shape {list(p.shape)}")
+
+    _apply(ckpt, optimizer_file(rank, sharded), apply, map_location)
 
 
 def load_scheduler_state(ckpt: Path, scheduler) -> None:

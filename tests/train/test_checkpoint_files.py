@@ -134,6 +134,12 @@ def test_damaged_checkpoints_named_explicitly_are_one_line_and_all_damaged_is_re
     err = capsys.readouterr().err
     assert "skipping" in err and str(run / "final") in err and str(_ckpt(d, 6)) in err
 
+    # resume: PATH inside the run to an older checkpoint is allowed when every newer one is damaged
+    from gptoss_tune.train.resume import check_output_dir
+
+    plan = check_output_dir(load_recipe(d / "recipe.yaml", [f"resume={_ckpt(d, 2)}"]))
+    assert plan.checkpoint == _ckpt(d, 2) and [p for p, _ in plan.skipped] == [_ckpt(d, 4), _ckpt(d, 6)]
+
     # resume: auto with every checkpoint damaged: one line, and nothing of the run touched
     (_ckpt(d, 2) / "rng-rank0.safetensors").unlink()
     with pytest.raises(UserError) as e:
