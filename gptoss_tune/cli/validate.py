@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 NAME = "validate"
 
 
@@ -20,8 +22,6 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     # pydantic and the checkpoint reader: imported only when the command runs
-    from pathlib import Path
-
     from gptoss_tune.train.checkpoint import read_trainer_state
     from gptoss_tune.train.datafiles import check_data_files
     from gptoss_tune.train.recipe import load_recipe

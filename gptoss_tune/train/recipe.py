@@ -21,9 +21,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from gptoss_tune.data.harmony import parse_tools
 from gptoss_tune.data.settings import DataSettings
-from gptoss_tune.errors import UserError
+from gptoss_tune.errors import CheckpointError, UserError
 from gptoss_tune.model.adapter import CONFIG_FILE as ADAPTER_CONFIG
+from gptoss_tune.model.attention import ROUTES
+from gptoss_tune.model.checkpoint import _HUB_ID
+from gptoss_tune.model.loader import check_checkpoint  # torch and transformers: only when paths are checked
 from gptoss_tune.model.lora import LoraSettings
 from gptoss_tune.settings import Settings, did_you_mean, first_error, section_class
 from gptoss_tune.train.checkpoint import TRAINER_STATE
@@ -236,8 +240,6 @@ class Recipe(Settings):
 
     @model_validator(mode="after")
     def _packing_needs_our_attention(self):
-        from gptoss_tune.model.attention import ROUTES
-
         attn = self.model.attn_implementation
         if self.data.packing and attn is not None and attn not in ROUTES:
             # transformers' implementations take no example boundaries from position_ids: a packed row
@@ -250,8 +252,6 @@ class Recipe(Settings):
 
     @model_validator(mode="after")
     def _tools_are_function_schemas(self):
-        from gptoss_tune.data.harmony import parse_tools
-
         try:
             parse_tools(self.data.tools, where="data.")
         except UserError as e:
@@ -427,7 +427,6 @@ def _resolve(value: str, base: Path, key: tuple) -> str:
     p = Path(value).expanduser()
     if key == ("model", "path") and not p.is_absolute() and not str(value).startswith((".", "~")):
         # 'openai/gpt-oss-20b' is a hub id unless such a directory exists next to the recipe.
-        from gptoss_tune.model.checkpoint import _HUB_ID
 
         if _HUB_ID.match(str(value)) and not (base / p).exists():
             return str(value)
@@ -522,8 +521,6 @@ def check_against_model(recipe: Recipe, cfg: dict) -> None:
 
 
 def check_recipe_paths(recipe: Recipe) -> None:
-    from gptoss_tune.errors import CheckpointError
-    from gptoss_tune.model.loader import check_checkpoint  # torch and transformers: only when paths are checked
 
     try:
         # config.json, the shard index and every safetensors header (names, dtypes, shapes; no tensor data):

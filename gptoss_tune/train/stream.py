@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gptoss_tune.data.batching import collate
+from gptoss_tune.data.pipeline import load_data
 
 
 @dataclass
@@ -27,8 +28,6 @@ class TrainData:
 
 def load_train_data(recipe) -> TrainData:
     """Rows for training and validation, rendered and packed by the data stage (gptoss_tune.data)."""
-    from gptoss_tune.data.pipeline import load_data
-
     bundle = load_data(recipe.data, seed=recipe.train.seed, base_dir=Path(recipe.data.train).parent)
     return TrainData(list(bundle.train), list(bundle.validation), dict(bundle.report))
 

@@ -42,6 +42,7 @@ from gptoss_tune.errors import Interrupted, UserError
 from gptoss_tune.model.adapter import load_adapter_weights, read_adapter_config, save_adapter
 from gptoss_tune.model.checkpoint import read_config, resolve_model_dir
 from gptoss_tune.model.experts import MXFP4Experts
+from gptoss_tune.model.loader import load_model
 from gptoss_tune.runs import (
     CHECKPOINTS,
     DATA_REPORT,
@@ -271,6 +272,11 @@ class Trainer:
                 wipe(run_dir)
             (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
             ck.clean_stale(run_dir)
+            for damaged, why in self.plan.skipped:  # out of the way of pruning and of this run's new checkpoints
+                moved = ck.set_aside(damaged)
+                self._say(
+                    f"note: resuming from {self.plan.checkpoint.name}: {damaged.name} is damaged ({why}); set aside as {moved}"
+                )
             atomic_write_text(run_dir / RECIPE, self.recipe.to_yaml())
             record_data_files(run_dir, data_files)
             if self.resumed is not None:
@@ -369,7 +375,6 @@ class Trainer:
         start in _resume), the experts' backend checked here, the adapter of the checkpoint resumed from."""
         # model.loader imports transformers (4 s here): only once a run starts, so a mistake in the recipe or
         # on the command line is reported without that wait.
-        from gptoss_tune.model.loader import load_model
 
         recipe = self.recipe
         set_seed(self.cfg.seed)
@@ -759,8 +764,7 @@ class Trainer:
             # Same weights, optimizer and RNG; the bookkeeping may have changed since (an evaluation at this
             # step made it the best, the run finished here): write that, and best.json.
             if is_main:
-                text = json.dumps(self._state_to_write(step, finished, stop_reason), indent=2) + "\n"
-                atomic_write_text(path / ck.TRAINER_STATE, text)
+                ck.rewrite_trainer_state(path, self._state_to_write(step, finished, stop_reason))
                 if best is not None:
                     ck.write_best(run_dir, best, self.state.best_value)
             acc.wait_for_everyone()
@@ -804,8 +808,12 @@ class Trainer:
             tmp = run_dir / f".tmp-{FINAL}"
             if tmp.exists():
                 shutil.rmtree(tmp)
-            save_adapter(self.unwrapped.model, tmp, state=adapter_state, extra={"step": self.state.step})
-            ck.fsync_tree(tmp)
+            with ck.write_guard(
+                tmp, run_dir / FINAL, lambda: ck.state_bytes(adapter_state or self.trainable), self.last_ckpt
+            ):
+                save_adapter(self.unwrapped.model, tmp, state=adapter_state, extra={"step": self.state.step})
+                ck.fsync_tree(tmp)
+                ck.write_manifest(tmp)  # export verifies final/ like a checkpoint
             final_dir = run_dir / FINAL
             if final_dir.exists():
                 shutil.rmtree(final_dir)
