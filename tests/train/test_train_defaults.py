@@ -318,6 +318,9 @@ def test_resume_refuses_data_changed_under_the_same_path(tiny_ckpt, tmp_path, ca
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert f"data.train: '{tmp_path / 'train.jsonl'}' changed" in err and "20 -> 7 lines" in err, err
         assert "resume_allow_data_change=true" in err, err
+    # a new run branched from its checkpoint that reads the same path is checked against its record too
+    assert main(["train", str(recipe), f"resume={ckpt}", f"output_dir={tmp_path / 'branch'}"]) == 2
+    assert "resume_allow_data_change=true" in capsys.readouterr().err
     assert main(["validate", str(recipe), "train.max_steps=5"]) == 2
     assert "resume_allow_data_change=true" in capsys.readouterr().err
     assert (run / "metrics.jsonl").read_text() == metrics
