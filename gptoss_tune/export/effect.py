@@ -23,15 +23,34 @@ the 201,088-token vocabulary) and every other model is compared with them as it 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from openai_harmony import Conversation, Message, Role, SystemContent
+from safetensors import safe_open
 
+from gptoss_kernels.requantize import METHODS
+from gptoss_tune import runs as rd
 from gptoss_tune.data.batching import IGNORE_INDEX
+from gptoss_tune.data.tokenizer import harmony_encoding
+from gptoss_tune.errors import UserError
+from gptoss_tune.export.card import run_dir_of
+from gptoss_tune.model.adapter import load_adapter_weights
+from gptoss_tune.model.checkpoint import index_checkpoint
+from gptoss_tune.model.experts import MXFP4Experts
+from gptoss_tune.model.loader import load_model
+from gptoss_tune.model.requant import base_expert, merged_expert, requant_expert
+from gptoss_tune.train import qat
+from gptoss_tune.train.qat import routed_dense_forward
+from gptoss_tune.train.recipe import load_recipe
+from gptoss_tune.train.stream import load_train_data
 
 if TYPE_CHECKING:
     from gptoss_tune.export.exporter import AdapterSource
@@ -92,9 +111,6 @@ def _from_rows(rows: list[dict], source: str, max_positions: int) -> HeldOut | N
 
 
 def builtin_held_out(prompts=BUILTIN_PROMPTS, note: str = "", max_positions: int = DEFAULT_POSITIONS) -> HeldOut:
-    from openai_harmony import Conversation, Message, Role, SystemContent
-
-    from gptoss_tune.data.tokenizer import harmony_encoding
 
     enc = harmony_encoding()
     rows, n = [], 0
@@ -116,9 +132,6 @@ def builtin_held_out(prompts=BUILTIN_PROMPTS, note: str = "", max_positions: int
 
 def held_out(src: AdapterSource, max_positions: int = DEFAULT_POSITIONS) -> HeldOut:
     """The run's validation data, else a sample of its training data, else the built-in prompts."""
-    from gptoss_tune import runs as rd
-    from gptoss_tune.errors import UserError
-    from gptoss_tune.export.card import run_dir_of
 
     run = run_dir_of(src.ckpt)
     if run is None or not (run / rd.RECIPE).is_file():
@@ -126,9 +139,6 @@ def held_out(src: AdapterSource, max_positions: int = DEFAULT_POSITIONS) -> Held
             max_positions=max_positions, note="no run directory with a recipe.yaml next to the checkpoint"
         )
     try:
-        from gptoss_tune.train.recipe import load_recipe
-        from gptoss_tune.train.stream import load_train_data
-
         recipe = load_recipe(run / rd.RECIPE, check_paths=False)
         data = load_train_data(recipe)
     except Exception as e:  # the run's data is gone or unreadable: the export itself must not fail for it
@@ -185,9 +195,6 @@ class EffectMeter:
     """
 
     def __init__(self, src: AdapterSource, held: HeldOut, device: str | None = None, fake_quant: dict | None = None):
-        from gptoss_tune.model.adapter import load_adapter_weights
-        from gptoss_tune.model.loader import load_model
-        from gptoss_tune.train import qat
 
         self.src, self.held, self.device = src, held, device
         self.model = load_model(src.base_dir, lora=src.settings, device=device)
@@ -208,7 +215,6 @@ class EffectMeter:
                 self.base = compare(self.tuned, log_probs(self.model, held))
 
     def _lora_off(self, experts_only: bool):
-        import contextlib
 
         @contextlib.contextmanager
         def ctx():
@@ -236,8 +242,6 @@ class EffectMeter:
         """KL against the tuned model of the model whose experts are re-quantised with `method` (the
         export's bytes for an MXFP4 base: same function, same seeds) and whose attention is bf16(W + s·B·A),
         as the export stores it: the candidate's figure is the export's."""
-        from gptoss_tune.model.experts import MXFP4Experts
-        from gptoss_tune.model.requant import base_expert, merged_expert, requant_expert
 
         layers = [m for m in self.model.modules() if isinstance(m, MXFP4Experts)]
         saved = []
@@ -253,7 +257,6 @@ class EffectMeter:
                     nb, ns = requant_expert(bb, bs, merged, method, seed, i, proj, e)
                     blocks[e].copy_(nb)
                     scales[e].copy_(ns)
-        from gptoss_tune.train import qat
 
         qat.enable_attention(self.model)  # attention as the export stores it: the candidate is the export
         try:
@@ -274,7 +277,6 @@ def measure_export(meter: EffectMeter, export_dir: Path) -> dict:
     """The export loaded back against the tuned model, beside the base. merged-mxfp4 through our loader;
     merged-bf16 with its experts kept dense as stored (our loader would re-quantise them to MXFP4 on load,
     which is not what transformers or vLLM serve): its dense experts replace the forward of each layer."""
-    from gptoss_tune.model.loader import load_model
 
     model = load_model(export_dir, device=meter.device)
     _keep_dense_experts(model, export_dir)
@@ -285,13 +287,6 @@ def measure_export(meter: EffectMeter, export_dir: Path) -> dict:
 
 
 def _keep_dense_experts(model, export_dir: Path) -> None:
-    from functools import partial
-
-    from safetensors import safe_open
-
-    from gptoss_tune.model.checkpoint import index_checkpoint
-    from gptoss_tune.model.experts import MXFP4Experts
-    from gptoss_tune.train.qat import routed_dense_forward
 
     idx = index_checkpoint(Path(export_dir))
     layers = [m for m in model.modules() if isinstance(m, MXFP4Experts)]
@@ -321,7 +316,6 @@ def effect_entry(got: dict, base: dict) -> dict:
 
 
 def checkpoint_step(ckpt: Path) -> int | None:
-    import re
 
     m = re.match(r"^step-(\d+)$", ckpt.name)
     return int(m.group(1)) if m else None
@@ -329,8 +323,6 @@ def checkpoint_step(ckpt: Path) -> int | None:
 
 def quantization_aware_record(src: AdapterSource) -> dict | None:
     """The run's quantisation-aware phase, when the exported checkpoint was trained in it."""
-    from gptoss_tune.export.card import run_dir_of
-    from gptoss_tune.train import qat
 
     rec = qat.recorded(run_dir_of(src.ckpt))
     if rec is None:
@@ -352,7 +344,6 @@ def choose_requant(
     """(method, seed, report) for a merged-mxfp4 export. "auto": the run's quantisation-aware re-quantiser
     when it had that phase, else the candidate with the highest effect retained on the held-out data
     (without a measurement: "keep", which is never further from the tuned model than the base)."""
-    from gptoss_kernels.requantize import METHODS
 
     rec = quantization_aware_record(src)
     info: dict = {"seed": seed, "candidates": {}}

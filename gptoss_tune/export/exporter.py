@@ -25,9 +25,8 @@ import errno
 import gc
 import json
 import logging
-import os
+import shlex
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,9 +37,24 @@ from safetensors.torch import save_file
 
 from gptoss_kernels.mxfp4 import dequantize
 from gptoss_tune import runs as rd
+from gptoss_tune.devices import check_device
 from gptoss_tune.errors import UserError
-from gptoss_tune.export import FORMATS
+from gptoss_tune.export import FORMATS, REQUANT_CHOICES
+from gptoss_tune.export import out_dir as od
+from gptoss_tune.export.base_check import check_base_tensors
 from gptoss_tune.export.card import model_card, run_dir_of  # noqa: F401  (public from here too)
+from gptoss_tune.export.effect import (
+    EffectMeter,
+    choose_requant,
+    held_out,
+    measure_export,
+    quantization_aware_record,
+    warning_line,
+)
+from gptoss_tune.export.hf_tokenizer import write_tokenizer_files
+from gptoss_tune.export.out_dir import estimate_bytes
+from gptoss_tune.export.peft_format import PEFT_WEIGHTS_FILE, peft_config, to_peft_state_dict
+from gptoss_tune.export.vllm_route import ROUTER_WARNING, adapter_command, with_both_expert_slots
 from gptoss_tune.model.adapter import CONFIG_FILE as OUR_CONFIG
 from gptoss_tune.model.adapter import WEIGHTS_FILE as OUR_WEIGHTS
 from gptoss_tune.model.adapter import read_adapter_config
@@ -61,7 +75,7 @@ def resolve_export_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
     """A run directory's checkpoint ('best', 'last' or a path); a bare adapter directory is itself."""
     run = Path(run_dir)
     if which in ("best", "last") and (run / OUR_CONFIG).is_file():
-        return run
+        return rd.intact_adapter(run)
     return rd.resolve_checkpoint(run, which)
 
 
@@ -290,18 +304,24 @@ def write_merged(
 
 
 def write_adapter(src: AdapterSource, out_dir: Path) -> dict:
-    from gptoss_tune.export.peft_format import PEFT_WEIGHTS_FILE, peft_config, to_peft_state_dict
-
-    cfg = peft_config(src.settings, src.base_name, router_trained=src.router_trained)
+    ours, settings = with_both_expert_slots(src.state, src.settings, src.config)  # vLLM asserts both slots
+    cfg = peft_config(settings, src.base_name, router_trained=src.router_trained)
     cfg.save_pretrained(str(out_dir))
-    state = to_peft_state_dict(src.state, src.settings)
+    state = to_peft_state_dict(ours, settings)
     save_file(state, out_dir / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
     if src.settings.dropout:
         log.info(
             "lora_dropout %.3g written as 0 (dropout is training-only; PEFT refuses it on expert LoRA)",
             src.settings.dropout,
         )
-    return {"tensors": len(state), "bytes": sum(t.numel() * t.element_size() for t in state.values())}
+    report = {"tensors": len(state), "bytes": sum(t.numel() * t.element_size() for t in state.values())}
+    if settings.experts != src.settings.experts:
+        report["zero_expert_slots"] = [p for p in settings.experts if p not in src.settings.experts]
+    if src.router_trained:
+        report.setdefault("warnings", []).append(ROUTER_WARNING)
+    else:
+        report["vllm_rank"] = settings.rank
+    return report
 
 
 # ---- the command ----------------------------------------------------------------------------------
@@ -329,28 +349,28 @@ def export_run(
     Merged formats measure the effect retained on held-out data (export/effect.py; `effect=False` skips
     it, `drift` is its former name); merged-mxfp4 re-quantises the experts with `requant` (auto = chosen
     by that measurement, see effect.choose_requant)."""
-    from gptoss_tune.export import REQUANT_CHOICES as CHOICES
 
     if drift is not None:
         effect = drift
-    if requant not in CHOICES:
-        raise UserError(f"--requant {requant!r}: choose one of {', '.join(CHOICES)}")
+    if requant not in REQUANT_CHOICES:
+        raise UserError(f"--requant {requant!r}: choose one of {', '.join(REQUANT_CHOICES)}")
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UserError(f"{out}: exists and is not empty; choose another --out or pass --force to replace it")
+    od.check_out(out, force)
     if fmt != "adapter" and effect:
-        from gptoss_tune.devices import check_device
-
         check_device(device)
     ckpt = resolve_export_checkpoint(run_dir, checkpoint)
     src = AdapterSource(ckpt, base)
     _check_out_dir(out, [Path(run_dir), ckpt, src.base_dir])
+    if fmt != "adapter":  # merging reads every base tensor: check their shapes first (headers only)
+        check_base_tensors(src.base_dir, ckpt, base is not None)
     progress(f"exporting {ckpt} (base {src.base_dir}) as {fmt} to {out}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        od.remove_stale_temporaries(out.parent, progress)
+        od.warn_if_short(out, _estimate(fmt, src), progress)
+        tmp = od.make_temporary(out)
     except OSError as e:
         raise UserError(f"--out {out}: cannot create it ({e.strerror or e}); choose a writable directory") from None
     t0 = time.time()
@@ -364,8 +384,6 @@ def export_run(
         else:
             method_seed = (requant, seed)
             if fmt == "merged-mxfp4":
-                from gptoss_tune.export.effect import choose_requant
-
                 *method_seed, report["requantization"] = choose_requant(src, meter, requant, seed, progress)
             if meter is not None:
                 meter.close()  # its model; the tuned log-probabilities stay for the export's measurement
@@ -375,12 +393,9 @@ def export_run(
             shutil.copyfile(gen, tmp / "generation_config.json")
         else:
             (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
-        from gptoss_tune.export.hf_tokenizer import write_tokenizer_files
 
         write_tokenizer_files(tmp, model_max_length=int(src.config.get("max_position_embeddings", 131072)))
         if meter is not None:
-            from gptoss_tune.export.effect import measure_export, warning_line
-
             progress("  measuring the export against the tuned model on the held-out data ...")
             report["effect"] = {**meter.held.describe(), "reference": meter.reference, **measure_export(meter, tmp)}
             report["effect"]["threshold"] = min_effect
@@ -388,23 +403,22 @@ def export_run(
         report["seconds"] = round(time.time() - t0, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(fmt, src, report, out.name))
-        _replace_dir(tmp, out)
-    except OSError as e:
+        od.replace_dir(tmp, out)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in _WRITE_ERRNOS:  # the machine's problem, not a bug: say what and where, without a traceback
+        # The machine's problem, not a bug: say what and where (--out, never a temporary or a source file).
+        if od.is_disk_full(e):
+            raise od.disk_full_error(out, _estimate(fmt, src)) from None
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
             raise UserError(
-                f"writing the export to {out} failed: {e.strerror} ({e.filename or tmp}); nothing was written"
+                f"--out {out}: writing the export failed ({e.strerror}); choose a writable --out; nothing was written"
             ) from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     progress(summary_lines(report, out))
     return report
 
 
 def _effect_meter(src: AdapterSource, positions: int, device: str | None, progress):
-    from gptoss_tune.export.effect import EffectMeter, held_out, quantization_aware_record
 
     held = held_out(src, positions)
     vocab = int(src.config.get("vocab_size", 0))
@@ -418,6 +432,13 @@ def _effect_meter(src: AdapterSource, positions: int, device: str | None, progre
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+def _estimate(fmt: str, src: AdapterSource) -> int:
+    try:
+        return estimate_bytes(fmt, src.ckpt / OUR_WEIGHTS, src.base_dir)
+    except Exception:  # only for the message; never hide the disk-full error behind another
+        return 0
+
+
 def _check_out_dir(out: Path, inputs: list[Path]) -> None:
     """--out must not be an input or hold one (with --force it would be replaced); inside is fine."""
     o = out.resolve()
@@ -427,18 +448,24 @@ def _check_out_dir(out: Path, inputs: list[Path]) -> None:
             raise UserError(f"--out {out} overlaps the input {p}; export to a directory of its own")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def adapter_serving_lines(report: dict, out: Path) -> list[str]:
+    """How to serve an adapter export without losing anything: vLLM's command, or why vLLM cannot."""
+    if report.get("format") != "adapter":
+        return []
+
+    lines = [f"  warning: {w}" for w in report.get("warnings", [])]
+    if "vllm_rank" in report:
+        cmd = adapter_command(report["base_model"], out, report["vllm_rank"], name=out.name)
+        lines.append(f"  serve it with vLLM (MXFP4 base + LoRA, nothing lost): {shlex.join(cmd)}")
+    lines.append(
+        f"  or here: gptoss-tune serve {shlex.quote(str(report['base_model']))} --adapter {shlex.quote(str(out))}"
+    )
+    return lines
 
 
 def summary_lines(report: dict, out: Path) -> str:
     lines = [f"wrote {report['format']} export to {out}/ in {report.get('seconds', 0):.1f}s"]
+    lines += adapter_serving_lines(report, out)
     rq = report.get("requantization")
     if rq:
         lines.append(f"  experts re-quantised with {rq['method']!r} ({rq['chosen_by']})")
