@@ -321,18 +321,16 @@ def checkpoint_step(ckpt: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def quantization_aware_record(src: AdapterSource) -> dict | None:
+def quantization_aware_record(src: AdapterSource, progress=None) -> dict | None:
     """The run's quantisation-aware phase, when the exported checkpoint was trained in it."""
-
     rec = qat.recorded(run_dir_of(src.ckpt))
     if rec is None:
         return None
     step = checkpoint_step(src.ckpt)
     if step is not None and step <= int(rec.get("from_step", 0)):
-        log.warning(
-            "%s predates the run's quantisation-aware phase (from step %s): exporting it as an ordinary checkpoint",
-            src.ckpt,
-            rec.get("from_step"),
+        (progress or log.warning)(
+            f"  note: {src.ckpt.name} predates the run's quantisation-aware phase (from step {rec.get('from_step')}): "
+            f"exported as an ordinary checkpoint; `--checkpoint last` exports the phase's model"
         )
         return None
     return rec
@@ -345,7 +343,7 @@ def choose_requant(
     when it had that phase, else the candidate with the highest effect retained on the held-out data
     (without a measurement: "keep", which is never further from the tuned model than the base)."""
 
-    rec = quantization_aware_record(src)
+    rec = quantization_aware_record(src, progress)
     info: dict = {"seed": seed, "candidates": {}}
     if meter is not None:
         for m in METHODS:

@@ -426,7 +426,7 @@ def _effect_meter(src: AdapterSource, positions: int, device: str | None, progre
         progress(f"  effect retained not measured: the {held.source} hold token ids beyond the vocabulary ({vocab})")
         return None
     progress(f"  held-out data for the effect retained: {held.source}, {held.positions} positions")
-    return EffectMeter(src, held, device, fake_quant=quantization_aware_record(src))
+    return EffectMeter(src, held, device, fake_quant=quantization_aware_record(src, progress=lambda _line: None))
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
