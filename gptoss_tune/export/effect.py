@@ -345,7 +345,8 @@ def choose_requant(
 
     rec = quantization_aware_record(src, progress)
     info: dict = {"seed": seed, "candidates": {}}
-    if meter is not None:
+    if meter is not None and requant == "auto":  # forced: only the export written is measured (each candidate
+        # re-quantises every expert on the CPU, about as long as the merge itself)
         for m in METHODS:
             got = effect_entry(meter.candidate(m, seed), meter.base)
             info["candidates"][m] = got
