@@ -116,6 +116,12 @@ def test_phase_records_itself_and_the_export_is_the_trained_model(tiny_ckpt, tmp
     assert q["effect"]["kl_tuned_base"] > 0  # the phase's model differs from the base
     assert q["effect"]["effect_retained"] > 0.999
     assert p["effect"]["effect_retained"] < q["effect"]["effect_retained"] - 0.05, (p["effect"], q["effect"])
+    # a checkpoint written before the phase is an ordinary one, and the export says so
+    lines = []
+    rep = export_run(tmp_path / "qat/run", "merged-mxfp4", tmp_path / "pre", checkpoint="checkpoints/step-00000003",
+                     effect=False, progress=lines.append)  # fmt: skip
+    assert rep["requantization"]["chosen_by"] == "default (nothing measured)"
+    assert any("predates the run's quantisation-aware phase" in line for line in lines)
     # the exported model's logits are the fake-quantised training model's
     model = load_with_adapter(tmp_path / "qat/run/final", device="cpu").eval()
     qat.enable(model, "keep")
