@@ -60,7 +60,7 @@ def resolve_export_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
     """A run directory's checkpoint ('best', 'last' or a path); a bare adapter directory is itself."""
     run = Path(run_dir)
     if which in ("best", "last") and (run / OUR_CONFIG).is_file():
-        return run
+        return rd.intact_adapter(run)
     return rd.resolve_checkpoint(run, which)
 
 

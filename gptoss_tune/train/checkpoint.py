@@ -2,15 +2,20 @@
 
     checkpoints/step-00000040/
       adapter.json, adapter.safetensors   the trainable weights (gptoss_tune.model.adapter; export reads these)
-      optimizer.pt                        AdamW state (optimizer-rank{r}.pt per process when sharded)
-      scheduler.pt                        learning-rate schedule state
-      rng-rank{r}.pt                      python, numpy, torch (and CUDA) RNG states of process r
+      optimizer.safetensors               AdamW state (optimizer-rank{r}.safetensors per process when sharded)
+      scheduler.safetensors               learning-rate schedule state
+      rng-rank{r}.safetensors             python, numpy, torch (and CUDA) RNG states of process r
       trainer_state.json                  step, data position, best metric, early-stopping counter, ...
 
 Everything is written into checkpoints/.tmp-step-N, each file fsynced, then the directory is renamed to
 step-N (atomic on POSIX) and the parent fsynced. A checkpoint is complete iff its step-N directory exists
 (run_dir.list_checkpoints also requires adapter.json). Old checkpoints are renamed away before being
 deleted, so a kill during pruning cannot leave a step-N directory with files missing.
+
+The optimizer, scheduler and RNG states go through gptoss_tune.train.state_codec (safetensors with a JSON
+skeleton): nothing is ever unpickled. A checkpoint of an older version (optimizer.pt, scheduler.pt,
+rng-rank*.pt: pickles) is refused with one line, since loading a pickle from a downloaded run directory
+could run any code.
 """
 
 from __future__ import annotations
@@ -25,12 +30,31 @@ import numpy as np
 import torch
 
 from gptoss_tune.atomic_io import atomic_write_text, fsync_path
+from gptoss_tune.errors import UserError
 from gptoss_tune.model.adapter import save_adapter
-from gptoss_tune.runs import BEST, CHECKPOINTS, list_checkpoints, step_dir_name
+from gptoss_tune.runs import (
+    BEST,
+    CHECKPOINTS,
+    legacy_pickles,
+    list_checkpoints,
+    rewrite_json,
+    set_aside,  # noqa: F401  (for the trainer)
+    step_dir_name,
+    write_manifest,
+)
+from gptoss_tune.train.state_codec import load_state, save_state
 
 TRAINER_STATE = "trainer_state.json"
-OPTIMIZER = "optimizer.pt"
-SCHEDULER = "scheduler.pt"
+OPTIMIZER = "optimizer.safetensors"
+SCHEDULER = "scheduler.safetensors"
+
+
+def optimizer_file(rank: int, sharded: bool) -> str:
+    return f"optimizer-rank{rank}.safetensors" if sharded else OPTIMIZER
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.safetensors"
 
 
 def fsync_tree(path: Path) -> None:
@@ -58,11 +82,6 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda_state, i)
 
 
-def _save_torch(obj, path: Path) -> None:
-    torch.save(obj, path)
-    fsync_path(path)
-
-
 def tmp_dir_for(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f".tmp-{step_dir_name(step)}"
 
@@ -80,14 +99,14 @@ def write_checkpoint_files(
     adapter_state: dict | None = None,
 ) -> None:
     """Every process writes its own files into tmp; the main process writes the shared ones."""
-    _save_torch(rng_state(), tmp / f"rng-rank{rank}.pt")
+    save_state(rng_state(), tmp / rng_file(rank))
     if sharded:
-        _save_torch(optimizer.state_dict(), tmp / f"optimizer-rank{rank}.pt")
+        save_state(optimizer.state_dict(), tmp / optimizer_file(rank, sharded))
     if is_main:
         save_adapter(model, tmp, state=adapter_state)
         if not sharded:
-            _save_torch(optimizer.state_dict(), tmp / OPTIMIZER)
-        _save_torch(scheduler.state_dict(), tmp / SCHEDULER)
+            save_state(optimizer.state_dict(), tmp / OPTIMIZER)
+        save_state(scheduler.state_dict(), tmp / SCHEDULER)
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
         fsync_tree(tmp)
 
@@ -102,8 +121,10 @@ def prepare_tmp(run_dir: Path, step: int) -> Path:
 
 
 def commit(run_dir: Path, step: int) -> Path:
-    """Main process: rename the finished temporary directory into place."""
+    """Main process, after every process wrote its files: the manifest (sizes and sha256 of them all, so
+    resume can tell a damaged checkpoint), then rename the finished temporary directory into place."""
     tmp = tmp_dir_for(run_dir, step)
+    write_manifest(tmp)
     final = Path(run_dir) / CHECKPOINTS / step_dir_name(step)
     if final.exists():  # only after a crash between a previous commit and its bookkeeping
         _remove(final)
@@ -146,22 +167,52 @@ def write_best(run_dir: Path, step: int, value: float, metric: str = "eval_loss"
     atomic_write_text(Path(run_dir) / BEST, json.dumps(best, indent=2) + "\n")
 
 
+def rewrite_trainer_state(ckpt: Path, trainer_state: dict) -> None:
+    """New bookkeeping for a committed checkpoint (an evaluation at its step, the run finished there)."""
+    rewrite_json(ckpt, TRAINER_STATE, json.dumps(trainer_state, indent=2) + "\n")
+
+
 def read_trainer_state(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / TRAINER_STATE).read_text())
 
 
-def load_optimizer_state(ckpt: Path, optimizer, rank: int, sharded: bool, map_location) -> None:
-    f = Path(ckpt) / (f"optimizer-rank{rank}.pt" if sharded else OPTIMIZER)
-    optimizer.load_state_dict(torch.load(f, map_location=map_location, weights_only=False))
+def refuse_legacy(ckpt: Path) -> None:
+    """One line for a checkpoint holding pickles (an older version's, or a crafted one): never unpickled."""
+    found = legacy_pickles(ckpt)
+    if found:
+        raise UserError(
+            f"{ckpt}: holds {', '.join(found)}, pickle files of an older gptoss-tune version, which are never loaded "
+            f"(a pickle can run code); export its adapter, or start over with resume=never overwrite=true"
+        )
+
+
+def _apply(ckpt: Path, name: str, apply, device="cpu") -> None:
+    """Read state file `name` of ckpt and hand it to `apply`; a state of another shape is one line too."""
+    refuse_legacy(ckpt)
+    path = Path(ckpt) / name
+    state = load_state(path, device=device)
+    try:
+        apply(state)
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(
+            f"{path}: does not fit this run ({reason}); resume from a checkpoint of this run, or start over"
+        ) from None
+
+
+def load_optimizer_state(ckpt: Path, optimizer, rank: int, sharded: bool, map_location="cpu") -> None:
+    # Optimizer.load_state_dict moves each state tensor to its parameter's device.
+    _apply(ckpt, optimizer_file(rank, sharded), optimizer.load_state_dict, map_location)
 
 
 def load_scheduler_state(ckpt: Path, scheduler) -> None:
-    scheduler.load_state_dict(torch.load(Path(ckpt) / SCHEDULER, weights_only=False))
+    _apply(ckpt, SCHEDULER, scheduler.load_state_dict)
 
 
 def load_rng_state(ckpt: Path, rank: int) -> bool:
-    f = Path(ckpt) / f"rng-rank{rank}.pt"
-    if not f.is_file():
+    """False when ckpt holds no RNG state for this rank (written by fewer processes)."""
+    if not (Path(ckpt) / rng_file(rank)).is_file():
+        refuse_legacy(ckpt)
         return False
-    set_rng_state(torch.load(f, weights_only=False))
+    _apply(ckpt, rng_file(rank), set_rng_state)
     return True

@@ -1,24 +1,28 @@
 """What to do with the output directory: start fresh, resume, or refuse (and say why).
 
-    resume: auto   continue from the newest complete checkpoint of the SAME run in output_dir, if any
+    resume: auto   continue from the newest intact checkpoint of the SAME run in output_dir, if any (a damaged
+                   newer one is skipped, saying why, and set aside as checkpoints/damaged-step-N)
     resume: never  start fresh; output_dir must be empty or new (or overwrite: true to replace a run)
     resume: PATH   continue from that checkpoint (e.g. another run's checkpoints/step-N)
 
 "The same run" means the settings in Recipe.fingerprint() match those in output_dir/recipe.yaml:
 length, evaluation, checkpointing and logging may change on resume, the model, LoRA, data and optimiser
 may not (that would be a different run; pass overwrite=true or choose another output_dir).
+
+"Intact" means every file matches the size and sha256 its manifest.json recorded when it was written
+(runs.checkpoint_problem); resume: PATH to a damaged checkpoint is refused with one line naming the file.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from gptoss_tune.errors import UserError
-from gptoss_tune.runs import RECIPE, holds_run, list_checkpoints, trained
+from gptoss_tune.runs import RECIPE, checkpoint_problem, holds_run, list_checkpoints, trained
 
 
 @dataclass
@@ -29,6 +33,8 @@ class ResumePlan:
     # resume from a checkpoint of another run directory: a new run starting from its weights, optimizer
     # and data position, whose best checkpoint and early stopping start afresh (the old best is not here)
     branch: bool = False
+    # newer checkpoints of the run that are damaged, and why: resume: auto continues from an older one
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         if self.mode == "resume":
@@ -65,6 +71,18 @@ def stored_fingerprint(out: Path) -> dict | None:
 
 def check_output_dir(recipe) -> ResumePlan:
     """Decide fresh / resume / refuse; raises UserError naming output_dir and the way out."""
+    plan = _plan(recipe)
+    if plan.mode == "resume" and recipe.resume != "auto":
+        problem = checkpoint_problem(plan.checkpoint)  # before anything is written or loaded
+        if problem is not None:
+            raise UserError(
+                f"{recipe.where('resume')}: resume={plan.checkpoint} is a damaged checkpoint: {problem}; "
+                f"resume from another checkpoint (resume=auto picks the newest intact one of a run)"
+            )
+    return plan
+
+
+def _plan(recipe) -> ResumePlan:
     src = recipe.where("output_dir")
     out = Path(recipe.output_dir)
     exists = out.is_dir() and any(out.iterdir())
@@ -97,8 +115,23 @@ def check_output_dir(recipe) -> ResumePlan:
             f"{src}: output_dir '{out}' holds a different run ({why}); choose another output_dir or pass overwrite=true to replace it"
         )
     if ckpts:
-        return ResumePlan("resume", ckpts[-1][1])
+        return _newest_intact(out, ckpts, src)
     return ResumePlan("fresh", wipe=True)  # the same run, interrupted before its first checkpoint
+
+
+def _newest_intact(out: Path, ckpts: list[tuple[int, Path]], src: str) -> ResumePlan:
+    skipped = []
+    for _, p in reversed(ckpts):
+        problem = checkpoint_problem(p)
+        if problem is None:
+            return ResumePlan("resume", p, skipped=skipped)
+        skipped.append((p, problem))
+    p, why = skipped[0]
+    raise UserError(
+        f"{src}: output_dir '{out}' holds no intact checkpoint to resume from ({p.name}: {why}"
+        + (f"; and {len(skipped) - 1} older one(s) damaged too" if len(skipped) > 1 else "")
+        + "); pass overwrite=true to start the run over, or resume=PATH from another run's checkpoint"
+    )
 
 
 def _resume_from_path(recipe, out: Path, exists: bool, src: str) -> ResumePlan:
@@ -130,7 +163,9 @@ def _resume_from_path(recipe, out: Path, exists: bool, src: str) -> ResumePlan:
         return ResumePlan("resume", ckpt, wipe=True, branch=True)
     if inside:
         step = _step_of(ckpt)
-        newer = [p.name for s, p in list_checkpoints(out) if step is not None and s > step]
+        newer = [
+            p.name for s, p in list_checkpoints(out) if step is not None and s > step and checkpoint_problem(p) is None
+        ]
         if newer:
             raise UserError(
                 f"{src}: resume={ckpt} is older than {', '.join(newer)} in the same run: continuing from it in place would "

@@ -272,6 +272,11 @@ class Trainer:
                 wipe(run_dir)
             (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
             ck.clean_stale(run_dir)
+            for damaged, why in self.plan.skipped:  # out of the way of pruning and of this run's new checkpoints
+                moved = ck.set_aside(damaged)
+                self._say(
+                    f"note: resuming from {self.plan.checkpoint.name}: {damaged.name} is damaged ({why}); set aside as {moved}"
+                )
             atomic_write_text(run_dir / RECIPE, self.recipe.to_yaml())
             if self.resumed is not None:
                 truncate_metrics(run_dir / METRICS, self.resumed.step)
@@ -794,8 +799,7 @@ class Trainer:
             # Same weights, optimizer and RNG; the bookkeeping may have changed since (an evaluation at this
             # step made it the best, the run finished here): write that, and best.json.
             if is_main:
-                text = json.dumps(self._state_to_write(step, finished, stop_reason), indent=2) + "\n"
-                atomic_write_text(path / ck.TRAINER_STATE, text)
+                ck.rewrite_trainer_state(path, self._state_to_write(step, finished, stop_reason))
                 if best is not None:
                     ck.write_best(run_dir, best, self.state.best_value)
             acc.wait_for_everyone()
@@ -840,6 +844,7 @@ class Trainer:
                 shutil.rmtree(tmp)
             save_adapter(self.unwrapped.model, tmp, state=adapter_state, extra={"step": self.state.step})
             ck.fsync_tree(tmp)
+            ck.write_manifest(tmp)  # export verifies final/ like a checkpoint
             final_dir = run_dir / FINAL
             if final_dir.exists():
                 shutil.rmtree(final_dir)

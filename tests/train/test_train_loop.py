@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers.training import read_metrics, synthetic_data, wrapper_script, write_recipe
 
-from gptoss_tune.runs import resolve_checkpoint
+from gptoss_tune.runs import resolve_checkpoint, write_manifest
 from gptoss_tune.train.recipe import load_recipe
 from gptoss_tune.train.trainer import TrainingDiverged, train
 
@@ -275,7 +275,9 @@ def test_two_process_cpu_launch(reference, tmp_path):
     assert [l["loss"] for l in got] == pytest.approx([l["loss"] for l in ref], rel=1e-5)
     assert [l["eval_loss"] for l in got_eval] == pytest.approx([l["eval_loss"] for l in ref_eval], rel=1e-5)
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000012"
-    assert (ckpt / "rng-rank0.pt").is_file() and (ckpt / "rng-rank1.pt").is_file() and (ckpt / "optimizer.pt").is_file()
+    assert all(
+        (ckpt / f).is_file() for f in ("rng-rank0.safetensors", "rng-rank1.safetensors", "optimizer.safetensors")
+    )
 
 
 def test_demo_recipe_on_sample_data_lowers_validation_loss(tiny_ckpt, tmp_path, capsys):
@@ -364,6 +366,7 @@ def test_trainer_state_files_round_trip_and_resume_without_optional_keys(referen
     for key in ("epoch", "grad_accum", "micro_batch_size", "total_steps", "tokens_seen", "fingerprint"):
         del state[key]
     (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    write_manifest(ckpt)  # as that version would have recorded its files (an edited one is refused as damaged)
     result = _run(recipe, f"resume={ckpt}", f"output_dir={tmp_path / 'branch'}")
     assert result.step == 12 and result.stop_reason == "completed"
     got, _ = read_metrics(tmp_path / "branch")
