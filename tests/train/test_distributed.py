@@ -303,8 +303,8 @@ def test_fsdp2_idle_experts_on_one_rank_and_nan_stops_before_any_update(small_ck
         recipe,
         env={"GPTOSS_TEST_SHORT_RANK": "1", "GPTOSS_TEST_NAN_AT": "3:1", "GPTOSS_TEST_STEPS_DIR": str(steps_dir)},
     )
-    # both ranks exit 3 (TrainingDiverged); torchrun reports that as its own failure (exit 1)
-    assert code != 0 and out.count("exitcode  : 3") == 2, out[-4000:]
+    # the ranks exit 3 (TrainingDiverged; torchrun may stop the slower one first) and torchrun exits 1
+    assert code != 0 and "exitcode  : 3" in out, out[-4000:]
     assert "step 3: the loss is not finite" in out and "stopped before applying the step" in out
     assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out
     for rank in (0, 1):
@@ -326,7 +326,8 @@ def test_zero2_matches_one_process_and_nan_stops_before_engine_step(small_ckpt, 
     code, out = _launch(
         "deepspeed-zero2", recipe, env={"GPTOSS_TEST_NAN_AT": "4:1", "GPTOSS_TEST_STEPS_DIR": str(steps_dir)}
     )
-    assert code != 0 and out.count("exitcode  : 3") == 2, out[-4000:]
+    assert code != 0 and "exitcode  : 3" in out, out[-4000:]
+    assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out
     assert "(DeepSpeed ZeRO-2)" in out and "step 4: the loss is not finite" in out
     for rank in (0, 1):
         assert (steps_dir / f"rank{rank}").read_text().count("step") == 3
