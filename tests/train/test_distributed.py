@@ -270,9 +270,31 @@ def _kill_and_resume(config: str, tmp_path: Path, ckpt: Path, reference, *overri
     assert [l["loss"] for l in after] == [l["loss"] for l in before]  # bit-identical after the resume
     assert [l["lr"] for l in after] == [l["lr"] for l in before]
     _same_as_reference(tmp_path / "run", reference)
-    final = tmp_path / "run" / "final"
-    assert (final / "adapter.safetensors").is_file()
+    _adapter_reads_back(tmp_path, ckpt, reference)
     return out
+
+
+def _adapter_reads_back(tmp_path: Path, ckpt: Path, reference) -> None:
+    """Rank 0 wrote the adapter whole: loaded by itself (as the server does) it gives one process's final
+    validation loss, and export reads the run."""
+    import torch
+    from helpers.training import synthetic_data
+
+    from gptoss_tune.data.batching import collate
+    from gptoss_tune.export.exporter import export_run
+    from gptoss_tune.model.adapter import load_with_adapter
+    from gptoss_tune.train.objective import Objective
+
+    model = load_with_adapter(tmp_path / "run" / "final", base_model=ckpt, device="cpu", dtype="fp32")
+    objective = Objective(model)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for row in synthetic_data().validation:
+            out = objective(**collate([row], packing=True), evaluate=True)
+            total, n = total + float(out.lm_loss_sum), n + int(out.trained_tokens)
+    assert total / n == pytest.approx(reference[1][-1]["eval_loss"], rel=1e-5)
+    report = export_run(tmp_path / "run", "adapter", tmp_path / "export", progress=lambda _: None)
+    assert (tmp_path / "export").is_dir() and report
 
 
 def test_ddp_matches_one_process_and_resumes_after_sigkill(small_ckpt, reference, tmp_path):
@@ -294,13 +316,17 @@ def test_fsdp2_with_sharded_experts_matches_one_process_halves_bytes_and_resumes
 def test_fsdp2_idle_experts_on_one_rank_and_nan_stops_before_any_update(small_ckpt, tmp_path):
     """Rank 1 trains on 2-token rows (>= 12 of 16 experts idle on it): no hang, no unused-parameter error.
     Its loss turns NaN at step 3: both ranks stop (exit 3) after exactly 2 applied updates. Without
-    shard_experts the float parameters are halved and the MXFP4 buffers stay whole on each rank."""
+    shard_experts the float parameters are halved and the MXFP4 buffers stay whole on each rank. The model is
+    bf16 with fp32 LoRA and a trained fp32 router here: FSDP2 all-gathers the mixed dtypes of one layer and
+    reduce-scatters the fp32 gradients."""
     recipe = _recipe(tmp_path, small_ckpt, grad_accum=1)
     steps_dir = tmp_path / "steps"
     steps_dir.mkdir()
     code, out = _launch(
         "fsdp2",
         recipe,
+        "model.dtype=bf16",
+        "router.train=true",
         env={"GPTOSS_TEST_SHORT_RANK": "1", "GPTOSS_TEST_NAN_AT": "3:1", "GPTOSS_TEST_STEPS_DIR": str(steps_dir)},
     )
     # the ranks exit 3 (TrainingDiverged; torchrun may stop the slower one first) and torchrun exits 1
@@ -343,3 +369,23 @@ def test_zero3_with_sharded_experts_matches_one_process_halves_bytes_and_resumes
     assert " 0 trainable parameters" not in out
     resident, whole = _resident(out)
     assert resident == pytest.approx(whole / 2, rel=0.03)
+
+
+def test_launch_detection_names_the_strategy_and_refuses_what_it_cannot_run():
+    """What accelerate launch exports decides the strategy; FSDP1, ZeRO-1 and NVMe offload are refused by
+    name instead of running something else."""
+    from gptoss_tune.errors import UserError
+    from gptoss_tune.train.distributed import detect_launch
+
+    assert detect_launch({}).strategy == "single"
+    assert detect_launch({"WORLD_SIZE": "2"}).strategy == "ddp"
+    assert detect_launch({"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}).strategy == "fsdp2"
+    ds = {"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    assert detect_launch(ds).strategy == "zero3" and detect_launch(ds).deepspeed["zero_stage"] == 3
+    for env, words in (
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp_version is 1"),
+        ({**ds, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, "zero_stage is '1'"),
+        ({**ds, "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "nvme"}, "offload_param_device: nvme"),
+    ):
+        with pytest.raises(UserError, match=words):
+            detect_launch(env)
