@@ -389,3 +389,28 @@ def test_launch_detection_names_the_strategy_and_refuses_what_it_cannot_run():
     ):
         with pytest.raises(UserError, match=words):
             detect_launch(env)
+
+
+def test_shard_experts_holds_the_same_bytes_as_frozen_parameters(small_ckpt):
+    """model.shard_experts turns the packed blocks and scales into frozen uint8 parameters under the same
+    names, holding the same bytes: the model's output does not change."""
+    import torch
+
+    from gptoss_tune.model.experts import MXFP4Experts
+    from gptoss_tune.model.loader import load_model
+    from gptoss_tune.train.distributed import hold_experts_as_parameters
+
+    model = load_model(small_ckpt, device="cpu")
+    ids = torch.tensor([[1000, 1003, 1006, 1009, 1012]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    sizes = sum(m.resident_bytes() for m in model.modules() if isinstance(m, MXFP4Experts))
+    assert hold_experts_as_parameters(model) == sizes > 0
+    packed = {n: p for n, p in model.named_parameters() if n.endswith(("_blocks", "_scales"))}
+    assert len(packed) == 4 * 2 and all(p.dtype == torch.uint8 and not p.requires_grad for p in packed.values())
+    assert not [n for n, _ in model.named_buffers() if n.endswith(("_blocks", "_scales"))]
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
