@@ -414,3 +414,25 @@ def test_shard_experts_holds_the_same_bytes_as_frozen_parameters(small_ckpt):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_resuming_under_another_strategy_is_refused_by_name(reference, small_ckpt, tmp_path):
+    """Per-rank optimizer files of FSDP2 / ZeRO differ in layout: a checkpoint resumes only under the
+    strategy that wrote it (distribution.json), and the refusal says which one that was."""
+    import shutil
+
+    from helpers.training import synthetic_data
+
+    from gptoss_tune.errors import UserError
+    from gptoss_tune.runs import write_manifest
+
+    recipe = _recipe(tmp_path, small_ckpt, grad_accum=2)
+    train(load_recipe(recipe, ["train.max_steps=3"]), data=synthetic_data())
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000003"
+    assert json.loads((ckpt / "distribution.json").read_text())["strategy"] == "single"
+    branch = tmp_path / "branch"
+    shutil.copytree(ckpt, branch)
+    (branch / "distribution.json").write_text(json.dumps({"strategy": "fsdp2", "world": 2}))
+    write_manifest(branch)  # as if written so: an intact checkpoint of an FSDP2 run
+    with pytest.raises(UserError, match="written under FSDP2, this launch runs one process"):
+        train(load_recipe(recipe, [f"resume={branch}", "output_dir=other"]), data=synthetic_data())
