@@ -79,6 +79,17 @@ def reference(small_ckpt, tmp_path_factory):
     return read_metrics(d / "run")
 
 
+@pytest.fixture(scope="module")
+def reference_accum4(small_ckpt, tmp_path_factory):
+    """One process, grad_accum 4: what two ranks with grad_accum 2 must reproduce."""
+    from helpers.training import synthetic_data
+
+    d = tmp_path_factory.mktemp("single4")
+    recipe = _recipe(d, small_ckpt, grad_accum=4)
+    train(load_recipe(recipe), data=synthetic_data())
+    return read_metrics(d / "run")
+
+
 def _wrapper(dir: Path) -> Path:
     """`python SCRIPT RECIPE`: trains on synthetic_data, and under test variables
     GPTOSS_TEST_HANG_AT_CHECKPOINT=N  hang inside step N's checkpoint write after touching GPTOSS_TEST_MARKER,
@@ -343,21 +354,22 @@ def test_fsdp2_idle_experts_on_one_rank_and_nan_stops_before_any_update(small_ck
 
 
 @needs_deepspeed
-def test_zero2_matches_one_process_and_nan_stops_before_engine_step(small_ckpt, reference, tmp_path):
-    """ZeRO-2 for 3 steps like one process (loss, lr, eval at 3); a NaN loss on rank 1 at step 4 stops both
-    ranks before DeepSpeed's engine.step() applies it (3 updates on each rank)."""
-    recipe = _recipe(tmp_path, small_ckpt, grad_accum=1)
+def test_zero2_accumulates_like_one_process_and_nan_stops_before_engine_step(small_ckpt, reference_accum4, tmp_path):
+    """ZeRO-2 with 2 micro-batches per rank (DeepSpeed's engine.step() between them only counts) for 3 steps
+    like one process with 4 (loss, lr, eval at 3); a NaN loss on rank 1 in step 4 (its 7th micro-batch) stops
+    both ranks before engine.step() applies it: 3 updates on each rank."""
+    recipe = _recipe(tmp_path, small_ckpt, grad_accum=2)
     steps_dir = tmp_path / "steps"
     steps_dir.mkdir()
     code, out = _launch(
-        "deepspeed-zero2", recipe, env={"GPTOSS_TEST_NAN_AT": "4:1", "GPTOSS_TEST_STEPS_DIR": str(steps_dir)}
+        "deepspeed-zero2", recipe, env={"GPTOSS_TEST_NAN_AT": "7:1", "GPTOSS_TEST_STEPS_DIR": str(steps_dir)}
     )
     assert code != 0 and "exitcode  : 3" in out, out[-4000:]
     assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out
     assert "(DeepSpeed ZeRO-2)" in out and "step 4: the loss is not finite" in out
     for rank in (0, 1):
         assert (steps_dir / f"rank{rank}").read_text().count("step") == 3
-    _same_as_reference(tmp_path / "run", reference, steps=3)
+    _same_as_reference(tmp_path / "run", reference_accum4, steps=3)
     resident, whole = _resident(out)
     assert resident == whole  # ZeRO-2 partitions optimizer state and gradients, not parameters
 
