@@ -21,3 +21,14 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A model directory or weight file that cannot be loaded as a gpt-oss checkpoint."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM during training: stop at once. A KeyboardInterrupt (so every `finally` and
+    `except Exception` treats it as Ctrl-C) that remembers the signal, so the command exits 128 + signum
+    (130 for SIGINT, 143 for SIGTERM) as a process killed by it would, and as the first signal did."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + int(signum)

@@ -122,3 +122,71 @@ def test_no_import_goes_up_the_layers():
 )
 def test_the_check_catches_an_upward_import(module, source):
     assert len(violations({module: source})) == 1
+
+
+# Function-level imports hide dependencies from the reader and from this check's first glance, so they are
+# kept only where they buy something: a heavy or optional third-party package that most commands never need
+# (the reason beside each), and the entry points, which import their stage only once a verb runs so that
+# `gptoss-tune --help` does not pay for torch and transformers (about 4 s here).
+LAZY_PACKAGES = {
+    "triton": "optional: CUDA kernels; the CPU paths run without it",
+    "gptoss_kernels.moe_triton": "needs triton (optional)",
+    "deepspeed": "optional extra: only under a DeepSpeed accelerate config",
+    "wandb": "optional tracker",
+    "bitsandbytes": "optional: only for 8-bit optimizer states",
+    "quicktok": "optional source of the tokenizer's vocabulary file",
+    "fastapi": "the server's dependency: training never loads it",
+    "starlette": "the server's dependency: training never loads it",
+    "uvicorn": "the server's dependency: training never loads it",
+    "openai": "the demo's client only",
+    "transformers": "heavy (about 2 s to import): the data and recipe stages run without it",
+    "peft": "heavy, and only when LoRA goes on attention",
+    "datasets": "heavy (pyarrow): only when data is read",
+    "torch._dynamo": "imports the compiler stack: only on the compiled attention route",
+    "torch.profiler": "only when a benchmark profiles",
+    "torch.distributed": "only on multi-process runs",
+}
+LAZY_MODULES = ("gptoss_tune.__init__", "gptoss_tune.cli.", "gptoss_tune.demo.")
+
+
+def function_level_imports(source: str) -> list[tuple[int, str]]:
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    found += [(node.lineno, a.name) for a in node.names]
+                elif isinstance(node, ast.ImportFrom):  # `from a import b` counts as a.b: b may be a module
+                    base = "." * node.level + (node.module or "")
+                    found += [(node.lineno, f"{base}.{a.name}".replace("..", ".")) for a in node.names]
+    return sorted(set(found))
+
+
+def unjustified_lazy_imports(files: dict[str, str]) -> list[str]:
+    bad = []
+    for module, source in files.items():
+        entry_point = (module + ".").startswith(LAZY_MODULES) or module == "gptoss_tune"
+        for line, name in function_level_imports(source):
+            if entry_point and name.startswith(("gptoss_tune", "gptoss_kernels", ".")):
+                continue
+            if not any(name == p or name.startswith(p + ".") for p in LAZY_PACKAGES):
+                bad.append(f"{module}:{line} imports {name} inside a function: move it to the module's imports")
+    return bad
+
+
+def test_function_level_imports_only_for_heavy_or_optional_packages():
+    assert unjustified_lazy_imports(project_files()) == []
+
+
+@pytest.mark.parametrize(
+    "module,source,expected",
+    [
+        ("gptoss_tune.model.adapter", "def f():\n    from gptoss_tune.model.loader import load_model\n", 1),
+        ("gptoss_tune.serve.app", "def f():\n    import hmac\n", 1),
+        ("gptoss_tune.train.tracking", "def f():\n    import wandb\n", 0),
+        ("gptoss_tune.cli.train", "def f():\n    from gptoss_tune.train.trainer import Trainer\n", 0),
+        ("gptoss_tune.cli.train", "def f():\n    import json\n", 1),
+    ],
+)
+def test_the_lazy_import_check_catches_a_needless_one(module, source, expected):
+    assert len(unjustified_lazy_imports({module: source})) == expected

@@ -42,9 +42,9 @@ def run_reporting_errors(prog: str, run, args) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)  # errors.Interrupted: 128 + the signal (143 for SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+from pydantic import ValidationError
 
 from gptoss_tune.data.packing import FitStats, fit
 from gptoss_tune.data.settings import MAX_UNBROKEN_CHARS, DataSettings
@@ -74,9 +77,6 @@ def marked_text(input_ids: list[int], loss_mask: list[int], *, color: bool) -> s
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from pydantic import ValidationError
 
     if args.n is not None and args.n < 0:
         raise UserError(f"--n: the number of examples to print must be 0 or more, got {args.n}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 NAME = "validate"
 
 
@@ -21,11 +23,13 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     # pydantic and the checkpoint reader: imported only when the command runs
     from gptoss_tune.train.checkpoint import read_trainer_state
+    from gptoss_tune.train.datafiles import check_data_files
     from gptoss_tune.train.recipe import load_recipe
     from gptoss_tune.train.resume import check_output_dir
 
     recipe = load_recipe(args.recipe, args.overrides)
     plan = check_output_dir(recipe)
+    check_data_files(recipe, plan, Path(recipe.output_dir))  # a resumed run whose data changed: refused here too
     if plan.mode == "resume":
         try:
             state = read_trainer_state(plan.checkpoint)

@@ -4,8 +4,8 @@
     bundle.train, bundle.validation   # rows as in batching.py: input_ids, labels, position_ids
     bundle.report                      # counts, see format_report
 
-Files are read and rendered by data_sources (through `datasets`, cached), examples rendered by
-rendering (harmony, loss masks), cut or dropped and packed by packing. Validation is a separate file,
+Files are read and rendered by sources.py (through `datasets`, cached), examples rendered by
+rendering.py (harmony, loss masks), cut or dropped and packed by packing.py. Validation is a separate file,
 or a held-out fraction of the training examples chosen by the seed. Training rows come in an order
 shuffled by the seed; validation rows in a fixed order.
 """
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptoss_tune.data.batching import IGNORE_INDEX
+from gptoss_tune.data.harmony import check_strings, parse_tools
 from gptoss_tune.data.packing import FitStats, fit, pack
 from gptoss_tune.data.rendering import RenderedExample, render_example  # noqa: F401  (one example, unpacked: `render --json`)
 from gptoss_tune.data.settings import DataSettings
@@ -54,7 +55,6 @@ def load_data(
 ) -> DataBundle:
     """Read, render, split, fit and pack the data of a recipe. Raises UserError on bad input."""
     t0 = time.perf_counter()
-    from gptoss_tune.data.harmony import check_strings, parse_tools
 
     # a bad recipe-level schema is the recipe's fault, say so once
     parse_tools(settings.tools, where="data.")

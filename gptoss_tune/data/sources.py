@@ -27,6 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import openai_harmony
+
+from gptoss_tune.data import tokenizer
+from gptoss_tune.data.rendering import render_example
 from gptoss_tune.data.settings import MAX_DEPTH, MAX_UNBROKEN_CHARS
 from gptoss_tune.errors import UserError
 
@@ -187,8 +191,6 @@ def _render_batch(
     max_unbroken_chars,
     limit_name,
 ) -> dict:
-    from gptoss_tune.data.rendering import render_example
-
     out: dict[str, list] = {
         "status": [],
         "where": [],
@@ -266,9 +268,6 @@ def _strip_nulls(x: Any) -> Any:
 def _render_key(ds, kind: str, reasoning_effort, tools, train_on, max_unbroken_chars, limit_name) -> str:
     """Cache key of a render: the source, the settings and the code that renders (datasets would not
     notice a change in the functions that the map function calls)."""
-    import openai_harmony
-
-    from gptoss_tune.data import tokenizer
 
     h = hashlib.sha256()
     here = Path(__file__).parent

@@ -22,6 +22,9 @@ import struct
 import tempfile
 from pathlib import Path
 
+import tiktoken
+from openai_harmony import HarmonyEncodingName, load_harmony_encoding
+
 from gptoss_tune.atomic_io import atomic_write_bytes
 from gptoss_tune.errors import UserError
 
@@ -134,7 +137,6 @@ def ensure_vocab() -> Path:
 def harmony_encoding():
     """openai-harmony's HarmonyEncoding for gpt-oss (o200k_harmony)."""
     ensure_vocab()
-    from openai_harmony import HarmonyEncodingName, load_harmony_encoding
 
     return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
 
@@ -143,6 +145,5 @@ def harmony_encoding():
 def tiktoken_encoding():
     """tiktoken's o200k_harmony encoding (same ids as openai-harmony), for fast plain-text encode/decode."""
     ensure_vocab()
-    import tiktoken
 
     return tiktoken.get_encoding("o200k_harmony")

@@ -10,6 +10,7 @@ Each step prints what it did and where its output went.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -100,8 +101,6 @@ STEPS = [write_model, check_model, train_model, export_and_serve]
 
 
 def main() -> int:
-    import os
-
     os.environ.setdefault("WANDB_SILENT", "true")  # W&B runs offline here; its banner would drown the demo's lines
     t0 = time.time()
     ctx: dict = {}

@@ -9,6 +9,9 @@ stock PEFT, transformers and vLLM load, with tokenizer files, a model card and e
     card         the model card
     drift        how far an export's logits are from the tuned model's
     hf_tokenizer tokenizer.json and the chat template for exported models
+    vllm_route   the adapter as vLLM's gpt-oss LoRA loader needs it (both expert slots) and its command
+    out_dir      --out checks, the temporary (stale ones removed), a full disk as one line
+    base_check   the --base checkpoint's tensors checked before merging
 """
 
 FORMATS = ("adapter", "merged-bf16", "merged-mxfp4")

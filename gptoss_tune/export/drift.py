@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from openai_harmony import Conversation, Message, Role, SystemContent
+
+from gptoss_tune.data.tokenizer import harmony_encoding
+from gptoss_tune.model.adapter import load_adapter_weights
+from gptoss_tune.model.loader import load_model
 
 if TYPE_CHECKING:
     from gptoss_tune.export.exporter import AdapterSource
@@ -23,9 +28,6 @@ DRIFT_PROMPTS = (
 
 
 def drift_prompt_ids(prompts=DRIFT_PROMPTS) -> list[list[int]]:
-    from openai_harmony import Conversation, Message, Role, SystemContent
-
-    from gptoss_tune.data.tokenizer import harmony_encoding
 
     enc = harmony_encoding()
     out = []
@@ -58,8 +60,6 @@ def logit_drift(src: AdapterSource, export_dir: Path, device: str | None = None,
     The reference is what merged-bf16 stores (base + LoRA, before bf16 rounding); one model is loaded at
     a time. The untuned base is measured too, so the drift can be read against the size of the tuning.
     """
-    from gptoss_tune.model.adapter import load_adapter_weights
-    from gptoss_tune.model.loader import load_model
 
     ids = drift_prompt_ids(prompts)
 

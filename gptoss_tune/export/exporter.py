@@ -11,8 +11,8 @@ Merging streams: the base checkpoint is read one tensor (experts: one expert) at
 safetensors, the merged tensors of one layer are written as one shard, and nothing else is held, so
 peak memory is about one layer's output beyond the process (the report records the largest shard held).
 Every export directory also gets generation_config.json, the tokenizer files (hf_tokenizer.py), a model
-card (README.md, export_card.py) with the recipe, data summary and final metrics, and export_report.json;
-merged-mxfp4 also the logit drift of the export against the tuned model (export_drift.py). The directory
+card (README.md, card.py) with the recipe, data summary and final metrics, and export_report.json;
+merged-mxfp4 also the logit drift of the export against the tuned model (drift.py). The directory
 is built next to its destination and renamed into place, so an interrupted export leaves nothing that
 looks complete.
 """
@@ -24,9 +24,8 @@ import gc
 import json
 import logging
 import math
-import os
+import shlex
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,10 +36,17 @@ from safetensors.torch import save_file
 
 from gptoss_kernels.mxfp4 import dequantize, quantize
 from gptoss_tune import runs as rd
+from gptoss_tune.devices import check_device
 from gptoss_tune.errors import UserError
 from gptoss_tune.export import FORMATS
+from gptoss_tune.export import out_dir as od
+from gptoss_tune.export.base_check import check_base_tensors
 from gptoss_tune.export.card import model_card, run_dir_of  # noqa: F401  (public from here too)
 from gptoss_tune.export.drift import DRIFT_PROMPTS, drift_prompt_ids, logit_drift  # noqa: F401  (public from here too)
+from gptoss_tune.export.hf_tokenizer import write_tokenizer_files
+from gptoss_tune.export.out_dir import estimate_bytes
+from gptoss_tune.export.peft_format import PEFT_WEIGHTS_FILE, peft_config, to_peft_state_dict
+from gptoss_tune.export.vllm_route import ROUTER_WARNING, adapter_command, with_both_expert_slots
 from gptoss_tune.model.adapter import CONFIG_FILE as OUR_CONFIG
 from gptoss_tune.model.adapter import WEIGHTS_FILE as OUR_WEIGHTS
 from gptoss_tune.model.adapter import read_adapter_config
@@ -310,18 +316,24 @@ def write_merged(src: AdapterSource, fmt: str, out_dir: Path, progress: Callable
 
 
 def write_adapter(src: AdapterSource, out_dir: Path) -> dict:
-    from gptoss_tune.export.peft_format import PEFT_WEIGHTS_FILE, peft_config, to_peft_state_dict
-
-    cfg = peft_config(src.settings, src.base_name, router_trained=src.router_trained)
+    ours, settings = with_both_expert_slots(src.state, src.settings, src.config)  # vLLM asserts both slots
+    cfg = peft_config(settings, src.base_name, router_trained=src.router_trained)
     cfg.save_pretrained(str(out_dir))
-    state = to_peft_state_dict(src.state, src.settings)
+    state = to_peft_state_dict(ours, settings)
     save_file(state, out_dir / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
     if src.settings.dropout:
         log.info(
             "lora_dropout %.3g written as 0 (dropout is training-only; PEFT refuses it on expert LoRA)",
             src.settings.dropout,
         )
-    return {"tensors": len(state), "bytes": sum(t.numel() * t.element_size() for t in state.values())}
+    report = {"tensors": len(state), "bytes": sum(t.numel() * t.element_size() for t in state.values())}
+    if settings.experts != src.settings.experts:
+        report["zero_expert_slots"] = [p for p in settings.experts if p not in src.settings.experts]
+    if src.router_trained:
+        report.setdefault("warnings", []).append(ROUTER_WARNING)
+    else:
+        report["vllm_rank"] = settings.rank
+    return report
 
 
 # ---- the command ----------------------------------------------------------------------------------
@@ -341,20 +353,22 @@ def export_run(
     """Export one checkpoint of a run; returns the report (also written to OUT/export_report.json)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UserError(f"{out}: exists and is not empty; choose another --out or pass --force to replace it")
-    if fmt == "merged-mxfp4" and drift:
-        from gptoss_tune.devices import check_device
 
+    out = Path(out)
+    od.check_out(out, force)
+    if fmt == "merged-mxfp4" and drift:
         check_device(device)
     ckpt = resolve_export_checkpoint(run_dir, checkpoint)
     src = AdapterSource(ckpt, base)
     _check_out_dir(out, [Path(run_dir), ckpt, src.base_dir])
+    if fmt != "adapter":  # merging reads every base tensor: check their shapes first (headers only)
+        check_base_tensors(src.base_dir, ckpt, base is not None)
     progress(f"exporting {ckpt} (base {src.base_dir}) as {fmt} to {out}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        od.remove_stale_temporaries(out.parent, progress)
+        od.warn_if_short(out, _estimate(fmt, src), progress)
+        tmp = od.make_temporary(out)
     except OSError as e:
         raise UserError(f"--out {out}: cannot create it ({e.strerror or e}); choose a writable directory") from None
     t0 = time.time()
@@ -369,7 +383,6 @@ def export_run(
             shutil.copyfile(gen, tmp / "generation_config.json")
         else:
             (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
-        from gptoss_tune.export.hf_tokenizer import write_tokenizer_files
 
         write_tokenizer_files(tmp, model_max_length=int(src.config.get("max_position_embeddings", 131072)))
         if fmt == "merged-mxfp4" and drift:
@@ -378,22 +391,29 @@ def export_run(
         report["seconds"] = round(time.time() - t0, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(fmt, src, report, out.name))
-        _replace_dir(tmp, out)
-    except OSError as e:
+        od.replace_dir(tmp, out)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in _WRITE_ERRNOS:  # the machine's problem, not a bug: say what and where, without a traceback
+        # The machine's problem, not a bug: say what and where (--out, never a temporary or a source file).
+        if od.is_disk_full(e):
+            raise od.disk_full_error(out, _estimate(fmt, src)) from None
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
             raise UserError(
-                f"writing the export to {out} failed: {e.strerror} ({e.filename or tmp}); nothing was written"
+                f"--out {out}: writing the export failed ({e.strerror}); choose a writable --out; nothing was written"
             ) from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     progress(summary_lines(report, out))
     return report
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _estimate(fmt: str, src: AdapterSource) -> int:
+    try:
+        return estimate_bytes(fmt, src.ckpt / OUR_WEIGHTS, src.base_dir)
+    except Exception:  # only for the message; never hide the disk-full error behind another
+        return 0
 
 
 def _check_out_dir(out: Path, inputs: list[Path]) -> None:
@@ -405,18 +425,24 @@ def _check_out_dir(out: Path, inputs: list[Path]) -> None:
             raise UserError(f"--out {out} overlaps the input {p}; export to a directory of its own")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def adapter_serving_lines(report: dict, out: Path) -> list[str]:
+    """How to serve an adapter export without losing anything: vLLM's command, or why vLLM cannot."""
+    if report.get("format") != "adapter":
+        return []
+
+    lines = [f"  warning: {w}" for w in report.get("warnings", [])]
+    if "vllm_rank" in report:
+        cmd = adapter_command(report["base_model"], out, report["vllm_rank"], name=out.name)
+        lines.append(f"  serve it with vLLM (MXFP4 base + LoRA, nothing lost): {shlex.join(cmd)}")
+    lines.append(
+        f"  or here: gptoss-tune serve {shlex.quote(str(report['base_model']))} --adapter {shlex.quote(str(out))}"
+    )
+    return lines
 
 
 def summary_lines(report: dict, out: Path) -> str:
     lines = [f"wrote {report['format']} export to {out}/ in {report.get('seconds', 0):.1f}s"]
+    lines += adapter_serving_lines(report, out)
     for proj, s in (report.get("requantization") or {}).items():
         line = f"  re-quantisation {proj}: relative error {s['relative_error']:.4f}"
         if "lora_update_retained" in s:

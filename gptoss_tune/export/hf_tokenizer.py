@@ -4,7 +4,10 @@ tokenizer.json comes from transformers' own tiktoken conversion (`TikTokenConver
 the merges recovered from the ranks, o200k's split regex, every harmony special token as an added token),
 so `AutoTokenizer.from_pretrained(dir)` encodes exactly like tiktoken (tested on text with special tokens,
 whitespace runs, digits and non-Latin scripts). The chat template renders plain chat exactly as
-openai-harmony does (tested against the renderer); conversations with tools must go through
+openai-harmony does (tested against the renderer): prompts as the server renders them, and a conversation
+that ends with an assistant answer as training renders it (its chain of thought kept, `<|return|>` at the
+end, so an SFT library using these files trains the stop token gpt-oss emits); content may be a string or
+a list of text parts. Conversations with tools must go through
 openai-harmony (vLLM and `gptoss-tune serve` do), and the template says so instead of rendering them wrong.
 """
 
@@ -17,6 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from gptoss_tune.data.tokenizer import ensure_vocab, harmony_encoding, tiktoken_encoding
 from gptoss_tune.model.config import BOS_ID, EOS_ID, PAD_ID
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -27,11 +31,25 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # harmony does), and `<|start|>assistant` as the generation prompt.
 CHAT_TEMPLATE = """\
 {#- gpt-oss harmony format for plain chat (system, developer, user, assistant text), written by gptoss_tune.
-    Conversations with tools or tool calls must be rendered with openai-harmony. -#}
+    Content may be a string or a list of text parts. A conversation that ends with an assistant turn renders
+    as harmony's training render does: that turn keeps its chain of thought (thinking/reasoning) and its
+    final answer ends with <|return|>. Conversations with tools or tool calls must be rendered with
+    openai-harmony. -#}
+{%- macro text(c) -%}
+{%- if c is string -%}{{ c }}
+{%- elif c is iterable and c is not mapping -%}
+{%- for p in c -%}
+{%- if p is mapping and p.type == "text" and p.text is string -%}{{ p.text }}
+{%- else -%}{{ raise_exception("content parts must be text parts ({'type': 'text', 'text': ...}); render others with openai-harmony") }}
+{%- endif -%}
+{%- endfor -%}
+{%- else -%}{{ raise_exception("content must be a string or a list of text parts") }}
+{%- endif -%}
+{%- endmacro -%}
 {%- if tools is defined and tools -%}
 {{- raise_exception("this chat template renders plain chat only; render conversations with tools with openai-harmony (as vLLM and gptoss-tune serve do)") -}}
 {%- endif -%}
-{%- set effort = reasoning_effort if (reasoning_effort is defined and reasoning_effort) else "medium" -%}
+{%- set effort = (reasoning_effort | lower) if (reasoning_effort is defined and reasoning_effort) else "medium" -%}
 {%- if effort not in ["low", "medium", "high"] -%}
 {{- raise_exception("reasoning_effort must be low, medium or high") -}}
 {%- endif -%}
@@ -41,13 +59,17 @@ Knowledge cutoff: 2024-06
 Reasoning: {{ effort }}
 
 # Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>
-{#- Leading system/developer messages become one developer message; later ones stay in place. -#}
-{%- set ns = namespace(head=[], in_head=true) -%}
+{#- Leading system/developer messages become one developer message; later ones stay in place. The trailing
+    assistant turn starts after the last message that is not the assistant's. -#}
+{%- set ns = namespace(head=[], in_head=true, last_other=-1) -%}
 {%- for m in messages -%}
 {%- if ns.in_head and m.role in ["system", "developer"] -%}
-{%- set ns.head = ns.head + [m.content] -%}
+{%- set ns.head = ns.head + [text(m.content)] -%}
 {%- else -%}
 {%- set ns.in_head = false -%}
+{%- endif -%}
+{%- if m.role != "assistant" -%}
+{%- set ns.last_other = loop.index0 -%}
 {%- endif -%}
 {%- endfor -%}
 {%- if ns.head -%}
@@ -55,18 +77,31 @@ Reasoning: {{ effort }}
 
 {{ ns.head | join("\n\n") }}<|end|>
 {%- endif -%}
-{%- for m in messages[ns.head | length:] -%}
+{%- set n_head = ns.head | length -%}
+{%- for m in messages[n_head:] -%}
 {%- if m.role == "user" -%}
-<|start|>user<|message|>{{ m.content }}<|end|>
+<|start|>user<|message|>{{ text(m.content) }}<|end|>
 {%- elif m.role in ["system", "developer"] -%}
 <|start|>developer<|message|># Instructions
 
-{{ m.content }}<|end|>
+{{ text(m.content) }}<|end|>
 {%- elif m.role == "assistant" -%}
 {%- if m.tool_calls is defined and m.tool_calls -%}
 {{- raise_exception("this chat template renders plain chat only; render tool calls with openai-harmony") -}}
 {%- endif -%}
-<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>
+{%- if m.content is not defined or m.content is none -%}
+{{- raise_exception("an assistant message needs content") -}}
+{%- endif -%}
+{%- if loop.index0 + n_head > ns.last_other -%}
+{#- the trailing turn keeps its chain of thought; earlier turns' is dropped, as harmony does -#}
+{%- set thinking = m.thinking if (m.thinking is defined and m.thinking is not none) else (m.reasoning if (m.reasoning is defined and m.reasoning is not none) else (m.reasoning_content if (m.reasoning_content is defined and m.reasoning_content is not none) else "")) -%}
+{%- set thinking = text(thinking) -%}
+{%- if thinking -%}
+<|start|>assistant<|channel|>analysis<|message|>{{ thinking }}<|end|>
+{%- endif -%}
+{%- endif -%}
+<|start|>assistant<|channel|>final<|message|>{{ text(m.content) }}
+{%- if loop.last and not add_generation_prompt -%}<|return|>{%- else -%}<|end|>{%- endif -%}
 {%- else -%}
 {{- raise_exception("role " + m.role + " is not plain chat; render it with openai-harmony") -}}
 {%- endif -%}
@@ -85,8 +120,6 @@ def build_tokenizer_json(path: Path) -> None:
 @functools.lru_cache(maxsize=1)
 def _converted_tokenizer_json() -> Path:
     from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    from gptoss_tune.data.tokenizer import ensure_vocab, tiktoken_encoding
 
     enc = tiktoken_encoding()
     names = special_token_names()
@@ -110,8 +143,6 @@ def _converted_tokenizer_json() -> Path:
 def special_token_names() -> dict[int, str]:
     """id -> name of every o200k_harmony special token. tiktoken names id 200018 twice (<|endofprompt|> and
     <|reserved_200018|>); openai-harmony decodes it as the latter, which is kept."""
-    from gptoss_tune.data.tokenizer import harmony_encoding, tiktoken_encoding
-
     names: dict[int, str] = {}
     for s, i in tiktoken_encoding()._special_tokens.items():
         if i in names:

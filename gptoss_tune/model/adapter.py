@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gptoss_tune.errors import UserError
+from gptoss_tune.model.loader import load_model
 from gptoss_tune.model.lora import LoraSettings, trainable_state_dict
 
 FORMAT = "gptoss_tune-adapter"
@@ -113,8 +114,6 @@ def load_adapter_weights(model, adapter_dir: str | Path) -> None:
 
 def load_with_adapter(adapter_dir: str | Path, base_model: str | Path | None = None, **load_kwargs):
     """load_model on the adapter's base (or `base_model`) with its LoRA settings and weights."""
-    from gptoss_tune.model.loader import load_model
-
     meta = read_adapter_config(adapter_dir)
     base = base_model or meta.get("base_model")
     if not base:

@@ -41,6 +41,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
 ATTN_IMPLEMENTATION = "gptoss_sink"
 ATTN_FLEX = "gptoss_sink_flex"
@@ -224,16 +225,12 @@ def _use_compiled(device) -> bool:
 
 def _flex_fn(device: torch.device):
     """Compiled flex_attention on CUDA (fused kernels, linear memory); the uncompiled one elsewhere."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     # inside a compiled model, dynamo compiles flex_attention with the rest
     return _compiled(flex_attention) if _use_compiled(device) else flex_attention
 
 
 def flex_attention_lse(query, key, value, block_mask, scaling: float):
     """(out_without_sink [B, H, Q, D], lse [B, H, Q] fp32) through flex_attention; the lse is differentiable."""
-    from torch.nn.attention.flex_attention import AuxRequest
-
     if query.device.type != "cuda":
         if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
             raise NotImplementedError(
@@ -259,8 +256,6 @@ def _content_key(t: torch.Tensor | None):
 
 
 def build_block_mask(mask_mod, batch_size: int, q_len: int, kv_len: int, device, batched: bool):
-    from torch.nn.attention.flex_attention import create_block_mask
-
     # On CUDA the compiled builder never materialises the Q x K mask (131k^2 bools would be 17 GB).
     # torch.compile(create_block_mask) is what torch recommends over its deprecated `_compile=True`.
     build = _compiled(create_block_mask) if _use_compiled(device) else create_block_mask

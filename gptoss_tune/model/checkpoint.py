@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
 from gptoss_tune.errors import CheckpointError
@@ -46,8 +47,6 @@ def resolve_model_dir(path: str | Path) -> Path:
         raise CheckpointError(f"model path '{path}' is a file; pass the checkpoint directory that holds config.json")
     s = str(path)
     if _HUB_ID.match(s) and not s.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-
         try:
             return Path(snapshot_download(repo_id=s, local_files_only=True))
         except Exception:

@@ -4,7 +4,9 @@ The model is built on the meta device (no memory), its experts swapped for `MXFP
 materialised on the target device and filled tensor by tensor from safetensors: at most one checkpoint
 tensor is in host memory at a time, and MXFP4 experts are copied as packed uint8 without ever being
 dequantised. A bf16 checkpoint (experts already dequantised, as `gate_up_proj` / `down_proj`) is
-quantised to MXFP4 one layer's tensor at a time with OpenAI's rule.
+quantised to MXFP4 one layer's tensor at a time with OpenAI's rule (for training on a bf16 base), or,
+with `keep_dense_experts=True` (serving a merged-bf16 export), kept dense in `DenseExperts`: quantising
+a merged fine-tune loses it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from gptoss_tune.devices import resolve_device
 from gptoss_tune.errors import CheckpointError, UserError
 from gptoss_tune.model.attention import ROUTES, default_attn_implementation, register_attention
 from gptoss_tune.model.checkpoint import CheckpointIndex, index_checkpoint, read_config, resolve_model_dir
-from gptoss_tune.model.experts import MXFP4Experts
+from gptoss_tune.model.experts import DenseExperts, MXFP4Experts
 from gptoss_tune.model.lora import LoraSettings, attach_lora
 
 log = logging.getLogger(__name__)
@@ -44,15 +46,16 @@ def build_config(cfg: dict, attn_implementation: str = "eager"):
     return config
 
 
-def build_empty_model(config, dtype: torch.dtype):
-    """GptOssForCausalLM on the meta device with MXFP4Experts in every layer."""
+def build_empty_model(config, dtype: torch.dtype, dense_experts: bool = False):
+    """GptOssForCausalLM on the meta device with MXFP4Experts (or DenseExperts) in every layer."""
     from transformers import GptOssForCausalLM
 
+    experts_cls = DenseExperts if dense_experts else MXFP4Experts
     with torch.device("meta"):
         model = GptOssForCausalLM(config)
         model.to(dtype)
         for layer in model.model.layers:
-            layer.mlp.experts = MXFP4Experts(config, dtype=dtype)
+            layer.mlp.experts = experts_cls(config, dtype=dtype)
             for name in ("input_layernorm", "post_attention_layernorm"):
                 getattr(layer, name).float()
         model.model.norm.float()
@@ -171,7 +174,10 @@ def load_state(model, idx: CheckpointIndex, device: torch.device, planned=None) 
         by_file.setdefault(idx.tensors[src].file, []).append((name, src))
     if dense_experts:
         log.warning(
-            "checkpoint holds bf16 experts; quantising them to MXFP4 on load (lossy unless they came from MXFP4)"
+            "%s holds bf16 experts; quantising them to MXFP4 on load: lossy unless they came from MXFP4 (a fine-tune "
+            "merged into them, as in a merged-bf16 export, is largely lost: serve that with `gptoss-tune serve`, "
+            "which keeps them bf16, or serve the base with the adapter export)",
+            idx.model_dir,
         )
     load_device = "cpu" if device.type == "meta" else str(device)
     with torch.no_grad():
@@ -209,6 +215,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     attn_implementation: str | None = None,
+    keep_dense_experts: bool = False,
 ):
     """Load a gpt-oss checkpoint as transformers' GptOssForCausalLM with MXFP4-resident experts.
 
@@ -222,6 +229,9 @@ def load_model(
         (gptoss_tune.model.attention): flex attention with sinks on CUDA, dense math on the CPU, packed rows
         kept apart. "gptoss_sink_flex" / "gptoss_sink_eager" force a route; "eager" is transformers' own
         (quadratic memory, and it attends across packed examples).
+    keep_dense_experts: a checkpoint with dense (bf16) experts keeps them dense (`DenseExperts`, the
+        model's dtype) instead of quantising them to MXFP4: what serving a merged-bf16 export needs. Not
+        with expert LoRA (DenseExperts has none): then they are quantised, with a warning.
     Returns the model in eval mode.
     """
     device = resolve_device(device)
@@ -236,7 +246,11 @@ def load_model(
     cfg = read_config(model_dir)
     idx = index_checkpoint(model_dir)
     attn = attn_implementation or default_attn_implementation(device)
-    model = _build_empty(cfg, attn, dtype, model_dir, attn_implementation, device)
+    dense = keep_dense_experts and _has_dense_experts(idx)
+    if dense and lora is not None and LoraSettings.coerce(lora).experts:
+        log.warning("%s: expert LoRA needs MXFP4 experts; the checkpoint's bf16 experts are quantised", model_dir)
+        dense = False
+    model = _build_empty(cfg, attn, dtype, model_dir, attn_implementation, device, dense)
     planned = plan_state(model, idx)  # every header checked on the meta device, before any memory is taken
     model.to_empty(device=device)
     _reset_rotary(model, model.config, device)
@@ -251,10 +265,14 @@ def load_model(
     return model
 
 
-def _build_empty(cfg: dict, attn: str, dtype, model_dir: Path, asked_attn: str | None, device=None):
+def _has_dense_experts(idx: CheckpointIndex) -> bool:
+    return any(n.endswith(".mlp.experts.gate_up_proj") for n in idx.tensors)
+
+
+def _build_empty(cfg: dict, attn: str, dtype, model_dir: Path, asked_attn: str | None, device=None, dense=False):
     config = build_config(cfg, attn)
     try:
-        return build_empty_model(config, dtype)
+        return build_empty_model(config, dtype, dense)
     except Exception as e:
         why = " ".join(str(e).split())
         if asked_attn and asked_attn not in KNOWN_ATTENTION:

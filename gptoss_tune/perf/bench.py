@@ -24,9 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from gptoss_tune.errors import UserError
+from gptoss_tune.model.attention import clear_block_mask_cache
+from gptoss_tune.model.lora import LoraSettings, attach_lora
 from gptoss_tune.perf.flops import FORMULA, flops_per_token, mfu, peak_tflops
 from gptoss_tune.perf.models import MODELS, bench_config, build_baseline, build_ours, dense_bytes
 from gptoss_tune.perf.report import check_goals
+from gptoss_tune.train.memory import build_optimizer, enable_checkpointing, training_state_bytes
+from gptoss_tune.train.objective import Objective
 
 GIB = 2**30
 
@@ -173,8 +177,6 @@ def ours_step_fn(model, ids, pos, optimizer, chunk_tokens, aux_loss_coef: float 
     """One optimizer step of the training loop's objective (gptoss_tune.train.objective): chunked LM loss plus the
     load-balancing loss from every layer's router logits, the forward under the training loop's autocast.
     Returns the LM loss."""
-    from gptoss_tune.train.objective import Objective
-
     objective = Objective(model, chunk_tokens=chunk_tokens)
     token_mask = torch.ones_like(ids)
     device = ids.device
@@ -237,7 +239,6 @@ def _out_of_memory(what: str, device, run) -> dict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     # Outside the except block: the traceback, and with it every tensor its frames held, is gone.
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-    from gptoss_tune.model.attention import clear_block_mask_cache
 
     clear_block_mask_cache()
     _free(device)
@@ -253,9 +254,6 @@ def run_baseline(setup: Setup, deadline: float | None = None) -> dict:
 
 
 def _run_ours(setup: Setup, deadline: float | None = None) -> dict:
-    from gptoss_tune.model.attention import clear_block_mask_cache
-    from gptoss_tune.model.lora import LoraSettings, attach_lora
-    from gptoss_tune.train.memory import build_optimizer, enable_checkpointing, training_state_bytes
 
     c, device = setup.config, setup.device
     model = build_ours(setup.cfg, device, setup.dtype, c.seed, c.attn)

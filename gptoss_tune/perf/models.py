@@ -13,7 +13,10 @@ import zlib
 
 import torch
 
+from gptoss_kernels.mxfp4 import dequantize, packed_shapes
+from gptoss_tune.model.attention import ATTN_IMPLEMENTATION
 from gptoss_tune.model.config import published_config, tiny_config
+from gptoss_tune.model.loader import _reset_rotary, build_config, build_empty_model
 
 MODELS = ("tiny", "20b", "120b")
 
@@ -63,8 +66,6 @@ def fill_random_(model, seed: int = 0) -> None:
     MXFP4 blocks/scales for our experts; for transformers' dense experts the dequantised same blocks,
     so both models hold the same function. Norm weights are ones.
     """
-    from gptoss_kernels.mxfp4 import dequantize, packed_shapes
-
     for name, t in list(model.state_dict(keep_vars=True).items()):
         device = t.device
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # transformers' dense [E, in, out]
@@ -97,8 +98,6 @@ def _meta_build(build):
 
 def build_ours(cfg: dict, device, dtype, seed: int = 0, attn_implementation: str | None = None):
     """Our model (MXFP4 experts) at cfg's dimensions with random weights, materialised straight on `device`."""
-    from gptoss_tune.model.attention import ATTN_IMPLEMENTATION
-    from gptoss_tune.model.loader import _reset_rotary, build_config, build_empty_model
 
     config = build_config(cfg, attn_implementation or ATTN_IMPLEMENTATION)
     model = build_empty_model(config, dtype)
@@ -112,8 +111,6 @@ def build_ours(cfg: dict, device, dtype, seed: int = 0, attn_implementation: str
 def build_baseline(cfg: dict, device, dtype, seed: int = 0):
     """transformers' own GptOssForCausalLM, bf16 experts, "eager" attention, the same random weights."""
     from transformers import GptOssConfig, GptOssForCausalLM
-
-    from gptoss_tune.model.loader import _reset_rotary
 
     config = GptOssConfig.from_dict(dict(cfg))
     config._attn_implementation = "eager"

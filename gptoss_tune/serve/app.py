@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 import logging
 import time
@@ -213,7 +214,6 @@ class ChatServer:
     def _auth(self, request) -> None:
         if self.api_key is None:
             return
-        import hmac
 
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gptoss_tune.data.tokenizer import tiktoken_encoding
 from gptoss_tune.model.config import CALL_ID, EOS_ID, PAD_ID
 
 # openai-harmony's stop_tokens_for_assistant_actions() (<|return|>, <|call|>), plus <|endoftext|>, which the
@@ -205,8 +206,6 @@ class ScriptedTokenSource:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def start(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
-        from gptoss_tune.data.tokenizer import tiktoken_encoding
-
         with self._lock:
             self.prompts.append(list(prompt_ids))
         text = self.script(list(prompt_ids)) if callable(self.script) else self.script

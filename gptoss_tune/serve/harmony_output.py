@@ -33,6 +33,9 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from openai_harmony import HarmonyError, Role, StreamableParser
+
+from gptoss_tune.data.tokenizer import harmony_encoding, tiktoken_encoding
 from gptoss_tune.model.config import BOS_ID, CALL_ID, END_ID, EOS_ID, PAD_ID
 
 FIRST_SPECIAL_ID = BOS_ID  # o200k_harmony's special tokens are ids 199998 and up
@@ -106,9 +109,6 @@ class HarmonyOutputParser:
     gen_finish: str | None = None  # set by the caller: why generation ended ("stop", "length", ...)
 
     def __post_init__(self):
-        from openai_harmony import Role, StreamableParser
-
-        from gptoss_tune.data.tokenizer import harmony_encoding, tiktoken_encoding
 
         self._enc = harmony_encoding()
         self._tk = tiktoken_encoding()
@@ -195,7 +195,6 @@ class HarmonyOutputParser:
             self._header.append(tok)
             if not self._header_ok():
                 return self._go_raw(self._header)
-        from openai_harmony import HarmonyError
 
         p = self._parser
         try:

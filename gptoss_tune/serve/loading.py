@@ -1,13 +1,21 @@
 """What `gptoss-tune serve MODEL_DIR [--adapter DIR]` loads: a gpt-oss checkpoint (the base or a merged
 export), a training run directory (its best checkpoint, or --checkpoint), our adapter directory, or a
-PEFT adapter export (converted back to our layout and applied on the MXFP4-resident base).
+PEFT adapter export (converted back to our layout and applied on the MXFP4-resident base). A merged-bf16
+export keeps its experts dense bf16 (re-quantising them would lose the merged fine-tune).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from gptoss_tune.errors import UserError
+from gptoss_tune.export.exporter import resolve_export_checkpoint
+from gptoss_tune.export.peft_format import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, from_peft_state_dict, read_peft_settings
+from gptoss_tune.model.adapter import CONFIG_FILE, load_adapter_weights, load_with_adapter, read_adapter_config
+from gptoss_tune.model.loader import load_model
 
 
 def load_for_serving(model_dir: str | Path, adapter: str | Path | None = None, checkpoint: str = "best", device=None):
@@ -17,9 +25,6 @@ def load_for_serving(model_dir: str | Path, adapter: str | Path | None = None, c
     directory (its best checkpoint, or --checkpoint), or a PEFT adapter export. --adapter adds our or a PEFT
     adapter on top of MODEL_DIR as base.
     """
-    from gptoss_tune.export.peft_format import PEFT_CONFIG_FILE
-    from gptoss_tune.model.adapter import CONFIG_FILE, load_adapter_weights, load_with_adapter
-    from gptoss_tune.model.loader import load_model
 
     p = Path(model_dir)
     name = p.resolve().name if p.exists() else str(model_dir)
@@ -34,18 +39,14 @@ def load_for_serving(model_dir: str | Path, adapter: str | Path | None = None, c
         if (p / PEFT_CONFIG_FILE).is_file():
             return _load_peft_adapter(p, None, device), name
         if is_run:
-            from gptoss_tune.export.exporter import resolve_export_checkpoint
-
             ckpt = resolve_export_checkpoint(p, checkpoint)
             return load_with_adapter(ckpt, device=device), name
-        return load_model(model_dir, device=device), name
+        return load_model(model_dir, device=device, keep_dense_experts=True), name
     a = Path(adapter)
     if (a / PEFT_CONFIG_FILE).is_file():
         return _load_peft_adapter(a, model_dir, device), f"{name}+{a.resolve().name}"
     if (a / CONFIG_FILE).is_file():
-        from gptoss_tune.model.adapter import read_adapter_config
-
-        model = load_model(model_dir, lora=read_adapter_config(a)["lora"], device=device)
+        model = load_model(model_dir, lora=read_adapter_config(a)["lora"], device=device, keep_dense_experts=True)
         load_adapter_weights(model, a)
         return model, f"{name}+{a.resolve().name}"
     raise UserError(
@@ -55,11 +56,6 @@ def load_for_serving(model_dir: str | Path, adapter: str | Path | None = None, c
 
 def _load_peft_adapter(adapter_dir: Path, base, device):
     """A PEFT adapter (our export, or compatible) on an MXFP4-resident base, converted to our layout."""
-    import torch
-    from safetensors.torch import load_file
-
-    from gptoss_tune.export.peft_format import PEFT_WEIGHTS_FILE, from_peft_state_dict, read_peft_settings
-    from gptoss_tune.model.loader import load_model
 
     settings, cfg = read_peft_settings(adapter_dir)
     base = base or cfg.get("base_model_name_or_path")
@@ -74,7 +70,7 @@ def _load_peft_adapter(adapter_dir: Path, base, device):
         raw = load_file(f)
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
         raise UserError(f"{f}: unreadable ({str(e).strip() or type(e).__name__}); export the adapter again") from None
-    model = load_model(base, lora=settings, device=device)
+    model = load_model(base, lora=settings, device=device, keep_dense_experts=True)
     state = from_peft_state_dict(raw, settings, model.config.num_local_experts)
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}

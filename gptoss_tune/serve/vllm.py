@@ -10,17 +10,16 @@ import json
 from pathlib import Path
 
 from gptoss_tune.errors import UserError
+from gptoss_tune.export.peft_format import PEFT_CONFIG_FILE, read_peft_settings
+from gptoss_tune.export.vllm_route import ROUTER_WARNING, VLLM_GPTOSS_ARGS, VLLM_LORA_RANKS, lora_args  # noqa: F401
 from gptoss_tune.model.adapter import CONFIG_FILE as ADAPTER_CONFIG
+from gptoss_tune.model.config import EXPERT_PROJECTIONS
 from gptoss_tune.runs import CHECKPOINTS
-
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def vllm_command(model_dir: str, adapter: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, served_model_name: str | None = None) -> tuple[list[str], list[str]]:  # fmt: skip
     """(argv of `vllm serve ...`, notes for the user) for an exported model or a base + PEFT adapter."""
-    from gptoss_tune.export.peft_format import PEFT_CONFIG_FILE, read_peft_settings
-
     notes: list[str] = []
     base = model_dir
     lora_dir = None
@@ -67,20 +66,23 @@ def vllm_command(model_dir: str, adapter: str | None = None, host: str = "127.0.
     cmd += ["--host", host, "--port", str(port)]
     if api_key:
         cmd += ["--api-key", api_key]
-    cmd += ["--tool-call-parser", "openai", "--enable-auto-tool-choice", "--reasoning-parser", "openai_gptoss"]
+    cmd += VLLM_GPTOSS_ARGS
     if lora_dir is not None:
         settings, cfg = read_peft_settings(lora_dir)
         lora_name = served_model_name or Path(lora_dir).resolve().name
-        rank = next((r for r in VLLM_LORA_RANKS if r >= settings.rank), settings.rank)
-        cmd += ["--enable-lora", "--lora-modules", f"{lora_name}={lora_dir}", "--max-lora-rank", str(rank)]
+        cmd += lora_args(lora_name, lora_dir, settings.rank)
         notes.append(f"requests use model '{lora_name}' for the adapter (the base stays available under its own name)")
+        if len(settings.experts) == 1:
+            raise UserError(
+                f"{lora_dir}: this adapter has LoRA on {settings.experts[0]} only, and vLLM's gpt-oss LoRA loader "
+                f"asserts both expert slots ({', '.join(EXPERT_PROJECTIONS)}); export it again with "
+                f"`gptoss-tune export RUN_DIR --format adapter` (which writes the other slot as zeros)"
+            )
         if settings.experts:
             notes.append(
-                "this adapter has expert LoRA (target_parameters); vLLM applies LoRA to gpt-oss's MXFP4 experts only in "
-                "recent versions. If yours rejects it or ignores the experts, serve the merged-mxfp4 export instead."
+                "this adapter has expert LoRA (target_parameters): vLLM's gpt-oss LoRA loader applies it on the MXFP4 "
+                "experts (checked with vLLM 0.33); older versions reject it: then serve the merged-mxfp4 export"
             )
         if cfg.get("modules_to_save"):
-            notes.append(
-                "this adapter also trained the router (modules_to_save), which vLLM LoRA does not load; serve the merged-mxfp4 export"
-            )
+            notes.append(ROUTER_WARNING)
     return cmd, notes

@@ -6,24 +6,30 @@
       scheduler.safetensors               learning-rate schedule state
       rng-rank{r}.safetensors             python, numpy, torch (and CUDA) RNG states of process r
       trainer_state.json                  step, data position, best metric, early-stopping counter, ...
+      manifest.json                       size and sha256 of every other file (runs.write_manifest), written last
 
-Everything is written into checkpoints/.tmp-step-N, each file fsynced, then the directory is renamed to
-step-N (atomic on POSIX) and the parent fsynced. A checkpoint is complete iff its step-N directory exists
-(run_dir.list_checkpoints also requires adapter.json). Old checkpoints are renamed away before being
-deleted, so a kill during pruning cannot leave a step-N directory with files missing.
+Everything is written into checkpoints/.tmp-step-N, each file fsynced; after every process has written
+its files the main process writes the manifest, renames the directory to step-N (atomic on POSIX) and
+fsyncs the parent. A checkpoint is complete iff its step-N directory exists (run_dir.list_checkpoints
+also requires adapter.json), and intact iff every file matches its manifest (runs.checkpoint_problem:
+resume falls back past damaged ones). Old checkpoints are renamed away before being deleted, so a kill
+during pruning cannot leave a step-N directory with files missing.
 
 The optimizer, scheduler and RNG states go through gptoss_tune.train.state_codec (safetensors with a JSON
 skeleton): nothing is ever unpickled. A checkpoint of an older version (optimizer.pt, scheduler.pt,
 rng-rank*.pt: pickles) is refused with one line, since loading a pickle from a downloaded run directory
-could run any code.
+could run any code. A full disk while writing is one line naming the checkpoint, the bytes it needs and
+the free space (write_guard); the partial write is removed and earlier checkpoints stay as they were.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +104,14 @@ def write_checkpoint_files(
     trainer_state: dict,
     adapter_state: dict | None = None,
 ) -> None:
-    """Every process writes its own files into tmp; the main process writes the shared ones."""
+    """Every process writes its own files into tmp; the main process writes the shared ones. A full disk
+    (or another OSError) is one line (write_guard)."""
+    trainable = adapter_state or [p for p in model.parameters() if p.requires_grad]
+    with write_guard(tmp, _final_of(tmp), lambda: state_bytes(optimizer.state_dict(), trainable)):
+        _write_files(tmp, rank, is_main, sharded, model, optimizer, scheduler, trainer_state, adapter_state)
+
+
+def _write_files(tmp, rank, is_main, sharded, model, optimizer, scheduler, trainer_state, adapter_state) -> None:
     save_state(rng_state(), tmp / rng_file(rank))
     if sharded:
         save_state(optimizer.state_dict(), tmp / optimizer_file(rank, sharded))
@@ -111,12 +124,88 @@ def write_checkpoint_files(
         fsync_tree(tmp)
 
 
+# What a full disk looks like from each writer: OSError ENOSPC/EDQUOT from Python, safetensors'
+# SafetensorError "IoError(Os { code: 28, kind: StorageFull, ... })", torch.save's "unexpected pos N vs M".
+_DISK_FULL_TEXT = ("No space left", "os error 28", "code: 28", "StorageFull", "unexpected pos", "quota exceeded")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(t.lower() in str(e).lower() for t in _DISK_FULL_TEXT)
+
+
+def state_bytes(*objs) -> int:
+    """Bytes of the tensors in nested dicts/lists/tuples (what a checkpoint of them writes, give or take
+    the headers)."""
+    total, todo = 0, list(objs)
+    while todo:
+        o = todo.pop()
+        if isinstance(o, torch.Tensor):
+            total += o.numel() * o.element_size()
+        elif isinstance(o, dict):
+            todo += o.values()
+        elif isinstance(o, (list, tuple)):
+            todo += o
+    return total
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _final_of(tmp: Path) -> Path:
+    return tmp.with_name(tmp.name.removeprefix(".tmp-"))
+
+
+@contextmanager
+def write_guard(tmp: Path, final: Path, needed, last: Path | None = None):
+    """Around the writing of checkpoint `final` through `tmp`: an OSError or a full disk becomes one line
+    naming `final`, the bytes it needs (needed(): a callable, evaluated only then) and the free space; the
+    partial tmp directory is removed, so every earlier checkpoint stays as it was, intact and resumable.
+    `last`: the checkpoint to continue from (default: the run's newest)."""
+    try:
+        yield
+    except Exception as e:
+        full = is_disk_full(e)
+        if not (full or isinstance(e, OSError)):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        if last is None and final.parent.name == CHECKPOINTS:
+            older = [p for s, p in list_checkpoints(final.parent.parent) if p != final]
+            last = older[-1] if older else None
+        then = (
+            f"then run the same command with resume=auto to continue from {last}"
+            if last is not None
+            else "then run again (no checkpoint of this run was written yet)"
+        )
+        if not full:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+            raise UserError(
+                f"{final}: cannot write this checkpoint ({reason}); fix the output directory, {then}"
+            ) from None
+        try:
+            free = _size(shutil.disk_usage(final.parent).free)
+        except OSError:
+            free = "an unknown amount"
+        need = needed() + (1 << 20)  # the tensors, and ~1 MiB of headers, JSON and the manifest
+        raise UserError(
+            f"{final}: the disk is full: this checkpoint needs about {_size(need)} ({need} bytes) and {free} "
+            f"are free on {final.parent} (after removing the partial write); free space there or lower "
+            f"checkpoint.keep, {then}"
+        ) from None
+
+
 def prepare_tmp(run_dir: Path, step: int) -> Path:
     """Main process: a fresh, empty temporary directory for step's checkpoint."""
     tmp = tmp_dir_for(run_dir, step)
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    with write_guard(tmp, _final_of(tmp), lambda: 0):
+        tmp.mkdir(parents=True)
     return tmp
 
 
@@ -124,7 +213,8 @@ def commit(run_dir: Path, step: int) -> Path:
     """Main process, after every process wrote its files: the manifest (sizes and sha256 of them all, so
     resume can tell a damaged checkpoint), then rename the finished temporary directory into place."""
     tmp = tmp_dir_for(run_dir, step)
-    write_manifest(tmp)
+    with write_guard(tmp, _final_of(tmp), lambda: 0):
+        write_manifest(tmp)
     final = Path(run_dir) / CHECKPOINTS / step_dir_name(step)
     if final.exists():  # only after a crash between a previous commit and its bookkeeping
         _remove(final)
@@ -202,7 +292,17 @@ def _apply(ckpt: Path, name: str, apply, device="cpu") -> None:
 
 def load_optimizer_state(ckpt: Path, optimizer, rank: int, sharded: bool, map_location="cpu") -> None:
     # Optimizer.load_state_dict moves each state tensor to its parameter's device.
-    _apply(ckpt, optimizer_file(rank, sharded), optimizer.load_state_dict, map_location)
+    def apply(state):
+        optimizer.load_state_dict(state)
+        if not sharded:  # load_state_dict does not compare shapes: a wrong one would fail only at the next step
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                        v = optimizer.state.get(p, {}).get(k)
+                        if isinstance(v, torch.Tensor) and v.shape != p.shape:
+                            raise ValueError(f"{k} of shape {list(v.shape)} for a parameter of shape {list(p.shape)}")
+
+    _apply(ckpt, optimizer_file(rank, sharded), apply, map_location)
 
 
 def load_scheduler_state(ckpt: Path, scheduler) -> None:

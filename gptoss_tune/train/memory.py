@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
+from torch.utils.checkpoint import checkpoint
 
 from gptoss_tune.errors import UserError
 from gptoss_tune.settings import Settings
@@ -83,8 +84,6 @@ class MemorySettings(Settings):
 # activation checkpointing
 # ---------------------------------------------------------------------------------------------------
 def _checkpoint_function(offload: bool):
-    from torch.utils.checkpoint import checkpoint
-
     def checkpoint_layer(function, *args, **kwargs):
         if offload:
             # Non-reentrant checkpointing saves the layer's inputs through autograd's saved-tensor hooks

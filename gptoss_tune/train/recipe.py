@@ -21,9 +21,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from gptoss_tune.data.harmony import parse_tools
 from gptoss_tune.data.settings import DataSettings
-from gptoss_tune.errors import UserError
+from gptoss_tune.errors import CheckpointError, UserError
 from gptoss_tune.model.adapter import CONFIG_FILE as ADAPTER_CONFIG
+from gptoss_tune.model.attention import ROUTES
+from gptoss_tune.model.checkpoint import _HUB_ID
+from gptoss_tune.model.loader import check_checkpoint  # torch and transformers: only when paths are checked
 from gptoss_tune.model.lora import LoraSettings
 from gptoss_tune.settings import Settings, did_you_mean, first_error, section_class
 from gptoss_tune.train.checkpoint import TRAINER_STATE
@@ -104,10 +108,14 @@ class TrainSection(MemorySettings):
     """`train:`: the run's length, batch, optimizer and schedule, and the memory knobs of MemorySettings."""
 
     epochs: float | None = Field(
-        1.0, gt=0, description="passes over the training data (fractions allowed); null = run train.max_steps steps"
+        None,
+        gt=0,
+        description="passes over the training data (fractions allowed), used only when train.max_steps is unset; null = 1",
     )
     max_steps: int | None = Field(
-        None, ge=1, description="stop after this many optimizer steps (the smaller of this and epochs wins)"
+        None,
+        ge=1,
+        description="run exactly this many optimizer steps, cycling the data (reshuffled every epoch) as often as needed; overrides train.epochs",
     )
     micro_batch_size: int = Field(1, ge=1, description="rows per forward pass per process")
     grad_accum: int = Field(8, ge=1, description="micro-batches per optimizer step per process")
@@ -127,12 +135,6 @@ class TrainSection(MemorySettings):
         "auto", description="auto = bf16 autocast on GPU, none on CPU"
     )
 
-    @model_validator(mode="after")
-    def _some_length(self):
-        if self.epochs is None and self.max_steps is None:
-            raise ValueError("set train.epochs or train.max_steps (both are null)")
-        return self
-
 
 class EvalSection(Settings):
     every_steps: int = Field(
@@ -150,23 +152,18 @@ class EvalSection(Settings):
 
 
 class EarlyStoppingSection(Settings):
-    enabled: bool = Field(True, description="stop when the validation loss has not improved for `patience` evaluations")
+    enabled: bool | Literal["auto"] = Field(
+        "auto",
+        description="stop when the validation loss has not improved for `patience` evaluations; auto = on when there is validation data, off (saying so) when there is none",
+    )
     patience: int = Field(
-        3, ge=0, description="evaluations without improvement before stopping (at least 1 when enabled)"
+        3, ge=0, description="evaluations without improvement before stopping (at least 1 when early stopping is on)"
     )
     min_delta: float = Field(
         0.0,
         ge=0,
         description="an evaluation resets the patience count only if it lowers the best validation loss by more than this (the best adapter is always the lowest loss)",
     )
-
-    @model_validator(mode="after")
-    def _patience(self):
-        if self.enabled and self.patience < 1:
-            raise ValueError(
-                f"early_stopping.patience must be at least 1 when early_stopping.enabled is true (got {self.patience})"
-            )
-        return self
 
 
 class CheckpointSection(Settings):
@@ -225,20 +222,28 @@ class Recipe(Settings):
     overwrite: bool = Field(
         False, description="allow starting fresh in an output_dir that holds another run (its contents are deleted)"
     )
+    resume_allow_data_change: bool = Field(
+        False,
+        description="resume a run although a data file changed under the same path since it started (refused otherwise)",
+    )
 
     @model_validator(mode="after")
     def _validation_for_early_stopping(self):
-        if self.early_stopping.enabled and not self.has_validation:
+        es = self.early_stopping
+        if es.enabled is True and not self.has_validation:
             raise ValueError(
-                "early_stopping is enabled but there is no validation data: set data.validation or data.val_fraction, "
-                "or early_stopping.enabled=false"
+                "early_stopping.enabled is true but there is no validation data: set data.validation or "
+                "data.val_fraction, or early_stopping.enabled: auto (on only with validation data) or false"
+            )
+        if es.patience < 1 and (es.enabled is True or (es.enabled == "auto" and self.has_validation)):
+            raise ValueError(
+                f"early_stopping.patience must be at least 1 when early stopping is on (got {es.patience}); "
+                f"set early_stopping.enabled: false to train without it"
             )
         return self
 
     @model_validator(mode="after")
     def _packing_needs_our_attention(self):
-        from gptoss_tune.model.attention import ROUTES
-
         attn = self.model.attn_implementation
         if self.data.packing and attn is not None and attn not in ROUTES:
             # transformers' implementations take no example boundaries from position_ids: a packed row
@@ -251,8 +256,6 @@ class Recipe(Settings):
 
     @model_validator(mode="after")
     def _tools_are_function_schemas(self):
-        from gptoss_tune.data.harmony import parse_tools
-
         try:
             parse_tools(self.data.tools, where="data.")
         except UserError as e:
@@ -262,6 +265,20 @@ class Recipe(Settings):
     @property
     def has_validation(self) -> bool:
         return bool(self.data.validation) or self.data.val_fraction > 0
+
+    def early_stopping_on(self, validation_rows: int) -> bool:
+        """Whether early stopping runs, given the validation rows the data stage produced: `enabled: auto`
+        means on exactly when there are some; `true` without any is a mistake (a run that cannot stop early
+        when the recipe says it should)."""
+        enabled = self.early_stopping.enabled
+        if enabled == "auto":
+            return validation_rows > 0
+        if enabled and not validation_rows:
+            raise UserError(
+                f"{self.where('early_stopping', 'enabled')}: early_stopping.enabled is true but the validation set is "
+                f"empty; raise data.val_fraction or set data.validation, or set early_stopping.enabled: auto or false"
+            )
+        return bool(enabled)
 
     # Where this recipe came from (set by load_recipe; not part of the schema): the file, and the line of
     # each key written in it (keys set on the command line have none).
@@ -414,7 +431,6 @@ def _resolve(value: str, base: Path, key: tuple) -> str:
     p = Path(value).expanduser()
     if key == ("model", "path") and not p.is_absolute() and not str(value).startswith((".", "~")):
         # 'openai/gpt-oss-20b' is a hub id unless such a directory exists next to the recipe.
-        from gptoss_tune.model.checkpoint import _HUB_ID
 
         if _HUB_ID.match(str(value)) and not (base / p).exists():
             return str(value)
@@ -509,8 +525,6 @@ def check_against_model(recipe: Recipe, cfg: dict) -> None:
 
 
 def check_recipe_paths(recipe: Recipe) -> None:
-    from gptoss_tune.errors import CheckpointError
-    from gptoss_tune.model.loader import check_checkpoint  # torch and transformers: only when paths are checked
 
     try:
         # config.json, the shard index and every safetensors header (names, dtypes, shapes; no tensor data):

@@ -23,6 +23,7 @@ import yaml
 
 from gptoss_tune.errors import UserError
 from gptoss_tune.runs import RECIPE, checkpoint_problem, holds_run, list_checkpoints, trained
+from gptoss_tune.train.recipe import Recipe
 
 
 @dataclass
@@ -60,8 +61,6 @@ def _first_difference(a: dict, b: dict) -> str | None:
 
 
 def stored_fingerprint(out: Path) -> dict | None:
-    from gptoss_tune.train.recipe import Recipe
-
     try:
         raw = yaml.safe_load((out / RECIPE).read_text())
         return Recipe.model_validate(raw).fingerprint()
@@ -161,16 +160,17 @@ def _resume_from_path(recipe, out: Path, exists: bool, src: str) -> ResumePlan:
                 f"replacing that run would delete the checkpoint; choose another output_dir"
             )
         return ResumePlan("resume", ckpt, wipe=True, branch=True)
+    skipped = []
     if inside:
         step = _step_of(ckpt)
-        newer = [
-            p.name for s, p in list_checkpoints(out) if step is not None and s > step and checkpoint_problem(p) is None
-        ]
+        later = [(p, checkpoint_problem(p)) for s, p in list_checkpoints(out) if step is not None and s > step]
+        newer = [p.name for p, problem in later if problem is None]
         if newer:
             raise UserError(
                 f"{src}: resume={ckpt} is older than {', '.join(newer)} in the same run: continuing from it in place would "
                 f"mix two histories; continue from the newest (resume=auto), or branch it into another output_dir"
             )
+        skipped = later  # only damaged ones: set aside like resume: auto does
     elif recipe.overwrite:
         return ResumePlan("resume", ckpt, wipe=True, branch=True)
     else:
@@ -178,7 +178,7 @@ def _resume_from_path(recipe, out: Path, exists: bool, src: str) -> ResumePlan:
             f"{src}: output_dir '{out}' already holds a run with checkpoints; continue it with resume=auto, "
             f"replace it with overwrite=true, or choose another output_dir to start a new run from {ckpt}"
         )
-    return ResumePlan("resume", ckpt)
+    return ResumePlan("resume", ckpt, skipped=skipped)
 
 
 def _is_inside(path: Path, directory: Path) -> bool:

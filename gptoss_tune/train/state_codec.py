@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from gptoss_tune.atomic_io import fsync_path
 from gptoss_tune.errors import UserError
@@ -87,8 +89,6 @@ class _Encoder:
 def save_state(obj, path: str | os.PathLike) -> int:
     """Write obj to path (through a temporary file in the same directory, fsynced, then renamed).
     Returns the bytes written. A value of a type not listed above is a TypeError (a bug, not a user error)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     enc = _Encoder()
     skeleton = enc.encode(obj, "state")
@@ -174,8 +174,6 @@ class _Decoder:
 def load_state(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Read what save_state wrote. Anything else (a pickle, a torn or edited file, another safetensors file)
     raises UserError naming the file; nothing in the file is executed."""
-    from safetensors import safe_open
-
     path = Path(path)
     what = "resume from another checkpoint (or start over with resume=never overwrite=true)"
     if not path.is_file():

@@ -5,6 +5,7 @@ seeded by (seed, e), cut into micro-batches; micro-batch i of the whole run is m
 i // M (M micro-batches per epoch). An optimizer step on P processes with G accumulation steps takes the
 next P*G micro-batches, process p taking those at offsets p, p+P, ... So the data position of a run is
 one number, the micro-batches consumed; resuming needs nothing else, even on another process count.
+The stream has no end: a run of train.max_steps takes as many epochs as it needs (gptoss_tune.train.length).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from gptoss_tune.data.batching import collate
+from gptoss_tune.data.pipeline import load_data
 
 
 @dataclass
@@ -27,8 +29,6 @@ class TrainData:
 
 def load_train_data(recipe) -> TrainData:
     """Rows for training and validation, rendered and packed by the data stage (gptoss_tune.data)."""
-    from gptoss_tune.data.pipeline import load_data
-
     bundle = load_data(recipe.data, seed=recipe.train.seed, base_dir=Path(recipe.data.train).parent)
     return TrainData(list(bundle.train), list(bundle.validation), dict(bundle.report))
 
@@ -57,9 +57,6 @@ class MicroBatchStream:
         epoch, j = divmod(index, self.per_epoch)
         perm = self._permutation(epoch)
         return [self.rows[k] for k in perm[j * self.micro_batch_size : (j + 1) * self.micro_batch_size]]
-
-    def total_micro_batches(self, epochs: float) -> int:
-        return max(1, math.ceil(epochs * self.per_epoch))
 
     def epoch_at(self, index: int) -> float:
         return index / self.per_epoch

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import secrets
 import sys
 import time
 from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
 
 from gptoss_tune.runs import METRICS
 
@@ -20,13 +25,9 @@ WANDB_ID_FILE = "wandb_run_id"
 
 
 def _memory_gib() -> float:
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     try:
-        import resource
-
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     except Exception:
         return 0.0
@@ -54,8 +55,6 @@ class Tracker:
         self.mode = mode
         self.bar = None
         if mode == "bar":
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
 
     # ---- W&B ---------------------------------------------------------------------------------------
@@ -72,8 +71,6 @@ class Tracker:
         id_file = self.run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else None
         if run_id is None:
-            import secrets
-
             run_id = secrets.token_hex(4)
             id_file.write_text(run_id + "\n")
         try:

@@ -7,7 +7,8 @@ Same as `gptoss-tune train RECIPE.yaml [key=value ...]` (one process). One optim
 3. for each micro-batch: LM loss sum * P*G/N + router.aux_loss_coef * load-balancing loss, backward
    (accelerate divides by G and DDP averages over P, so the step's gradient is exactly that of
    sum(token losses)/N + coef * mean(aux): every trained token weighs the same wherever it falls),
-4. stop on a NaN/inf loss or gradient norm before the update, clip, AdamW, schedule,
+4. stop on a NaN/inf loss or gradient norm before the update, clip, AdamW, schedule; stop on non-finite or
+   exploded parameters after it, before anything keeps them (gptoss_tune.train.divergence),
 5. log, evaluate every eval.every_steps, checkpoint, early-stop; SIGINT/SIGTERM save and exit.
 
 `train(recipe)` runs a Trainer: setup() (accelerator, output directory, data, schedule, model, optimizer,
@@ -38,10 +39,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gptoss_tune.atomic_io import atomic_write_text, fsync_path
 from gptoss_tune.data.batching import IGNORE_INDEX
 from gptoss_tune.data.pipeline import format_report
-from gptoss_tune.errors import UserError
+from gptoss_tune.errors import Interrupted, UserError
 from gptoss_tune.model.adapter import load_adapter_weights, read_adapter_config, save_adapter
 from gptoss_tune.model.checkpoint import read_config, resolve_model_dir
 from gptoss_tune.model.experts import MXFP4Experts
+from gptoss_tune.model.loader import load_model
 from gptoss_tune.runs import (
     CHECKPOINTS,
     DATA_REPORT,
@@ -55,6 +57,9 @@ from gptoss_tune.runs import (
 )
 from gptoss_tune.train import checkpoint as ck  # a module: tests replace ck.write_checkpoint_files
 from gptoss_tune.train import distributed as dist
+from gptoss_tune.train.datafiles import check_data_files, record_data_files
+from gptoss_tune.train.divergence import DivergenceGuard, TrainingDiverged
+from gptoss_tune.train.length import run_length
 from gptoss_tune.train.losses import expert_load_stats
 from gptoss_tune.train.memory import apply_memory_settings, build_optimizer
 from gptoss_tune.train.objective import Objective
@@ -66,12 +71,6 @@ from gptoss_tune.train.state import TrainerState
 # load_train_data is looked up here at each run: tests replace trainer.load_train_data with synthetic rows.
 from gptoss_tune.train.stream import MicroBatchStream, TrainData, eval_batches, load_train_data
 from gptoss_tune.train.tracking import Tracker
-
-
-class TrainingDiverged(UserError):
-    """The loss or gradient became NaN/inf: the run stops without applying that step."""
-
-    exit_code = 3
 
 
 @dataclass
@@ -108,7 +107,7 @@ class StopSignal:
     def _handler(self, signum, frame):
         if self.signum is not None:
             self.restore()
-            raise KeyboardInterrupt
+            raise Interrupted(signum)  # exits 128 + signum like the first signal (a second SIGTERM: 143, not 130)
         self.signum = signum
         print(
             f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
@@ -233,6 +232,7 @@ class Trainer:
         self._setup_optimizer()
         self._wrap_for_distribution()
         self._resume()
+        self._setup_guard()
         self._setup_tracking()
 
     def _setup_accelerator(self) -> None:
@@ -263,6 +263,7 @@ class Trainer:
     def _setup_output_dir(self) -> None:
         """Fresh, resume or refuse: every process decides from the same files, then only the main one writes."""
         self.plan = check_output_dir(self.recipe)
+        data_files = check_data_files(self.recipe, self.plan, self.run_dir)  # a resumed run's data changed: refuse
         self.accelerator.wait_for_everyone()
         resuming = self.plan.mode == "resume"
         self.resumed = TrainerState.from_dict(ck.read_trainer_state(self.plan.checkpoint)) if resuming else None
@@ -278,6 +279,7 @@ class Trainer:
                     f"note: resuming from {self.plan.checkpoint.name}: {damaged.name} is damaged ({why}); set aside as {moved}"
                 )
             atomic_write_text(run_dir / RECIPE, self.recipe.to_yaml())
+            record_data_files(run_dir, data_files)
             if self.resumed is not None:
                 truncate_metrics(run_dir / METRICS, self.resumed.step)
             elif (run_dir / METRICS).exists():
@@ -300,10 +302,12 @@ class Trainer:
                 self._say(format_report(data.report, listed=3) + f"\n  (data report: {self.run_dir / DATA_REPORT})")
         _check_token_ids(recipe, data)
         self.evaluating = bool(data.validation)
-        if recipe.early_stopping.enabled and not self.evaluating:
-            raise UserError(
-                f"{recipe.where('early_stopping')}: early_stopping needs validation examples, and the validation set is empty; "
-                f"raise data.val_fraction or set data.validation, or early_stopping.enabled=false"
+        self.early_stopping = recipe.early_stopping_on(len(data.validation))  # enabled: true without any: UserError
+        if recipe.early_stopping.enabled == "auto" and not self.early_stopping:
+            why = "the validation set is empty" if recipe.has_validation else "there is no validation data"
+            self._say(
+                f"early stopping: off, {why} (set data.validation or data.val_fraction to evaluate, keep the best "
+                f"checkpoint and stop early)"
             )
         self.stream = MicroBatchStream(data.train, cfg.micro_batch_size, cfg.seed, recipe.data.packing)
         self.val_batches = []
@@ -327,15 +331,11 @@ class Trainer:
             # the position is counted in the micro-batches of the run that wrote it (its micro_batch_size)
             mbs = resumed.micro_batch_size if resumed.micro_batch_size is not None else cfg.micro_batch_size
             mb_consumed = self.stream.position_from(resumed.micro_batches_consumed, mbs)
-        if cfg.epochs is not None:
-            total_mb = self.stream.total_micro_batches(cfg.epochs)
-            total_steps = start_step + max(0, math.ceil((total_mb - mb_consumed) / self.per_step))
-        else:
-            total_steps = cfg.max_steps
-        if cfg.max_steps is not None:
-            total_steps = min(total_steps, cfg.max_steps)
+        total_steps, self.length_why = run_length(
+            cfg.epochs, cfg.max_steps, self.stream.per_epoch, self.per_step, start_step, mb_consumed
+        )
         self.start_step = start_step
-        self.total_steps = total_steps = max(total_steps, start_step)
+        self.total_steps = total_steps
         warmup = math.ceil(cfg.warmup_ratio * total_steps) if resumed is None else resumed.warmup_steps
         self.schedule = lr_lambda(total_steps, warmup, cfg.scheduler, cfg.min_lr_ratio)
         self.state = TrainerState(
@@ -358,7 +358,7 @@ class Trainer:
             return False
         stopped_early = (
             resumed.stop_reason == "early_stopping"
-            and es.enabled
+            and self.early_stopping
             and not plan.branch
             and resumed.evals_without_improvement >= es.patience
         )
@@ -376,7 +376,6 @@ class Trainer:
         start in _resume), the experts' backend checked here, the adapter of the checkpoint resumed from."""
         # model.loader imports transformers (4 s here): only once a run starts, so a mistake in the recipe or
         # on the command line is reported without that wait.
-        from gptoss_tune.model.loader import load_model
 
         recipe = self.recipe
         set_seed(self.cfg.seed)
@@ -524,6 +523,19 @@ class Trainer:
         if state.evals and state.evals[-1]["step"] == self.start_step:
             self.last_eval_step = self.start_step  # evaluated at the checkpoint's step: not again at the end
 
+    def _setup_guard(self) -> None:
+        """The divergence guard (gptoss_tune.train.divergence) over the trainable parameters as they start."""
+        acc = self.accelerator
+        # summed over the ranks where each holds a part of every parameter (ZeRO-2 keeps them whole)
+        partitioned = self.launch.strategy in ("fsdp2", "zero3")
+        reduce = (lambda t: acc.reduce(t.to(acc.device), "sum")) if partitioned else None
+        self.guard = DivergenceGuard(self.recipe, self.run_dir, self.trainable, reduce, self.num_processes)
+        if self.resumed is not None and not math.isfinite(self.guard.start_norm):
+            raise TrainingDiverged(
+                f"{self.plan.checkpoint}: this checkpoint holds non-finite trainable parameters (written before they "
+                f"were checked); resume from an earlier checkpoint with resume=PATH, or start again with resume=never"
+            )
+
     def _setup_tracking(self) -> None:
         """metrics.jsonl / W&B (main process), and the one line that says what this run trains, how and where."""
         recipe, cfg, data = self.recipe, self.cfg, self.data
@@ -534,8 +546,11 @@ class Trainer:
             f"training {recipe.model.path} with LoRA r={recipe.lora.rank} on {', '.join(recipe.lora.attention + recipe.lora.experts) or 'nothing'}"
             f"{' + router' if recipe.router.train else ''}: {n_params:,} trainable parameters; {len(data.train)} train rows, "
             f"{len(data.validation)} validation rows; {self.num_processes} process(es){_mode(self.launch, self.accelerator)} x {cfg.grad_accum} accumulation x {cfg.micro_batch_size} rows per step; "
-            f"steps {self.start_step}->{self.total_steps}"
-            + (f" (resumed from {self.plan.checkpoint})" if self.resumed is not None else "")
+            + (
+                f"steps {self.start_step}->{self.total_steps} of {self.length_why} (resumed from {self.plan.checkpoint})"
+                if self.resumed is not None
+                else self.length_why
+            )
             + f"; {self.runs_on}; {dist.resident_summary(self.unwrapped)}; writing to {self.run_dir}"
         )
 
@@ -601,7 +616,7 @@ class Trainer:
     def _early_stop(self) -> bool:
         """Whether the validation loss stopped improving for early_stopping.patience evaluations (and say so)."""
         es, state = self.recipe.early_stopping, self.state
-        if not (self.evaluating and es.enabled and state.evals_without_improvement >= es.patience):
+        if not (self.evaluating and self.early_stopping and state.evals_without_improvement >= es.patience):
             return False
         if self.is_main:
             gain = f"by more than min_delta {es.min_delta:g}" if es.min_delta else "at all"
@@ -692,13 +707,10 @@ class Trainer:
     def _optimizer_step(self, lm: float, aux: float) -> tuple[float, float]:
         """Stop on a NaN/inf loss or gradient norm before the update; else clip, step the optimizer and the
         schedule. Returns the learning rate this step used and the gradient norm before clipping."""
-        acc, cfg, step = self.accelerator, self.cfg, self.state.step
-        where = f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
+        acc, cfg, step, guard = self.accelerator, self.cfg, self.state.step, self.guard
         if not (math.isfinite(lm) and math.isfinite(aux)):
-            raise TrainingDiverged(
-                f"step {step + 1}: the loss is not finite (lm {lm}, aux {aux}); stopped before applying the step; {where} "
-                f"(resume from it with a lower train.lr, e.g. resume=PATH train.lr={cfg.lr / 4:g})"
-            )
+            what = f"the loss is not finite (lm {lm}, aux {aux}); stopped before applying the step"
+            raise guard.diverged(step + 1, what, self.last_ckpt)
         if self.engine is not None:
             # DeepSpeed clips (gradient_clipping = train.max_grad_norm) inside engine.step(), which applies the
             # update: the norm is checked here first, from the reduced gradients every rank assembles.
@@ -708,10 +720,8 @@ class Trainer:
             grad_norm = acc.clip_grad_norm_(self.trainable, max_norm)
             grad_norm = float(dist.full_tensor(grad_norm)) if grad_norm is not None else float("nan")
         if not math.isfinite(grad_norm):
-            raise TrainingDiverged(
-                f"step {step + 1}: the gradient norm is {grad_norm}; stopped before applying the step; {where} "
-                f"(resume from it with a lower train.lr)"
-            )
+            what = f"the gradient norm is {grad_norm}; stopped before applying the step"
+            raise guard.diverged(step + 1, what, self.last_ckpt)
         lr = self.scheduler.get_last_lr()[0]
         if self.engine is not None:
             self.engine.step()  # the accumulation boundary: clip, AdamW, zero the gradients
@@ -719,6 +729,10 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        guard.after_update(step + 1, self.last_ckpt)  # non-finite or exploded parameters: stop, keep nothing
+        vanished = guard.grad_norm(step + 1, grad_norm)
+        if vanished and self.is_main:
+            self.tracker.info(vanished)
         return lr, grad_norm
 
     def _log_step(self, record: dict, counts: torch.Tensor) -> None:
@@ -804,6 +818,9 @@ class Trainer:
                     ck.write_best(run_dir, best, self.state.best_value)
             acc.wait_for_everyone()
             return path
+        problem = self.guard.unsound()  # every process decides the same (the norm is global)
+        if problem is not None:
+            raise self.guard.diverged(step, f"{problem}; not written as a checkpoint", self.last_ckpt)
         if is_main:
             ck.prepare_tmp(run_dir, step)
         acc.wait_for_everyone()
@@ -842,9 +859,12 @@ class Trainer:
             tmp = run_dir / f".tmp-{FINAL}"
             if tmp.exists():
                 shutil.rmtree(tmp)
-            save_adapter(self.unwrapped.model, tmp, state=adapter_state, extra={"step": self.state.step})
-            ck.fsync_tree(tmp)
-            ck.write_manifest(tmp)  # export verifies final/ like a checkpoint
+            with ck.write_guard(
+                tmp, run_dir / FINAL, lambda: ck.state_bytes(adapter_state or self.trainable), self.last_ckpt
+            ):
+                save_adapter(self.unwrapped.model, tmp, state=adapter_state, extra={"step": self.state.step})
+                ck.fsync_tree(tmp)
+                ck.write_manifest(tmp)  # export verifies final/ like a checkpoint
             final_dir = run_dir / FINAL
             if final_dir.exists():
                 shutil.rmtree(final_dir)
@@ -870,6 +890,8 @@ class Trainer:
             again = "run the same command again" if self.recipe.resume == "auto" else "run it again with resume=auto"
             lines.append(f"  checkpoint: {self.last_ckpt}; {again} to continue")
         lines.append(f"  metrics: {run_dir / METRICS}")
+        if self.guard.vanished:
+            lines.append(f"  {self.guard.vanished}")
         print("\n".join(lines), flush=True)
 
     def cleanup(self) -> None:

@@ -28,6 +28,7 @@ LORAS = {
     "attention": {"rank": 3, "alpha": 6, "experts": []},
     "experts": {"rank": 2, "alpha": 8, "attention": []},
     "down_only": {"rank": 2, "alpha": 4, "attention": ["q_proj", "v_proj"], "experts": ["down_proj"]},
+    "gate_up_only": {"rank": 2, "alpha": 4, "attention": ["q_proj"], "experts": ["gate_up_proj"]},
 }
 
 
@@ -63,13 +64,33 @@ def exports(full_run, tmp_path_factory):
 # ---- adapter --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["full", "attention", "experts", "down_only", "router"])
+@pytest.mark.parametrize("kind", ["full", "attention", "experts", "down_only", "gate_up_only", "router"])
 def test_adapter_loads_in_stock_peft_with_our_logits(kind, tiny_ckpt, tmp_path):
     from peft import PeftModel
 
     lora = LORAS["full" if kind == "router" else kind]
     run = make_run_dir(tmp_path / "run", tiny_ckpt, lora=lora, train_router=kind == "router", seed=3)
-    export_run(run, "adapter", tmp_path / "out", progress=_quiet)
+    printed = []
+    export_run(run, "adapter", tmp_path / "out", progress=printed.append)
+    printed = "\n".join(printed)
+    # vLLM's gpt-oss LoRA loader asserts both expert slots (bare `experts` = down_proj, `experts.base_layer` =
+    # gate_up_proj): an adapter with any expert LoRA has both, the untrained one all zeros.
+    peft_state = load_file(tmp_path / "out/adapter_model.safetensors")
+    if lora.get("experts", ["x"]):
+        for layer in range(2):
+            for slot in ("experts.base_layer", "experts"):
+                for ab in "AB":
+                    assert f"base_model.model.model.layers.{layer}.mlp.{slot}.lora_{ab}.weight" in peft_state
+        untrained = {"down_only": "experts.base_layer", "gate_up_only": "experts"}.get(kind)
+        if untrained:
+            assert not peft_state[f"base_model.model.model.layers.0.mlp.{untrained}.lora_B.weight"].any()
+        targets = json.loads((tmp_path / "out/adapter_config.json").read_text())["target_parameters"]
+        assert targets == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    if kind == "router":  # vLLM rejects modules_to_save: said, and no vLLM command is offered
+        assert "warning: this adapter also trained the router" in printed and "vllm serve" not in printed
+    else:
+        assert f"vllm serve {tiny_ckpt} " in printed
+        assert f"--enable-lora --lora-modules out={tmp_path / 'out'} --max-lora-rank 8" in printed
     ids = _ids()
     ours = _logits(load_with_adapter(run / "checkpoints/step-00000010", device="cpu"), ids)
     base = stock_model(tiny_ckpt)
@@ -164,6 +185,30 @@ def test_merged_bf16_loads_in_stock_transformers(exports, full_run, tiny_ckpt):
     # tuning effect of ~3 (the test's tolerance is 0.1).
     assert (got - ours).abs().max() < 0.1
     assert (untuned - ours).abs().max() > 1.0
+
+
+def test_merged_bf16_is_merged_in_fp32_and_rounded_once(exports, full_run, tiny_ckpt):
+    """Every merged tensor is bf16(fp32(W) + s·B·A): one rounding (a bf16 sum would round twice and lose
+    the small updates bf16 can still carry)."""
+    lora = load_file(full_run / "checkpoints/step-00000010/adapter.safetensors")
+    s = 4 / 2  # alpha / rank of LORAS["full"]
+    base, merged = {}, {}
+    for f in tiny_ckpt.glob("*.safetensors"):
+        base.update(load_file(f))
+    for f in exports["merged-bf16"].glob("*.safetensors"):
+        merged.update(load_file(f))
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            a, b = (lora[f"{p}self_attn.{proj}.lora_{x}.default.weight"].float() for x in "AB")
+            want = (base[f"{p}self_attn.{proj}.weight"].float() + s * (b @ a)).to(torch.bfloat16)
+            assert torch.equal(merged[f"{p}self_attn.{proj}.weight"], want), proj
+        for proj in ("gate_up_proj", "down_proj"):
+            e = f"{p}mlp.experts.{proj}"
+            for x in range(8):
+                w = dequantize(base[f"{e}_blocks"][x], base[f"{e}_scales"][x], torch.float32)
+                delta = s * (lora[f"{e}_lora_B"][x].float() @ lora[f"{e}_lora_A"][x].float())
+                assert torch.equal(merged[e][x], (w + delta).t().to(torch.bfloat16)), (e, x)
 
 
 # ---- merged mxfp4 ---------------------------------------------------------------------------------
@@ -315,6 +360,51 @@ def test_exported_tokenizer_matches_tiktoken_and_harmony(exports):
         )
 
 
+def _harmony_cases():
+    """The held conversations of the data tests (messages and the harmony messages built by hand for them)."""
+    import importlib.util
+    from pathlib import Path
+
+    f = Path(__file__).parents[1] / "data" / "test_harmony_messages.py"
+    spec = importlib.util.spec_from_file_location("_held_harmony_cases", f)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.CASES
+
+
+def test_exported_chat_template_renders_the_harmony_training_ids(exports):
+    """A conversation ending with an assistant answer renders as harmony's training render (openai-harmony on
+    the hand-built messages): list-of-text-parts content, the trailing turn's chain of thought, `<|return|>`."""
+    from openai_harmony import Conversation, RenderConversationConfig
+    from transformers import AutoTokenizer
+
+    from gptoss_tune.data.tokenizer import harmony_encoding
+
+    tok = AutoTokenizer.from_pretrained(str(exports["adapter"]))
+    enc = harmony_encoding()
+    plain = {k: v for k, v in _harmony_cases().items() if "tools" not in v[0]}
+    assert len(plain) >= 7 and any(isinstance(m["content"], list) for k, _ in plain.values() for m in k["messages"])
+    for name, (kwargs, expected) in plain.items():
+        want = enc.render_conversation_for_training(
+            Conversation.from_messages(expected), RenderConversationConfig(auto_drop_analysis=False)
+        )
+        extra = {"reasoning_effort": kwargs["reasoning_effort"]} if "reasoning_effort" in kwargs else {}
+        ids = tok.apply_chat_template(kwargs["messages"], tokenize=True, **extra)
+        ids = ids["input_ids"] if not isinstance(ids, list) else ids
+        assert list(ids) == list(want), f"{name}\nours: {enc.decode(list(ids))!r}\nwant: {enc.decode(want)!r}"
+        assert want[-1] == enc.encode("<|return|>", allowed_special="all")[0]
+    # a prompt whose content is a list of text parts renders as the server renders it
+    from gptoss_tune.serve.openai_schema import parse_request
+    from gptoss_tune.serve.prompt import render_prompt
+
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    assert list(ids) == render_prompt(parse_request({"model": "m", "messages": msgs}))
+    with pytest.raises(Exception, match="text parts"):
+        tok.apply_chat_template([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], tokenize=False)
+
+
 def h_decode(ids):
     from gptoss_tune.data.tokenizer import harmony_encoding
 
@@ -373,12 +463,12 @@ def test_export_errors(tiny_ckpt, full_run, tmp_path):
 
 
 def test_interrupted_export_leaves_nothing(full_run, tmp_path, monkeypatch):
-    import gptoss_tune.export.hf_tokenizer as hft
+    import gptoss_tune.export.exporter as exporter
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hft, "write_tokenizer_files", boom)
+    monkeypatch.setattr(exporter, "write_tokenizer_files", boom)
     with pytest.raises(KeyboardInterrupt):
         export_run(full_run, "merged-bf16", tmp_path / "out", progress=_quiet)
     assert list(tmp_path.iterdir()) == []
@@ -408,8 +498,186 @@ def test_export_refuses_an_unwritable_out_and_a_bad_device_and_reports_a_full_di
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(export, "save_file", full_disk)
-    with pytest.raises(
-        UserError, match=r"writing the export to .*/o failed: No space left on device .*nothing was written"
-    ):
+    with pytest.raises(UserError, match=r"^--out .*/o: the disk filled up .*needs about .* free.*nothing was written$"):
         export_run(full_run, "merged-bf16", tmp_path / "o", progress=_quiet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no partial export, no temporary left
+
+
+def shutil_usage(free):
+    import shutil
+
+    return shutil._ntuple_diskusage(10**12, 10**12 - free, free)
+
+
+def _dir_bytes(d):
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError(
+            "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file: unexpected pos 3456"
+        ),
+        "safetensors",
+    ],
+)
+def test_a_full_disk_is_one_line_naming_out_and_the_space_needed(
+    error, exports, full_run, tmp_path, monkeypatch, capsys
+):
+    """safetensors and torch report a full disk in their own words (not OSError): one line, exit 2, --out named,
+    the space needed estimated from what the export writes; nothing is left under --out or beside it."""
+    import gptoss_tune.export.exporter as export
+    from gptoss_tune.cli.main import main
+
+    if error == "safetensors":
+        from safetensors import SafetensorError
+
+        error = SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+    calls = []
+
+    def fills_up(*a, **k):  # the second shard does not fit
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return save_file(*a, **k)
+
+    monkeypatch.setattr(export, "save_file", fills_up)
+    out = tmp_path / "out"
+    assert main(["export", str(full_run), "--format", "merged-bf16", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert f"--out {out}: the disk filled up" in err and "free some space or choose another --out" in err
+    shortfall = []
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda p: shutil_usage(0))
+    monkeypatch.setattr(export, "save_file", save_file)
+    export_run(full_run, "adapter", out, progress=shortfall.append)  # a warning before it starts, not a refusal
+    assert any(
+        "warning: this export writes about" in line and "is free on the disk of --out" in line for line in shortfall
+    )
+    import shutil as _shutil
+
+    _shutil.rmtree(out)
+    needed = (
+        float(err.split("needs about ")[1].split()[0]) * {"MB": 1e6, "GB": 1e9}[err.split("needs about ")[1].split()[1]]
+    )
+    real = _dir_bytes(exports["merged-bf16"])  # the same export, written where there was room
+    assert 0.8 * real < needed < 1.5 * real, (needed, real)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_adapter_export_onto_a_full_disk_names_out_not_the_tokenizer_source(full_run, tmp_path, monkeypatch):
+    import gptoss_tune.export.hf_tokenizer as hft
+
+    def full(path):  # copying tokenizer.json from the converted copy in the system temp directory
+        raise OSError(28, "No space left on device", "/tmp/gptoss_tune-tokenizer-abc123/tokenizer.json")
+
+    monkeypatch.setattr(hft, "build_tokenizer_json", full)
+    with pytest.raises(UserError) as e:
+        export_run(full_run, "adapter", tmp_path / "ad", progress=_quiet)
+    assert str(e.value).startswith(
+        f"--out {tmp_path / 'ad'}: the disk filled up"
+    ) and "gptoss_tune-tokenizer" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_that_is_a_file_is_refused_and_never_replaced(full_run, tmp_path, capsys):
+    from gptoss_tune.cli.main import main
+
+    f = tmp_path / "model.bin"
+    f.write_text("precious")
+    for force in ([], ["--force"]):
+        assert main(["export", str(full_run), "--format", "adapter", "--out", str(f), *force]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {f}: is a file, not a directory" in err and "not empty" not in err
+        assert f.read_text() == "precious"
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        export_run(full_run, "merged-bf16", f, force=True, progress=_quiet)
+    assert f.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
+    # a symbolic link would be replaced by the export's rename, not filled: refused, the link and target kept
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(UserError, match="is a symbolic link; pass the directory it points to"):
+        export_run(full_run, "adapter", tmp_path / "link", force=True, progress=_quiet)
+    assert (tmp_path / "link").is_symlink() and list((tmp_path / "target").iterdir()) == []
+
+
+_KILLED_EXPORT = """
+import os, signal, sys
+from gptoss_tune.export.exporter import export_run
+
+def progress(line):
+    if "layer 0: written" in line:  # the first layer's shard is on disk
+        os.kill(os.getpid(), signal.SIGKILL)
+
+export_run(sys.argv[1], "merged-bf16", sys.argv[2], progress=progress)
+"""
+
+
+def test_a_killed_export_leaves_a_temporary_that_the_next_export_removes(full_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "exports" / "merged"
+    r = subprocess.run(
+        [sys.executable, "-c", _KILLED_EXPORT, str(full_run), str(out)], env=dict(os.environ), timeout=120
+    )
+    assert r.returncode == -signal.SIGKILL
+    left = [p for p in out.parent.iterdir()]
+    assert len(left) == 1 and left[0].name.startswith(".merged.") and not out.exists()
+    assert any(f.suffix == ".safetensors" for f in left[0].iterdir())  # a shard was written before the kill
+    # Things that are not ours (or not stale) stay: a user's hidden directory, a file named like ours, our
+    # temporary of a live process (this one), another program's temporary.
+    from gptoss_tune.export.out_dir import _host
+
+    h = _host()
+    keep = [out.parent / ".merged.tmp-123", out.parent / f".other.gptoss-tune-export-{h}-1-x", out.parent / "notes"]
+    keep[0].mkdir()
+    (keep[0] / "x").write_text("user data")
+    keep[1].write_text("a file, not our directory")
+    live = out.parent / f".merged.gptoss-tune-export-{h}-{os.getpid()}-live"
+    elsewhere = (
+        out.parent / ".merged.gptoss-tune-export-00000000-999999999-x"
+    )  # another machine's: its pid means nothing here
+    for d in (live, elsewhere):
+        d.mkdir()
+        (d / ".gptoss-tune-export-in-progress").write_text("")
+    keep += [live, elsewhere]
+    keep[2].mkdir()
+    printed = []
+    export_run(full_run, "adapter", out.parent / "adapter", progress=printed.append)
+    assert not left[0].exists() and any(f"removed {left[0]}" in line for line in printed)
+    assert all(p.exists() for p in keep)
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([*(p.name for p in keep), "adapter"])
+    # killed between moving the previous export aside (for --force) and renaming the new one in: the previous
+    # export is put back, not deleted
+    aside = out.parent / f".adapter.gptoss-tune-replaced-{h}-999999999"
+    (out.parent / "adapter").rename(aside)
+    export_run(full_run, "adapter", out.parent / "again", progress=printed.append)
+    assert (out.parent / "adapter/adapter_config.json").is_file() and not aside.exists()
+
+
+def test_export_base_with_a_wrong_shape_tensor_is_one_line(full_run, tiny_ckpt, tmp_path, capsys):
+    import shutil
+
+    from gptoss_tune.cli.main import main
+
+    bad = tmp_path / "bad-base"
+    shutil.copytree(tiny_ckpt, bad)
+    st = load_file(bad / "model.safetensors")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    want = list(st[name].shape)
+    st[name] = torch.zeros(want[0], want[1] // 2, dtype=st[name].dtype)
+    save_file(st, bad / "model.safetensors", metadata={"format": "pt"})
+    for fmt in ("merged-bf16", "merged-mxfp4"):
+        assert main(["export", str(full_run), "--format", fmt, "--base", str(bad), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err, err
+        assert f"'{name}' has shape [{want[0]}, {want[1] // 2}], expected {want}" in err
+        assert "pass the --base the adapter was trained on" in err
+    assert not (tmp_path / "o").exists()

@@ -1,4 +1,4 @@
-"""Training run directories for export/serve tests, made the way training writes them (run_dir.py layout)."""
+"""Training run directories for export/serve tests, made the way training writes them (gptoss_tune/runs.py layout)."""
 
 from __future__ import annotations
 

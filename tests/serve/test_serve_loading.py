@@ -102,8 +102,39 @@ def test_print_vllm_command(run, peft_export, tiny_ckpt, tmp_path, capsys):
     assert cmd2[2] == str(tiny_ckpt) and "--enable-lora" in cmd2
     with pytest.raises(UserError, match="export first"):
         vllm_command(str(run))
+    # an adapter exported before both expert slots were written: vLLM would assert; say how to fix it
+    import json
+    import shutil
+
+    old = tmp_path / "old-adapter"
+    shutil.copytree(peft_export, old)
+    cfg = json.loads((old / "adapter_config.json").read_text())
+    cfg["target_parameters"] = ["mlp.experts.down_proj"]
+    (old / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="LoRA on down_proj only.*asserts both expert slots.*export it again"):
+        vllm_command(str(old))
     assert main(["serve", "--print-vllm-command", str(mx)]) == 0
     assert capsys.readouterr().out.startswith(f"vllm serve {mx}")
+
+
+def test_serve_keeps_a_merged_bf16_export_dense(run, tmp_path, caplog):
+    """A merged-bf16 export is served as stock transformers computes it; re-quantising its experts to MXFP4
+    on load (what the loader did) moves the logits by far more than the tolerance."""
+    from helpers.reference import stock_model
+
+    from gptoss_tune.model.experts import DenseExperts
+    from gptoss_tune.model.loader import load_model
+
+    merged = tmp_path / "merged"
+    export_run(run, "merged-bf16", merged, progress=_quiet)
+    served, _ = load_for_serving(merged, device="cpu")
+    assert all(isinstance(layer.mlp.experts, DenseExperts) for layer in served.model.layers)
+    want = _logits(stock_model(merged))
+    torch.testing.assert_close(_logits(served), want, atol=2e-4, rtol=0)
+    with caplog.at_level("WARNING"):
+        requantised = _logits(load_model(merged, device="cpu"))  # the training loader's default: MXFP4
+    assert (requantised - want).abs().max() > 1e-2
+    assert "quantising them to MXFP4 on load" in caplog.text and "merged-bf16" in caplog.text
 
 
 def test_stop_matcher():

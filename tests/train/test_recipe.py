@@ -104,10 +104,13 @@ def test_every_key_has_a_description():
         (["lora.attention=[]", "lora.experts=[]"], "nothing would be trained"),
         (
             ["early_stopping.patience=0"],
-            "early_stopping.patience must be at least 1 when early_stopping.enabled is true (got 0)",
+            "early_stopping.patience must be at least 1 when early stopping is on (got 0)",
         ),
-        (["data.val_fraction=0"], "early_stopping is enabled but there is no validation data"),
-        (["train.max_steps=null", "train.epochs=null"], "set train.epochs or train.max_steps"),
+        (
+            ["data.val_fraction=0", "early_stopping.enabled=true"],
+            "early_stopping.enabled is true but there is no validation data",
+        ),
+        (["early_stopping.enabled=yes_please"], "early_stopping.enabled"),
         (["logging.wandb.mode=cloud"], "logging.wandb.mode: input should be 'offline', 'online' or 'disabled'"),
         (["train.lr"], "must look like key.sub=value"),
         (["train.lr=[1"], "the value is not valid YAML"),

@@ -145,3 +145,23 @@ def test_unsupported_values_are_refused_when_writing(tmp_path):
     with pytest.raises(TypeError, match=r"state\['f'\]"):
         save_state({"f": lambda: 0}, tmp_path / "x.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_optimizer_state_of_other_shapes_is_one_line(tmp_path):
+    from gptoss_tune.train.checkpoint import load_optimizer_state
+
+    def adamw(shape):
+        p = torch.nn.Parameter(torch.zeros(shape))
+        opt = torch.optim.AdamW([p])
+        p.grad = torch.ones(shape)
+        opt.step()
+        return opt
+
+    save_state(adamw((4, 3)).state_dict(), tmp_path / "optimizer.safetensors")
+    with pytest.raises(UserError) as e:
+        load_optimizer_state(tmp_path, adamw((3, 4)), rank=0, sharded=False)
+    assert (
+        "\n" not in str(e.value)
+        and str(tmp_path / "optimizer.safetensors") in str(e.value)
+        and "[4, 3]" in str(e.value)
+    )

@@ -211,29 +211,39 @@ def test_sigterm_saves_and_exits_then_resumes_exactly(reference, tmp_path, monke
     assert [l["eval_loss"] for l in got_eval] == [l["eval_loss"] for l in ref_eval]
 
 
-def test_nan_loss_stops_naming_step_and_checkpoint(tiny_ckpt, tmp_path, capsys):
-    recipe = write_recipe(
-        tmp_path,
-        tiny_ckpt,
-        train={"lr": 1e30, "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 0.0},
-        checkpoint={"every_steps": 1, "keep": 1},
-    )
+def test_nan_loss_stops_naming_step_and_checkpoint(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    from gptoss_tune.train.trainer import Trainer
+
+    recipe = write_recipe(tmp_path, tiny_ckpt, checkpoint={"every_steps": 1, "keep": 1})
+    real = Trainer._forward_backward
+
+    def nan_at_step_2(self, batches, scale):
+        lm, aux, tokens, counts = real(self, batches, scale)
+        return (lm * float("nan") if self.state.step == 1 else lm), aux, tokens, counts
+
+    monkeypatch.setattr(Trainer, "_forward_backward", nan_at_step_2)
     with pytest.raises(TrainingDiverged) as e:
         _run(recipe)
     msg = str(e.value)
-    assert "step 2:" in msg and "not finite" in msg and "step-00000001" in msg, msg
+    assert "step 2:" in msg and "not finite" in msg and "sound checkpoint is" in msg and "step-00000001" in msg, msg
+    monkeypatch.undo()
 
+    # lr 1e30: step 1's update makes the weights 1e30; the run stops there and keeps no checkpoint of them
+    # (the step-1 checkpoint used to hold them, named as "the last good checkpoint").
+    over = ["train.lr=1e30", "train.scheduler=constant", "train.warmup_ratio=0", "train.max_grad_norm=0"]
     from gptoss_tune.cli.main import train_main
     from gptoss_tune.train import trainer as train_mod
 
     orig = train_mod.load_train_data
     train_mod.load_train_data = lambda r: synthetic_data()
     try:
-        assert train_main([str(recipe), "resume=never", "overwrite=true"]) == 3
+        assert train_main([str(recipe), "resume=never", "overwrite=true", *over]) == 3
     finally:
         train_mod.load_train_data = orig
     err = capsys.readouterr().err
-    assert "step 2:" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "step 1: the trainable parameters exploded" in err and "no sound checkpoint" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
 
 
 def test_two_process_cpu_launch(reference, tmp_path):
