@@ -22,6 +22,7 @@ without its bf16/fp16 sections (those would cast the fp32 LoRA, norms and router
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import types
@@ -31,7 +32,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gptoss_tune.atomic_io import atomic_write_text
 from gptoss_tune.errors import UserError
+from gptoss_tune.model.experts import MXFP4Experts
+from gptoss_tune.train.chunked_ce import lm_eval_sums, lm_loss_sum
 
 STRATEGY_NAMES = {
     "single": "one process",
@@ -141,8 +145,6 @@ def hold_experts_as_parameters(model) -> int:
     every rank) as frozen uint8 parameters, which FSDP2 shards per decoder layer and ZeRO-3 partitions;
     inside a layer's forward both hand the kernels the full tensors again. Same tensors, same names (the
     state-dict keys do not change). Returns the bytes moved."""
-    from gptoss_tune.model.experts import MXFP4Experts
-
     moved = 0
     for m in model.modules():
         if isinstance(m, MXFP4Experts):
@@ -211,8 +213,6 @@ def resident_summary(module: nn.Module) -> str:
 def _chunked_loss(self, hidden, labels, chunk_tokens: int, evaluate: bool):
     """lm_head's own method for the objective's loss, so FSDP2 unshards lm_head.weight around it (the
     objective reads the weight outside lm_head's forward: the logits are never formed whole)."""
-    from gptoss_tune.train.chunked_ce import lm_eval_sums, lm_loss_sum
-
     if evaluate:
         return lm_eval_sums(hidden, self.weight, labels, chunk_tokens)
     return lm_loss_sum(hidden, self.weight, labels, chunk_tokens=chunk_tokens)
@@ -283,8 +283,6 @@ def import_deepspeed(cpu: bool):
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
-        import importlib
-
         import deepspeed
 
         # not `import deepspeed.comm.torch as ...`: deepspeed.comm's attribute `torch` is torch itself
@@ -402,8 +400,6 @@ DISTRIBUTION = "distribution.json"
 def write_checkpoint_strategy(ckpt_dir: Path, launch: Launch) -> None:
     """Main process: distribution.json in a checkpoint being written (the per-rank optimizer files of FSDP2,
     ZeRO-2 and ZeRO-3 differ in layout; a resume under another strategy is refused by name)."""
-    from gptoss_tune.atomic_io import atomic_write_text
-
     atomic_write_text(
         Path(ckpt_dir) / DISTRIBUTION, json.dumps({"strategy": launch.strategy, "world": launch.world}) + "\n"
     )
