@@ -447,4 +447,4 @@ def test_resuming_under_another_strategy_is_refused_by_name(reference, small_ckp
     (branch / "distribution.json").write_text(json.dumps({"strategy": "fsdp2", "world": 2}))
     write_manifest(branch)  # as if written so: an intact checkpoint of an FSDP2 run
     with pytest.raises(UserError, match="written under FSDP2, this launch runs one process"):
-        train(load_recipe(recipe, [f"resume={branch}", "output_dir=other"]), data=synthetic_data())
+        train(load_recipe(recipe, [f"resume={branch}", f"output_dir={tmp_path / 'other'}"]), data=synthetic_data())
