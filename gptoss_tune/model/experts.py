@@ -117,7 +117,12 @@ class MXFP4Experts(nn.Module):
 
     def resident_bytes(self) -> int:
         """Bytes held by the expert weight matrices (blocks + scales); biases and LoRA not included."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        # by name: the packed tensors are buffers, or frozen parameters with model.shard_experts
+        packed = (
+            getattr(self, n)
+            for n in ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
+        )
+        return sum(t.numel() * t.element_size() for t in packed)
 
     def dequantized(self, proj: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense [E, in, out] weight of one projection (transformers' layout). For export and tests."""

@@ -23,6 +23,7 @@ a fresh start (a checkpoint trained with another lora.alpha cannot be loaded und
 from __future__ import annotations
 
 import math
+import os
 import shlex
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def parameter_norm(params, reduce=None) -> float:
     processes when parameters are sharded (every process must call it then). Accumulated in float64, which
     holds the square of any float32 (a float32 sum of squares would overflow at 1e19 and read as non-finite);
     one reduction per tensor and one host sync per call."""
-    tensors = [t for t in (_local(p.detach()) for p in params) if t.numel()]
+    # _local before detach: a detached ZeRO-3 parameter loses its ds_tensor (this rank's partition)
+    tensors = [t for t in (_local(p).detach() for p in params) if t.numel()]
     if tensors:
         sq = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]).pow(2).sum()
     else:
@@ -107,12 +109,25 @@ def retry_command(recipe, run_dir: Path, sound: Path | None, fix: dict[str, str]
     branch = sound is not None and not any(k.startswith("lora.") for k in fix)
     args = [str(run_dir / RECIPE), f"resume={sound}" if branch else "resume=never"]
     args += [f"{k}={v}" for k, v in fix.items()] + [f"output_dir={out}"]
-    launch = (
-        "gptoss-tune train"
-        if num_processes == 1
-        else f"accelerate launch --num_processes {num_processes} -m gptoss_tune.train"
-    )
+    launch = "gptoss-tune train" if num_processes == 1 else accelerate_launch_prefix(num_processes)
     return f"{launch} {' '.join(shlex.quote(a) for a in args)}"
+
+
+def accelerate_launch_prefix(num_processes: int, cmdline: list[str] | None = None) -> str:
+    """`accelerate launch <the user's flags> -m gptoss_tune.train`: the flags (--config_file above all, which
+    chose FSDP2 or DeepSpeed) are read from the launcher, the parent of every rank; accelerate passes no
+    record of them to the ranks. Without them (another launcher, no /proc) --num_processes alone."""
+    if cmdline is None:
+        try:
+            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+            cmdline = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        except OSError:
+            cmdline = []
+    if "launch" in cmdline and "gptoss_tune.train" in cmdline:
+        flags = cmdline[cmdline.index("launch") + 1 : cmdline.index("gptoss_tune.train") - 1]
+        if flags and cmdline[cmdline.index("gptoss_tune.train") - 1] == "-m":
+            return " ".join(["accelerate", "launch", *map(shlex.quote, flags), "-m", "gptoss_tune.train"])
+    return f"accelerate launch --num_processes {num_processes} -m gptoss_tune.train"
 
 
 class DivergenceGuard:

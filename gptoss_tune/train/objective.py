@@ -45,12 +45,21 @@ class Objective(nn.Module):
         out = self.model.model(**kwargs, output_router_logits=True, use_cache=False)
         hidden = out.last_hidden_state
         router_logits = tuple(out.router_logits)
-        weight = self.model.lm_head.weight
         aux = load_balancing_loss(router_logits, self.num_experts, self.top_k, token_mask)
         counts = expert_counts(router_logits, self.top_k, token_mask)
         real = token_mask.sum()
+        head = self.model.lm_head
+        # Under FSDP2 lm_head is its own unit and carries this loss as a registered forward method
+        # (gptoss_tune.train.distributed.shard_fsdp2), so its weight is unsharded around the call.
+        chunked = getattr(head, "chunked_loss", None)
         if evaluate:
-            loss, n, correct = lm_eval_sums(hidden, weight, labels, self.chunk_tokens)
+            if chunked is not None:
+                loss, n, correct = chunked(hidden, labels, self.chunk_tokens, True)
+            else:
+                loss, n, correct = lm_eval_sums(hidden, head.weight, labels, self.chunk_tokens)
             return StepOutput(loss, n, aux.detach(), counts, real, correct)
-        loss, n = lm_loss_sum(hidden, weight, labels, chunk_tokens=self.chunk_tokens)
+        if chunked is not None:
+            loss, n = chunked(hidden, labels, self.chunk_tokens, False)
+        else:
+            loss, n = lm_loss_sum(hidden, head.weight, labels, chunk_tokens=self.chunk_tokens)
         return StepOutput(loss, n, aux, counts, real)

@@ -87,6 +87,10 @@ class ModelSection(Settings):
         "auto",
         description="MXFP4 expert compute: auto = Triton kernels on GPU when available, else the torch reference",
     )
+    shard_experts: bool = Field(
+        False,
+        description="hold the MXFP4 expert blocks and scales as frozen uint8 parameters, so FSDP2 and DeepSpeed ZeRO-3 shard them over the ranks (120b: 60.9 GB of experts / ranks each) instead of a whole copy per rank; no effect on one process or DDP (see docs/recipes.md)",
+    )
 
 
 class RouterSection(Settings):

@@ -19,6 +19,7 @@ save_checkpoint, the final adapter and the summary), cleanup(). What resume need
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gptoss_tune.atomic_io import atomic_write_text, fsync_path
@@ -55,6 +56,7 @@ from gptoss_tune.runs import (
     wipe,
 )
 from gptoss_tune.train import checkpoint as ck  # a module: tests replace ck.write_checkpoint_files
+from gptoss_tune.train import distributed as dist
 from gptoss_tune.train import qat
 from gptoss_tune.train.datafiles import check_data_files, record_data_files
 from gptoss_tune.train.divergence import DivergenceGuard, TrainingDiverged
@@ -129,14 +131,14 @@ def _trained_in(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def _gather_trainable(accelerator, module) -> dict | None:
+def _gather_trainable(strategy: str, module) -> dict | None:
     """Full trainable tensors for saving when parameters are sharded (FSDP2 DTensors, DeepSpeed ZeRO-3);
-    every process must call this. None when parameters are whole (single process, DDP)."""
-    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    every process must call this. None when parameters are whole (one process, DDP, ZeRO-2)."""
+    if strategy not in ("fsdp2", "zero3"):
         return None
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     out = {}
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if strategy == "zero3":
         import deepspeed  # optional: installed only where DeepSpeed launches run
 
         with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
@@ -144,8 +146,7 @@ def _gather_trainable(accelerator, module) -> dict | None:
                 out[n] = p.detach().to("cpu", copy=True)
     else:
         for n, p in named:
-            t = p.full_tensor() if hasattr(p, "full_tensor") else p
-            out[n] = t.detach().to("cpu", copy=True)
+            out[n] = dist.full_tensor(p).detach().to("cpu", copy=True)
     return out
 
 
@@ -176,13 +177,9 @@ def _check_token_ids(recipe, data) -> None:
             )
 
 
-def _mode(accelerator) -> str:
-    t = str(accelerator.distributed_type).split(".")[-1]
-    return (
-        ""
-        if t == "NO"
-        else f" ({'DDP' if t.startswith('MULTI_') else t}{', ' + accelerator.mixed_precision if accelerator.mixed_precision != 'no' else ''})"
-    )
+def _mode(launch, accelerator) -> str:
+    mixed = f", {accelerator.mixed_precision} autocast" if accelerator.mixed_precision != "no" else ""
+    return f" ({launch.name}{mixed})" if launch.strategy != "single" or mixed else ""
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -246,17 +243,21 @@ class Trainer:
         cfg = self.cfg
         cuda = torch.cuda.is_available()
         mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
-        self.accelerator = acc = Accelerator(
-            # Without a GPU, processes started by torchrun (`accelerate launch --multi_gpu`) talk over gloo.
-            cpu=not cuda,
-            mixed_precision=mixed,
-            gradient_accumulation_steps=cfg.grad_accum,
-            # MXFP4 experts are uint8 buffers (10 GB for 20b): never re-broadcast them every step.
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-        )
+        # The strategy is read from accelerate launch's environment and wrapped by us (train.distributed):
+        # accelerate itself would run an FSDP config as DDP on CPU ranks, without a word.
+        self.launch = dist.detect_launch()
+        with dist.hidden_from_accelerate(self.launch):
+            self.accelerator = acc = Accelerator(
+                # Without a GPU, processes started by torchrun (`accelerate launch --multi_gpu`) talk over gloo.
+                cpu=not cuda,
+                mixed_precision=mixed,
+                gradient_accumulation_steps=cfg.grad_accum,
+                # MXFP4 experts are uint8 buffers (10 GB for 20b): never re-broadcast them every step.
+                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+            )
         self.num_processes, self.rank, self.is_main = acc.num_processes, acc.process_index, acc.is_main_process
         self.per_step = self.num_processes * cfg.grad_accum  # micro-batches per optimizer step, all processes
-        self.sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        self.sharded = self.launch.sharded  # per-rank optimizer state files
         if self.is_main:
             self._lock = lock_run_dir(self.run_dir, self.recipe.where("output_dir"))
 
@@ -401,6 +402,8 @@ class Trainer:
         )
         if recipe.router.train:
             _train_routers(model)
+        if recipe.model.shard_experts:
+            dist.hold_experts_as_parameters(model)  # frozen uint8 parameters: FSDP2 / ZeRO-3 shard them
         if self.resumed is not None:
             self._load_checkpoint_adapter()
 
@@ -411,6 +414,13 @@ class Trainer:
             raise UserError(
                 f"{ckpt}: written by {resumed.num_processes} processes with sharded optimizer state; "
                 f"resume it with --num_processes {resumed.num_processes}"
+            )
+        written_by = dist.read_checkpoint_strategy(ckpt)
+        if written_by is not None and written_by != self.launch.strategy:
+            raise UserError(
+                f"{ckpt}: written under {dist.STRATEGY_NAMES.get(written_by, written_by)}, this launch runs "
+                f"{self.launch.name}; their optimizer states differ: resume it with the accelerate config it was "
+                f"written with (or start a new run from its adapter)"
             )
         lora = self.recipe.lora.to_dict()
         meta = read_adapter_config(ckpt)
@@ -423,13 +433,17 @@ class Trainer:
         cfg, model = self.cfg, self.model
         # Checkpointing (non-reentrant, per decoder layer, optional host offload) and the optimizer come from
         # gptoss_tune.train.memory, the same code path scripts/bench_train.py measures.
-        memory = apply_memory_settings(model, cfg.memory_settings())
+        self.memory = apply_memory_settings(model, cfg.memory_settings())
         model.config.use_cache = False
         model.train()
         self.objective = Objective(model, chunk_tokens=cfg.loss_chunk_tokens)
-        self.optimizer = build_optimizer(
+        self.optimizer = self._build_optimizer()
+
+    def _build_optimizer(self):
+        cfg = self.cfg
+        return build_optimizer(
             [p for p in self.objective.parameters() if p.requires_grad],
-            memory.optimizer,
+            self.memory.optimizer,
             lr=cfg.lr,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps,
@@ -437,29 +451,39 @@ class Trainer:
         )
 
     def _wrap_for_distribution(self) -> None:
-        """accelerate.prepare for this launch (one process, DDP, FSDP or DeepSpeed) and the LR scheduler,
-        created where each expects it: every distribution-specific branch of the setup is here."""
-        acc, objective, optimizer = self.accelerator, self.objective, self.optimizer
-        if acc.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        """Wrap for this launch's strategy (train.distributed) and create the LR scheduler, stepped by us once
+        per optimizer step under every strategy: every distribution-specific branch of the setup is here."""
+        acc, objective, optimizer, strategy = self.accelerator, self.objective, self.optimizer, self.launch.strategy
+        self.engine = None  # the DeepSpeed engine, which owns backward and the update
+        self.prepared = strategy in ("single", "ddp")  # accelerate wraps (and autocasts) the model
+        if strategy == "ddp":
             # Frozen weights and MXFP4 buffers are identical on every process (same checkpoint): skip their
             # broadcast when DDP wraps the model (10 GB for 20b).
             frozen = [n for n, p in objective.named_parameters() if not p.requires_grad] + [
                 n for n, _ in objective.named_buffers()
             ]
             DDP._set_params_and_buffers_to_ignore_for_model(objective, frozen)
-        if acc.distributed_type == DistributedType.DEEPSPEED:
-            # DeepSpeed owns the optimizer step and steps the schedule itself; it cannot infer the micro-batch
-            # size without a prepared DataLoader. (Not exercised in CI: no GPUs there.)
-            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.micro_batch_size
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
-            objective, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
+        if strategy == "fsdp2":
+            dist.shard_fsdp2(objective, self.model, acc.device)
+            optimizer = self._build_optimizer()  # over the sharded (DTensor) parameters fully_shard put in place
+            base = optimizer
+            self.ckpt_optimizer = dist.LocalOptimizerState(optimizer)
+        elif self.launch.deepspeed_engine:
+            deepspeed = dist.import_deepspeed(cpu=acc.device.type == "cpu")
+            config = dist.deepspeed_config(self.launch, self.cfg, self.num_processes)
+            self.engine = dist.init_deepspeed(deepspeed, objective, self.model, optimizer, config)
+            base = dist.deepspeed_base_optimizer(self.engine)
+            self.ckpt_optimizer = dist.DeepSpeedOptimizerState(self.engine)
+            objective = self.engine
         else:
             objective, optimizer = acc.prepare(objective, optimizer)
-            # Stepped here once per optimizer step (accelerate's wrapper would step it once per process).
-            scheduler = torch.optim.lr_scheduler.LambdaLR(getattr(optimizer, "optimizer", optimizer), self.schedule)
+            base = self.ckpt_optimizer = getattr(optimizer, "optimizer", optimizer)
+        # Stepped here once per optimizer step (accelerate's wrapper would step it once per process).
+        scheduler = torch.optim.lr_scheduler.LambdaLR(base, self.schedule)
         self.objective, self.optimizer, self.scheduler = objective, optimizer, scheduler
-        self.trainable = [p for p in objective.parameters() if p.requires_grad]  # FSDP2 replaces them with DTensors
-        self.unwrapped = acc.unwrap_model(objective)
+        self.base_optimizer = base
+        self.unwrapped = self.engine.module if self.engine is not None else acc.unwrap_model(objective)
+        self.trainable = [p for p in self.unwrapped.parameters() if p.requires_grad]  # FSDP2: DTensors
 
     def _resume(self) -> None:
         """From the checkpoint: optimizer and scheduler state under this recipe's hyperparameters, the best
@@ -472,9 +496,13 @@ class Trainer:
         if resumed is None:
             set_seed(self.cfg.seed + self.rank)  # dropout differs between processes, as data does
             return
-        ck.load_optimizer_state(plan.checkpoint, self.optimizer, self.rank, self.sharded, self.accelerator.device)
+        device = self.accelerator.device
+        # torch rejects map_location "cpu:0", the device of every multi-process CPU rank
+        ck.load_optimizer_state(
+            plan.checkpoint, self.ckpt_optimizer, self.rank, self.sharded, "cpu" if device.type == "cpu" else device
+        )
         ck.load_scheduler_state(plan.checkpoint, self.scheduler)
-        apply_recipe_hyperparameters(self.optimizer, self.scheduler, self.schedule, self.cfg)
+        apply_recipe_hyperparameters(self.base_optimizer, self.scheduler, self.schedule, self.cfg)
         if plan.branch:
             # A new run from another run's checkpoint: its best checkpoint is not in this directory, and its
             # validation data may differ; the best adapter and early stopping start afresh here.
@@ -499,7 +527,9 @@ class Trainer:
     def _setup_guard(self) -> None:
         """The divergence guard (gptoss_tune.train.divergence) over the trainable parameters as they start."""
         acc = self.accelerator
-        reduce = (lambda t: acc.reduce(t.to(acc.device), "sum")) if self.sharded else None
+        # summed over the ranks where each holds a part of every parameter (ZeRO-2 keeps them whole)
+        partitioned = self.launch.strategy in ("fsdp2", "zero3")
+        reduce = (lambda t: acc.reduce(t.to(acc.device), "sum")) if partitioned else None
         self.guard = DivergenceGuard(self.recipe, self.run_dir, self.trainable, reduce, self.num_processes)
         if self.resumed is not None and not math.isfinite(self.guard.start_norm):
             raise TrainingDiverged(
@@ -512,17 +542,17 @@ class Trainer:
         recipe, cfg, data = self.recipe, self.cfg, self.data
         if self.is_main:
             self.tracker = Tracker(recipe, self.run_dir, self.total_steps, self.start_step)
-        n_params = sum(p.numel() for p in self.trainable)
+        n_params = dist.trainable_numel(self.trainable)  # ZeRO-3 leaves numel() 0 on partitioned parameters
         self._say(
             f"training {recipe.model.path} with LoRA r={recipe.lora.rank} on {', '.join(recipe.lora.attention + recipe.lora.experts) or 'nothing'}"
             f"{' + router' if recipe.router.train else ''}: {n_params:,} trainable parameters; {len(data.train)} train rows, "
-            f"{len(data.validation)} validation rows; {self.num_processes} process(es){_mode(self.accelerator)} x {cfg.grad_accum} accumulation x {cfg.micro_batch_size} rows per step; "
+            f"{len(data.validation)} validation rows; {self.num_processes} process(es){_mode(self.launch, self.accelerator)} x {cfg.grad_accum} accumulation x {cfg.micro_batch_size} rows per step; "
             + (
                 f"steps {self.start_step}->{self.total_steps} of {self.length_why} (resumed from {self.plan.checkpoint})"
                 if self.resumed is not None
                 else self.length_why
             )
-            + f"; {self.runs_on}; writing to {self.run_dir}"
+            + f"; {self.runs_on}; {dist.resident_summary(self.unwrapped)}; writing to {self.run_dir}"
         )
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -654,12 +684,22 @@ class Trainer:
         aux_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
         counts = torch.zeros(self.model.config.num_hidden_layers, self.unwrapped.num_experts, device=acc.device)
         real = 0.0
-        for batch in batches:
+        # accelerate autocasts the models it prepared (one process, DDP); FSDP2 and DeepSpeed are ours.
+        autocast = contextlib.nullcontext if self.prepared else acc.autocast
+        for i, batch in enumerate(batches):
             batch = _to_device(batch, acc.device)
-            with acc.accumulate(self.objective):
-                out = self.objective(**batch)
-                loss = out.lm_loss_sum * scale + coef * out.aux_loss
-                acc.backward(loss)
+            if self.engine is not None:
+                with autocast():
+                    out = self.objective(**batch)
+                    loss = out.lm_loss_sum * scale + coef * out.aux_loss
+                self.engine.backward(loss)  # divides by grad_accum itself
+                if i < len(batches) - 1:
+                    self.engine.step()  # inside the accumulation: DeepSpeed only counts the micro-batch
+            else:
+                with acc.accumulate(self.objective), autocast():
+                    out = self.objective(**batch)
+                    loss = out.lm_loss_sum * scale + coef * out.aux_loss
+                    acc.backward(loss)
             lm_sum += out.lm_loss_sum.detach().double()
             aux_sum += out.aux_loss.detach().double()
             counts += out.expert_counts
@@ -673,15 +713,24 @@ class Trainer:
         if not (math.isfinite(lm) and math.isfinite(aux)):
             what = f"the loss is not finite (lm {lm}, aux {aux}); stopped before applying the step"
             raise guard.diverged(step + 1, what, self.last_ckpt)
-        grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if acc.distributed_type != DistributedType.DEEPSPEED and not math.isfinite(grad_norm):
+        if self.engine is not None:
+            # DeepSpeed clips (gradient_clipping = train.max_grad_norm) inside engine.step(), which applies the
+            # update: the norm is checked here first, from the reduced gradients every rank assembles.
+            grad_norm = dist.deepspeed_grad_norm(self.trainable)
+        else:
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = acc.clip_grad_norm_(self.trainable, max_norm)
+            grad_norm = float(dist.full_tensor(grad_norm)) if grad_norm is not None else float("nan")
+        if not math.isfinite(grad_norm):
             what = f"the gradient norm is {grad_norm}; stopped before applying the step"
             raise guard.diverged(step + 1, what, self.last_ckpt)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if self.engine is not None:
+            self.engine.step()  # the accumulation boundary: clip, AdamW, zero the gradients
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         guard.after_update(step + 1, self.last_ckpt)  # non-finite or exploded parameters: stop, keep nothing
         vanished = guard.grad_norm(step + 1, grad_norm)
         if vanished and self.is_main:
@@ -777,18 +826,20 @@ class Trainer:
         if is_main:
             ck.prepare_tmp(run_dir, step)
         acc.wait_for_everyone()
-        adapter_state = _gather_trainable(acc, self.unwrapped.model)
+        adapter_state = _gather_trainable(self.launch.strategy, self.unwrapped.model)
         ck.write_checkpoint_files(
             ck.tmp_dir_for(run_dir, step),
             rank=self.rank,
             is_main=is_main,
             sharded=self.sharded,
             model=self.unwrapped.model,
-            optimizer=self.optimizer,
+            optimizer=self.ckpt_optimizer,
             scheduler=self.scheduler,
             trainer_state=self._state_to_write(step, finished, stop_reason),
             adapter_state=adapter_state,
         )
+        if is_main:
+            dist.write_checkpoint_strategy(ck.tmp_dir_for(run_dir, step), self.launch)
         acc.wait_for_everyone()
         if is_main:
             ck.commit(run_dir, step)
@@ -805,7 +856,7 @@ class Trainer:
     def _save_final_adapter(self) -> Path:
         """final/: the adapter at the end of training, written atomically like a checkpoint."""
         run_dir = self.run_dir
-        adapter_state = _gather_trainable(self.accelerator, self.unwrapped.model)
+        adapter_state = _gather_trainable(self.launch.strategy, self.unwrapped.model)
         if self.is_main:
             tmp = run_dir / f".tmp-{FINAL}"
             if tmp.exists():

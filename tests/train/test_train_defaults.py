@@ -329,3 +329,17 @@ def test_resume_refuses_data_changed_under_the_same_path(tiny_ckpt, tmp_path, ca
     out = capsys.readouterr().out
     assert "continuing on the new data" in out and "resumed from" in out, out
     assert main(["train", str(recipe), "train.max_steps=6"]) == 0  # the new data is now the run's record
+
+
+def test_the_retry_command_keeps_the_launch_flags_that_chose_the_strategy():
+    """A diverged FSDP2 run's advice must relaunch FSDP2: the accelerate flags come from the launcher."""
+    from gptoss_tune.train.divergence import accelerate_launch_prefix
+
+    launcher = ["/v/bin/python", "/v/bin/accelerate", "launch", "--config_file", "my fsdp.yaml", "--num_processes",
+                "2", "-m", "gptoss_tune.train", "recipe.yaml", "train.lr=1"]  # fmt: skip
+    assert accelerate_launch_prefix(2, launcher) == (
+        "accelerate launch --config_file 'my fsdp.yaml' --num_processes 2 -m gptoss_tune.train"
+    )
+    assert (
+        accelerate_launch_prefix(4, ["torchrun", "x.py"]) == "accelerate launch --num_processes 4 -m gptoss_tune.train"
+    )
