@@ -121,7 +121,18 @@ def moe_experts_reference(
     Each token's output is the sum over its k experts of routing_weight * expert(x). Gradients flow to x,
     to the routing weights (hence to the router) and to the LoRA factors; the MXFP4 weights are frozen.
     """
-    num_experts = weights.gate_up_blocks.shape[0]
+    return routed_experts(
+        hidden_states,
+        router_indices,
+        routing_weights,
+        weights.gate_up_blocks.shape[0],
+        lambda x, e: expert_forward_reference(x, weights, e, lora, limit, alpha),
+    )
+
+
+def routed_experts(hidden_states, router_indices, routing_weights, num_experts: int, expert) -> torch.Tensor:
+    """sum over each token's k experts of routing_weight * expert(x_tokens, e) -> [T, H]; `expert` computes one
+    expert on the rows routed to it (the MXFP4 reference above, or dense weights: gptoss_tune's train/qat.py)."""
     T, k = router_indices.shape
     out = torch.zeros_like(hidden_states)
     flat_expert = router_indices.reshape(-1)
@@ -137,7 +148,7 @@ def moe_experts_reference(
         pairs = order[start : start + n]
         tokens = token_of[start : start + n]
         start += n
-        y = expert_forward_reference(hidden_states[tokens], weights, e, lora, limit, alpha)
+        y = expert(hidden_states[tokens], e)
         y = y * flat_w[pairs].unsqueeze(-1).to(y.dtype)
         out = out.index_add(0, tokens, y.to(out.dtype))
     return out

@@ -41,14 +41,20 @@ BACKENDS = ("auto", "reference", "triton")
 BACKEND_ENV = "GPTOSS_TUNE_EXPERTS_BACKEND"
 
 
+def _take_shape(module: nn.Module, config) -> tuple[int, int, int]:
+    """Set the experts' sizes and SwiGLU constants from a GptOssConfig on `module`; (E, H, I)."""
+    module.num_experts = config.num_local_experts
+    module.hidden_size = config.hidden_size
+    module.intermediate_size = config.intermediate_size
+    module.limit = float(getattr(config, "swiglu_limit", 7.0))
+    module.alpha = float(getattr(config, "swiglu_alpha", 1.702))
+    return module.num_experts, module.hidden_size, module.intermediate_size
+
+
 class MXFP4Experts(nn.Module):
     def __init__(self, config, dtype: torch.dtype = torch.bfloat16, device=None):
         super().__init__()
-        self.num_experts = E = config.num_local_experts
-        self.hidden_size = H = config.hidden_size
-        self.intermediate_size = I = config.intermediate_size
-        self.limit = float(getattr(config, "swiglu_limit", 7.0))
-        self.alpha = float(getattr(config, "swiglu_alpha", 1.702))
+        E, H, I = _take_shape(self, config)
         gu_blocks, gu_scales = packed_shapes(E, 2 * I, H)
         dn_blocks, dn_scales = packed_shapes(E, H, I)
         u8 = dict(dtype=torch.uint8, device=device)
@@ -238,11 +244,7 @@ class DenseExperts(nn.Module):
 
     def __init__(self, config, dtype: torch.dtype = torch.bfloat16, device=None):
         super().__init__()
-        self.num_experts = E = config.num_local_experts
-        self.hidden_size = H = config.hidden_size
-        self.intermediate_size = I = config.intermediate_size
-        self.limit = float(getattr(config, "swiglu_limit", 7.0))
-        self.alpha = float(getattr(config, "swiglu_alpha", 1.702))
+        E, H, I = _take_shape(self, config)
         fl = dict(dtype=dtype, device=device)
         self.gate_up_proj = nn.Parameter(torch.zeros(E, H, 2 * I, **fl), requires_grad=False)
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I, **fl), requires_grad=False)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from gptoss_kernels.moe_reference import swiglu_reference
+from gptoss_kernels.moe_reference import routed_experts, swiglu_reference
 from gptoss_kernels.mxfp4 import dequantize
 from gptoss_tune.atomic_io import atomic_write_text
 from gptoss_tune.model.experts import MXFP4Experts
@@ -69,26 +69,13 @@ def routed_dense_forward(
 ) -> torch.Tensor:
     """The routed expert layer (moe_experts_reference's contract) with each expert's dense weight from
     `weight(proj, e)` -> [out, in]; biases, SwiGLU and routing as the module's own."""
-    T, k = router_indices.shape
-    out = torch.zeros_like(hidden)
-    flat = router_indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=m.num_experts).tolist()
-    token_of = order // k
-    flat_w = routing_weights.reshape(-1)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        pairs, tokens = order[start : start + n], token_of[start : start + n]
-        start += n
-        x = hidden[tokens]
+
+    def expert(x, e):
         h = x @ weight("gate_up_proj", e).to(x.dtype).t() + m.gate_up_proj_bias[e].to(x.dtype)
         act = swiglu_reference(h, m.limit, m.alpha)
-        y = act @ weight("down_proj", e).to(x.dtype).t() + m.down_proj_bias[e].to(x.dtype)
-        y = y * flat_w[pairs].unsqueeze(-1).to(y.dtype)
-        out = out.index_add(0, tokens, y.to(out.dtype))
-    return out
+        return act @ weight("down_proj", e).to(x.dtype).t() + m.down_proj_bias[e].to(x.dtype)
+
+    return routed_experts(hidden, router_indices, routing_weights, m.num_experts, expert)
 
 
 def fake_quant_forward(

@@ -69,11 +69,12 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [l for l in lines if "loss" in l], [l for l in lines if "eval_loss" in l]
 
 
-def wrapper_script(dir: Path) -> Path:
+def wrapper_script(dir: Path, extra: str = "", name: str = "train_synthetic.py") -> Path:
     """A `python SCRIPT RECIPE [overrides]` entry that trains on synthetic_data (one torch thread, like the
     tests), and, with GPTOSS_TEST_HANG_AT_CHECKPOINT=N, hangs inside the write of step N's checkpoint after
-    touching GPTOSS_TEST_MARKER (so a test can kill it mid-write)."""
-    script = dir / "train_synthetic.py"
+    touching GPTOSS_TEST_MARKER (so a test can kill it mid-write). `extra`: more set-up code (unindented),
+    run before training."""
+    script = dir / name
     script.write_text(
         textwrap.dedent(f"""
         import os, sys, time
@@ -94,8 +95,9 @@ def wrapper_script(dir: Path) -> Path:
                     open(os.environ["GPTOSS_TEST_MARKER"], "w").close()
                     time.sleep(120)
             ck.write_checkpoint_files = slow
-        sys.exit(train_main(sys.argv[1:]))
     """)
+        + textwrap.dedent(extra)
+        + "\nsys.exit(train_main(sys.argv[1:]))\n"
     )
     return script
 

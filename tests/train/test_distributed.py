@@ -18,12 +18,11 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
-from helpers.training import read_metrics, write_recipe
+from helpers.training import read_metrics, wrapper_script, write_recipe
 
 from gptoss_tune.train.recipe import load_recipe
 from gptoss_tune.train.trainer import train
@@ -91,63 +90,42 @@ def reference_accum4(small_ckpt, tmp_path_factory):
 
 
 def _wrapper(dir: Path) -> Path:
-    """`python SCRIPT RECIPE`: trains on synthetic_data, and under test variables
-    GPTOSS_TEST_HANG_AT_CHECKPOINT=N  hang inside step N's checkpoint write after touching GPTOSS_TEST_MARKER,
+    """`python SCRIPT RECIPE`: helpers.training's wrapper (synthetic data, GPTOSS_TEST_HANG_AT_CHECKPOINT), and
     GPTOSS_TEST_NAN_AT=S:R            rank R's training loss is NaN from its S-th micro-batch on,
     GPTOSS_TEST_SHORT_RANK=R          rank R trains on 2-token rows (at most 4 of 16 experts get a token),
     GPTOSS_TEST_STEPS_DIR=D           every AdamW.step() appends a line to D/rank{R} (updates applied)."""
-    script = dir / "train_dist.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import os, sys, time
-        import torch
-        torch.set_num_threads(1)
-        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
-        from helpers.training import synthetic_data
-        import gptoss_tune.train.trainer as train_mod
-        import gptoss_tune.train.checkpoint as ck
-        from gptoss_tune.cli.main import train_main
-        rank = int(os.environ.get("RANK", "0"))
-        train_mod.load_train_data = lambda recipe: synthetic_data()
-        hang = os.environ.get("GPTOSS_TEST_HANG_AT_CHECKPOINT")
-        if hang:
-            real = ck.write_checkpoint_files
-            def slow(tmp, **kw):
-                real(tmp, **kw)
-                if tmp.name.endswith("step-%08d" % int(hang)):
-                    open(os.environ["GPTOSS_TEST_MARKER"], "w").close()
-                    time.sleep(120)
-            ck.write_checkpoint_files = slow
-        nan = os.environ.get("GPTOSS_TEST_NAN_AT")
-        if nan and int(nan.split(":")[1]) == rank:
-            from gptoss_tune.train.objective import Objective
-            forward, calls = Objective.forward, [0]
-            def poisoned(self, *a, evaluate=False, **kw):
-                out = forward(self, *a, evaluate=evaluate, **kw)
-                if not evaluate:
-                    calls[0] += 1
-                    if calls[0] >= int(nan.split(":")[0]):
-                        out.lm_loss_sum = out.lm_loss_sum * float("nan")
-                return out
-            Objective.forward = poisoned
-        short = os.environ.get("GPTOSS_TEST_SHORT_RANK")
-        if short and int(short) == rank:
-            from gptoss_tune.data.batching import collate
-            from gptoss_tune.train.stream import MicroBatchStream
-            row = {{"input_ids": [1000, 1001], "labels": [-100, 1001], "position_ids": [0, 1]}}
-            MicroBatchStream.batch = lambda self, i: collate([row] * self.micro_batch_size, self.packing)
-        steps = os.environ.get("GPTOSS_TEST_STEPS_DIR")
-        if steps:
-            step = torch.optim.AdamW.step
-            def counted(self, *a, **kw):
-                with open(os.path.join(steps, "rank%d" % rank), "a") as f:
-                    f.write("step\\n")
-                return step(self, *a, **kw)
-            torch.optim.AdamW.step = counted
-        sys.exit(train_main(sys.argv[1:]))
-    """)
-    )
-    return script
+    return wrapper_script(dir, extra=RANK_HOOKS, name="train_dist.py")
+
+
+RANK_HOOKS = r"""
+rank = int(os.environ.get("RANK", "0"))
+nan = os.environ.get("GPTOSS_TEST_NAN_AT")
+if nan and int(nan.split(":")[1]) == rank:
+    from gptoss_tune.train.objective import Objective
+    forward, calls = Objective.forward, [0]
+    def poisoned(self, *a, evaluate=False, **kw):
+        out = forward(self, *a, evaluate=evaluate, **kw)
+        if not evaluate:
+            calls[0] += 1
+            if calls[0] >= int(nan.split(":")[0]):
+                out.lm_loss_sum = out.lm_loss_sum * float("nan")
+        return out
+    Objective.forward = poisoned
+short = os.environ.get("GPTOSS_TEST_SHORT_RANK")
+if short and int(short) == rank:
+    from gptoss_tune.data.batching import collate
+    from gptoss_tune.train.stream import MicroBatchStream
+    row = {"input_ids": [1000, 1001], "labels": [-100, 1001], "position_ids": [0, 1]}
+    MicroBatchStream.batch = lambda self, i: collate([row] * self.micro_batch_size, self.packing)
+steps = os.environ.get("GPTOSS_TEST_STEPS_DIR")
+if steps:
+    step = torch.optim.AdamW.step
+    def counted(self, *a, **kw):
+        with open(os.path.join(steps, "rank%d" % rank), "a") as f:
+            f.write("step\n")
+        return step(self, *a, **kw)
+    torch.optim.AdamW.step = counted
+"""
 
 
 def _launch(config: str, recipe: Path, *overrides: str, env: dict | None = None, wait: bool = True):
