@@ -21,9 +21,8 @@ def _run(recipe_path, *overrides):
     return train(load_recipe(recipe_path, list(overrides)), data=synthetic_data())
 
 
-def _six_steps(tiny_ckpt, d: Path) -> Path:
-    """A finished 6-step run in d/run with checkpoints at steps 2, 4 and 6 (3 s on one core)."""
-    recipe = write_recipe(
+def _six_steps_recipe(tiny_ckpt, d: Path) -> Path:
+    return write_recipe(
         d,
         tiny_ckpt,
         train={"max_steps": 6},
@@ -31,6 +30,11 @@ def _six_steps(tiny_ckpt, d: Path) -> Path:
         early_stopping={"enabled": False},
         checkpoint={"every_steps": 2, "keep": 3},
     )
+
+
+def _six_steps(tiny_ckpt, d: Path) -> Path:
+    """A finished 6-step run in d/run with checkpoints at steps 2, 4 and 6 (3 s on one core)."""
+    recipe = _six_steps_recipe(tiny_ckpt, d)
     _run(recipe)
     return d
 
@@ -178,14 +182,7 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_loses_nothing(ti
     ref = _losses(_six_steps(tiny_ckpt, tmp_path / "ref"))
     d = tmp_path / "full"
     d.mkdir()
-    recipe = write_recipe(
-        d,
-        tiny_ckpt,
-        train={"max_steps": 6},
-        eval={"every_steps": 0},
-        early_stopping={"enabled": False},
-        checkpoint={"every_steps": 2, "keep": 3},
-    )
+    recipe = _six_steps_recipe(tiny_ckpt, d)
     script = d / "full_disk.py"
     script.write_text(FULL_DISK_SCRIPT.format(tests=str(Path(__file__).parents[1])))
     out = subprocess.run([sys.executable, str(script), str(recipe)], capture_output=True, text=True, timeout=300)
