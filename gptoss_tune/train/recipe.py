@@ -448,7 +448,6 @@ def _resolve(value: str, base: Path, key: tuple) -> str:
     p = Path(value).expanduser()
     if key == ("model", "path") and not p.is_absolute() and not str(value).startswith((".", "~")):
         # 'openai/gpt-oss-20b' is a hub id unless such a directory exists next to the recipe.
-
         if _HUB_ID.match(str(value)) and not (base / p).exists():
             return str(value)
     return str(p if p.is_absolute() else (base / p).resolve())

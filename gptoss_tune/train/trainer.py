@@ -375,9 +375,6 @@ class Trainer:
     def _setup_model(self) -> None:
         """The model with LoRA attached: identical initialisation on every process (per-process RNG streams
         start in _resume), the experts' backend checked here, the adapter of the checkpoint resumed from."""
-        # model.loader imports transformers (4 s here): only once a run starts, so a mistake in the recipe or
-        # on the command line is reported without that wait.
-
         recipe = self.recipe
         set_seed(self.cfg.seed)
         dtype = None if recipe.model.dtype == "auto" else recipe.model.dtype
