@@ -371,8 +371,14 @@ def warning_line(fmt: str, effect: dict, threshold: float, src: AdapterSource) -
     if r is None or r >= threshold:
         return None
     base = src.base_name
+    kept = (
+        f"is further from the tuned model than the untouched base is (effect retained {r:.2f}: worse than not "
+        f"exporting the fine-tune at all)"
+        if r < 0
+        else f"keeps only {r:.2f} of the fine-tune's effect (below {threshold:g})"
+    )
     return (
-        f"WARNING: this {fmt} export keeps only {r:.2f} of the fine-tune's effect (below {threshold:g}); "
+        f"WARNING: this {fmt} export {kept}; "
         f"the lossless route keeps all of it: `gptoss-tune export RUN --format adapter --out DIR`, then "
         f"`gptoss-tune serve {base} --adapter DIR` or vLLM (`vllm serve {base} --enable-lora --lora-modules NAME=DIR`)"
     )

@@ -191,6 +191,10 @@ def test_cli_prints_one_effect_line_and_takes_the_requant_flag(tiny_ckpt, tmp_pa
     assert "experts re-quantised with 'keep' (--requant)" in out
     assert len([line for line in out.splitlines() if line.strip().startswith("effect retained ")]) == 1
     assert "WARNING: this merged-mxfp4 export keeps only" in out and "--format adapter" in out
+    # OpenAI's rule on so small an update does damage (the 34x KL): the warning says it is worse than the base
+    assert main([*args, "--requant", "openai", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "further from the tuned model than the untouched base is" in out and "--format adapter" in out
     with pytest.raises(SystemExit) as exc:  # argparse's own one-line refusal
         main([*args, "--requant", "gptq"])
     assert exc.value.code == 2
