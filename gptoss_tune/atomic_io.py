@@ -1,14 +1,24 @@
 """Atomic, durable file writes: a reader sees the old file or the new one, never half of one.
 
 Data goes to a temporary file in the same directory, is fsynced, replaces the target with os.replace
-(atomic on POSIX), and the directory is fsynced so the rename survives a crash.
+(atomic on POSIX), and the directory is fsynced so the rename survives a crash. Also the one streaming
+sha256 of a file (checkpoint manifests, the tokenizer's vocabulary check).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def fsync_path(path: Path) -> None:

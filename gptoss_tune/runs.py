@@ -24,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from gptoss_tune.atomic_io import atomic_write_text, fsync_path
+from gptoss_tune.atomic_io import atomic_write_text, fsync_path, sha256_of
 from gptoss_tune.errors import UserError
 from gptoss_tune.model.adapter import CONFIG_FILE as ADAPTER_CONFIG
 
@@ -59,11 +59,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _file_entry(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"size": path.stat().st_size, "sha256": sha256_of(path)}
 
 
 def manifest_of(ckpt: Path) -> dict:
@@ -125,7 +121,7 @@ def checkpoint_problem(ckpt: Path, files: tuple[str, ...] | None = None) -> str 
         size = p.stat().st_size
         if all(size != e.get("size") for e in accepted):
             return f"{name} is {size} bytes, {entry.get('size')} were written (truncated or replaced)"
-        if _file_entry(p)["sha256"] not in [e.get("sha256") for e in accepted]:
+        if sha256_of(p) not in [e.get("sha256") for e in accepted]:
             return f"{name} does not match the sha256 recorded when it was written (damaged or edited)"
     return None
 

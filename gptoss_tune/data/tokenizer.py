@@ -25,7 +25,7 @@ from pathlib import Path
 import tiktoken
 from openai_harmony import HarmonyEncodingName, load_harmony_encoding
 
-from gptoss_tune.atomic_io import atomic_write_bytes
+from gptoss_tune.atomic_io import atomic_write_bytes, sha256_of
 from gptoss_tune.errors import UserError
 
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
@@ -38,14 +38,6 @@ N_VOCAB = 201088
 def cache_dir() -> Path:
     base = os.environ.get("GPTOSS_TUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gptoss_tune")
     return Path(base) / "tiktoken"
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _valid(path: Path | None) -> bool:
