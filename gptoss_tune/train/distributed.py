@@ -66,6 +66,11 @@ class Launch:
         return self.strategy in ("fsdp2", "zero2", "zero3")
 
     @property
+    def partitions_parameters(self) -> bool:
+        """Each rank holds a part of every trainable parameter (ZeRO-2 keeps them whole, like DDP)."""
+        return self.strategy in ("fsdp2", "zero3")
+
+    @property
     def deepspeed_engine(self) -> bool:
         return self.strategy in ("zero2", "zero3")
 

@@ -131,14 +131,14 @@ def _trained_in(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def _gather_trainable(strategy: str, module) -> dict | None:
+def _gather_trainable(launch, module) -> dict | None:
     """Full trainable tensors for saving when parameters are sharded (FSDP2 DTensors, DeepSpeed ZeRO-3);
     every process must call this. None when parameters are whole (one process, DDP, ZeRO-2)."""
-    if strategy not in ("fsdp2", "zero3"):
+    if not launch.partitions_parameters:
         return None
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     out = {}
-    if strategy == "zero3":
+    if launch.strategy == "zero3":
         import deepspeed  # optional: installed only where DeepSpeed launches run
 
         with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
@@ -524,9 +524,8 @@ class Trainer:
     def _setup_guard(self) -> None:
         """The divergence guard (gptoss_tune.train.divergence) over the trainable parameters as they start."""
         acc = self.accelerator
-        # summed over the ranks where each holds a part of every parameter (ZeRO-2 keeps them whole)
-        partitioned = self.launch.strategy in ("fsdp2", "zero3")
-        reduce = (lambda t: acc.reduce(t.to(acc.device), "sum")) if partitioned else None
+        # summed over the ranks where each holds a part of every parameter
+        reduce = (lambda t: acc.reduce(t.to(acc.device), "sum")) if self.launch.partitions_parameters else None
         self.guard = DivergenceGuard(self.recipe, self.run_dir, self.trainable, reduce, self.num_processes)
         if self.resumed is not None and not math.isfinite(self.guard.start_norm):
             raise TrainingDiverged(
@@ -823,7 +822,7 @@ class Trainer:
         if is_main:
             ck.prepare_tmp(run_dir, step)
         acc.wait_for_everyone()
-        adapter_state = _gather_trainable(self.launch.strategy, self.unwrapped.model)
+        adapter_state = _gather_trainable(self.launch, self.unwrapped.model)
         ck.write_checkpoint_files(
             ck.tmp_dir_for(run_dir, step),
             rank=self.rank,
@@ -853,7 +852,7 @@ class Trainer:
     def _save_final_adapter(self) -> Path:
         """final/: the adapter at the end of training, written atomically like a checkpoint."""
         run_dir = self.run_dir
-        adapter_state = _gather_trainable(self.launch.strategy, self.unwrapped.model)
+        adapter_state = _gather_trainable(self.launch, self.unwrapped.model)
         if self.is_main:
             tmp = run_dir / f".tmp-{FINAL}"
             if tmp.exists():

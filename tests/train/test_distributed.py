@@ -67,26 +67,23 @@ def _recipe(tmp_path: Path, ckpt: Path, grad_accum: int, **sections) -> Path:
     )
 
 
+def _one_process(small_ckpt, d: Path, grad_accum: int):
+    from helpers.training import synthetic_data
+
+    train(load_recipe(_recipe(d, small_ckpt, grad_accum=grad_accum)), data=synthetic_data())
+    return read_metrics(d / "run")
+
+
 @pytest.fixture(scope="module")
 def reference(small_ckpt, tmp_path_factory):
     """One process, grad_accum 2: the run every two-rank launch must reproduce."""
-    from helpers.training import synthetic_data
-
-    d = tmp_path_factory.mktemp("single")
-    recipe = _recipe(d, small_ckpt, grad_accum=2)
-    train(load_recipe(recipe), data=synthetic_data())
-    return read_metrics(d / "run")
+    return _one_process(small_ckpt, tmp_path_factory.mktemp("single"), grad_accum=2)
 
 
 @pytest.fixture(scope="module")
 def reference_accum4(small_ckpt, tmp_path_factory):
     """One process, grad_accum 4: what two ranks with grad_accum 2 must reproduce."""
-    from helpers.training import synthetic_data
-
-    d = tmp_path_factory.mktemp("single4")
-    recipe = _recipe(d, small_ckpt, grad_accum=4)
-    train(load_recipe(recipe), data=synthetic_data())
-    return read_metrics(d / "run")
+    return _one_process(small_ckpt, tmp_path_factory.mktemp("single4"), grad_accum=4)
 
 
 def _wrapper(dir: Path) -> Path:
